@@ -1,0 +1,46 @@
+# Scarce: every target sets up .venv idempotently (fast when already done).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+DATA ?= ../shared/data/nist_rpe
+OUT ?= demo-out
+MINUTES ?= 4
+export OMP_WAIT_POLICY ?= PASSIVE
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+
+.PHONY: setup test slow lint demo bench bench-setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+demo: setup
+	$(BIN)/scarce demo --data $(DATA) --out $(OUT) --minutes $(MINUTES)
+
+bench-setup: setup
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench,onnx]'
+
+bench: bench-setup
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/readers.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/predict.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

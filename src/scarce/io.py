@@ -1,0 +1,252 @@
+"""Read and validate one image or mask file; write label images.
+
+Files on disk may be ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; inside Scarce an image is
+always ``(C, H, W)`` and a mask ``(H, W)``. TIFF goes through tifffile, PNG/JPEG/BMP through
+imageio. Every error names the file and says what was expected.
+
+Dtype rules for images: uint8, uint16, int16, int32, uint32 and float32 are kept as they are
+(readers compute in float32); bool becomes uint8; float64 becomes float32 (values outside the
+float32 range are an error). Masks must hold non-negative integers: integer dtypes are kept,
+float masks whose values are all integral are converted to the smallest fitting unsigned
+dtype, anything else is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import tifffile
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp")
+IMAGE_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
+MASK_DTYPES = ("uint8", "uint16", "int32", "uint32", "int16", "int64", "uint64")
+MAX_CHANNELS = 16  # an axis this short (or shorter) is taken as the channel axis
+
+
+class ImageFileError(ValueError):
+    """A file cannot be used: unreadable, wrong dtype, wrong shape, bad values.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The file the problem is in.
+    """
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def list_image_files(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
+    """Files in ``folder`` (not recursive) whose suffix is in ``extensions``, sorted by name.
+
+    Hidden files are skipped.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory")
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
+    )
+
+
+def stem_of(path: str | os.PathLike) -> str:
+    """File name without its extension (``a/b/img_01.tif`` -> ``img_01``)."""
+    return Path(path).stem
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        return iio.imread(path)
+    except Exception as exc:  # any decoder error means unreadable/truncated
+        raise ImageFileError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})")
+
+
+def to_chw(array: np.ndarray, path: str | os.PathLike, channel_axis: int | None = None):
+    """Bring an array read from ``path`` into ``(C, H, W)`` order.
+
+    Parameters
+    ----------
+    array : ndarray, shape (H, W), (H, W, C) or (C, H, W)
+    path : path-like
+        Named in errors.
+    channel_axis : {None, 0, -1, 2}
+        Where the channels are; ``None`` detects it: the only axis of length
+        <= ``MAX_CHANNELS`` is the channel axis (if both ends are that short, the last one).
+
+    Returns
+    -------
+    ndarray, shape (C, H, W)
+        A view when possible.
+
+    Raises
+    ------
+    ImageFileError
+        For arrays with fewer than 2 or more than 3 axes, or no detectable channel axis.
+    """
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim != 3:
+        raise ImageFileError(
+            path, f"expected a 2D image (H, W) or (H, W, C)/(C, H, W), got shape {array.shape}"
+        )
+    if channel_axis is None:
+        if array.shape[-1] <= MAX_CHANNELS:
+            channel_axis = -1
+        elif array.shape[0] <= MAX_CHANNELS:
+            channel_axis = 0
+        else:
+            raise ImageFileError(
+                path,
+                f"cannot tell the channel axis of shape {array.shape} (no axis has <= "
+                f"{MAX_CHANNELS} entries); pass channel_axis (--channel-axis) explicitly",
+            )
+    if channel_axis in (-1, 2):
+        return np.moveaxis(array, -1, 0)
+    if channel_axis == 0:
+        return array
+    raise ImageFileError(path, f"channel_axis must be 0 or -1, got {channel_axis}")
+
+
+def read_image(path: str | os.PathLike, channel_axis: int | None = None) -> np.ndarray:
+    """Read an image file as ``(C, H, W)``.
+
+    Parameters
+    ----------
+    path : path-like
+        TIFF, PNG, JPEG or BMP.
+    channel_axis : {None, 0, -1}
+        See :func:`to_chw`.
+
+    Returns
+    -------
+    ndarray, shape (C, H, W), dtype one of ``IMAGE_DTYPES``
+        Float images are finite.
+
+    Raises
+    ------
+    ImageFileError
+        Unreadable/truncated file, unsupported dtype, bad shape, NaN or inf values.
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    if raw.dtype == bool:
+        raw = raw.astype(np.uint8)
+    elif raw.dtype == np.float64:
+        finite = raw[np.isfinite(raw)]
+        if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:
+            raise ImageFileError(path, "float64 values exceed the float32 range")
+        raw = raw.astype(np.float32)
+    if raw.dtype.name not in IMAGE_DTYPES:
+        raise ImageFileError(
+            path, f"unsupported image dtype {raw.dtype}; supported: {', '.join(IMAGE_DTYPES)}"
+        )
+    image = to_chw(raw, path, channel_axis)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        bad = int((~np.isfinite(image)).sum())
+        raise ImageFileError(path, f"image has {bad} NaN/inf pixel(s)")
+    return np.ascontiguousarray(image)
+
+
+def smallest_label_dtype(max_value: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds ``0..max_value``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a label image (class ids or instance ids) as ``(H, W)``.
+
+    Returns
+    -------
+    ndarray, shape (H, W), unsigned or signed integer dtype
+        Non-negative integer labels, 0 = background.
+
+    Raises
+    ------
+    ImageFileError
+        Unreadable file; more than one channel (RGB masks); non-integral float values;
+        negative labels; unsupported dtype.
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    if raw.ndim == 3 and 1 in (raw.shape[0], raw.shape[-1]):
+        raw = raw.reshape(raw.shape[1:] if raw.shape[0] == 1 else raw.shape[:-1])
+    if raw.ndim != 2:
+        raise ImageFileError(
+            path,
+            f"a mask must be a single-channel label image (H, W), got shape {raw.shape} "
+            "(RGB/colour masks are not supported: store class or instance ids as integers)",
+        )
+    if raw.dtype == bool:
+        return raw.astype(np.uint8)
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all() or not np.array_equal(raw, np.round(raw)):
+            raise ImageFileError(path, f"mask has non-integral {raw.dtype} values; labels must be integers")
+        if raw.size and raw.min() < 0:
+            raise ImageFileError(path, f"mask has negative labels (min {raw.min():g})")
+        return raw.astype(smallest_label_dtype(int(raw.max()) if raw.size else 0))
+    if raw.dtype.name not in MASK_DTYPES:
+        raise ImageFileError(
+            path, f"unsupported mask dtype {raw.dtype}; masks need integer labels"
+        )
+    if raw.dtype.kind == "i" and raw.size and raw.min() < 0:
+        raise ImageFileError(path, f"mask has negative labels (min {raw.min()})")
+    return raw
+
+
+def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write a class map or instance labels ``(H, W)`` in the smallest unsigned dtype.
+
+    The format follows the suffix: ``.tif``/``.tiff`` (tifffile, zlib-compressed) or
+    ``.png`` (8 or 16 bit; labels above 65535 need TIFF). Written to a temp file, then renamed.
+
+    Raises
+    ------
+    ValueError
+        For a non-2D array, negative labels, or labels too large for PNG.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    max_value = int(labels.max()) if labels.size else 0
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be non-negative")
+    out = labels.astype(smallest_label_dtype(max_value), copy=False)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        tifffile.imwrite(tmp, out, compression="zlib")
+    elif path.suffix.lower() == ".png":
+        if max_value > 65535:
+            raise ValueError(f"{path}: labels up to {max_value} do not fit a PNG; use .tif")
+        iio.imwrite(tmp, out)
+    else:
+        raise ValueError(f"{path}: unsupported label format {path.suffix!r} (use .tif or .png)")
+    os.replace(tmp, path)
+    return path
+
+
+def write_float_image(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a float32 array such as probabilities ``(C, H, W)`` as TIFF (temp, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tifffile.imwrite(tmp, np.asarray(array, dtype=np.float32), compression="zlib")
+    os.replace(tmp, path)
+    return path
