@@ -1,0 +1,309 @@
+"""``scarce`` command line: a thin face over the public functions a notebook user calls.
+
+Verbs: ingest, inspect, train, predict, evaluate, export, demo, history, benchmark-readers.
+Each verb parses its flags, calls one library function and prints a short result. Errors that
+are the user's (bad input, missing files, bad config) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help="folders of images + masks -> LMDB train/test databases")
+    p.add_argument("--images", required=True, help="folder of images (TIFF, PNG, JPEG)")
+    p.add_argument("--masks", required=True, help="folder of masks with the same file stems")
+    p.add_argument("--out", required=True, help="database folder to create (DB_DIR)")
+    p.add_argument("--train-fraction", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", help="split.json to reuse: {\"train\": [stems], \"test\": [stems]}")
+    p.add_argument("--tile-size", type=int, help="cut images into tiles of this side, pixels")
+    p.add_argument("--tile-stride", type=int, help="tile stride, pixels (default: tile size)")
+    p.add_argument("--mask-kind", choices=("class", "instance"), default="class")
+    p.add_argument("--metadata", help="dataset.yaml (default: IMAGES/dataset.yaml if present)")
+    p.add_argument("--channel-axis", type=int, choices=(0, -1), help="channel axis of 3D files")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DB_DIR")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a U-Net/SegNet on LMDB databases")
+    p.add_argument("--train-db", required=True)
+    p.add_argument("--test-db", help="test database (default: beside --train-db if present)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--model", dest="model.name")
+    p.add_argument("--batch-size", type=int, dest="data.batch_size")
+    p.add_argument("--patch-size", type=int, dest="data.patch_size")
+    p.add_argument("--learning-rate", type=float, dest="optim.learning_rate")
+    p.add_argument("--test-every-n-steps", type=int, dest="test_every_n_steps")
+    p.add_argument("--early-stopping", type=int, dest="early_stopping",
+                   help="stop after N evaluations without a better test loss (0 = off)")
+    p.add_argument("--max-steps", type=int, dest="max_steps")
+    p.add_argument("--max-minutes", type=float, dest="max_minutes")
+    p.add_argument("--balance-classes", action="store_const", const=True,
+                   dest="data.balance_classes")
+    p.add_argument("--no-augment", action="store_const", const=False, dest="augment.enabled")
+    p.add_argument("--reader-count", type=int, dest="data.reader_count")
+    p.add_argument("--seed", type=int, dest="seed")
+    p.add_argument("--amp", choices=("bf16", "fp16", "off"), dest="amp")
+    p.add_argument("--device", dest="device", help="auto | cpu | cuda")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, e.g. --set model.width=16 --set augment.elastic=true")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from last.pt")
+    p.add_argument("--init-from", help="checkpoint or run folder to fine-tune from")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (runs torchrun for you)")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment images with a trained model")
+    p.add_argument("--model", required=True, help="run folder or checkpoint file")
+    p.add_argument("--images", required=True, help="folder of images or one image file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tile-size", type=int)
+    p.add_argument("--overlap", type=float)
+    p.add_argument("--blend", choices=("gaussian", "constant"))
+    p.add_argument("--tta", action="store_const", const=True)
+    p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.tif")
+    p.add_argument("--instances", action="store_true", help="also write <stem>_instances.tif")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--format", choices=("tif", "png"), default="tif")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="pixel and object metrics of predictions vs truth")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--truth", required=True)
+    p.add_argument("--out", help="report folder (metrics.json, per_image.csv)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--instances", action="store_true")
+    p.add_argument("--iou-thresholds", help="comma-separated, default 0.5,0.55,...,0.95")
+    p.add_argument("--ignore-label", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scarce`` argument parser with one sub-command per verb."""
+    parser = argparse.ArgumentParser(prog="scarce", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _add_ingest(sub)
+    p = sub.add_parser("inspect", help="summarise a database")
+    p.add_argument("path", help="DB_DIR or one .lmdb folder")
+    p.add_argument("--json", action="store_true")
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    p = sub.add_parser("export", help="export a model to TorchScript or ONNX")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("demo", help="ingest, train, predict and evaluate on a real dataset")
+    p.add_argument("--data", default="../shared/data/nist_rpe",
+                   help="folder with images/ and masks/")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--minutes", type=float, default=4.0)
+    p.add_argument("--config", help="YAML config (default: configs/quick-cpu.yaml settings)")
+    p = sub.add_parser("history", help="one row per training run")
+    p.add_argument("runs", nargs="+", help="run folders or folders of runs")
+    p.add_argument("--diff", action="store_true", help="show how the runs' configs differ")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("benchmark-readers", help="augmented patches per second")
+    p.add_argument("db", help="DB_DIR or .lmdb")
+    p.add_argument("--config")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--reader-count", type=int)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _train_db_paths(args) -> tuple[Path, Path | None]:
+    train_db = Path(args.train_db)
+    if args.test_db:
+        return train_db, Path(args.test_db)
+    guess = train_db.parent / "test.lmdb"
+    return train_db, (guess if guess.is_dir() and guess != train_db else None)
+
+
+def _train_config(args):
+    from scarce.config import load_config, override
+
+    cfg = load_config(args.config)
+    values = {k: v for k, v in vars(args).items() if "." in k or k in (
+        "test_every_n_steps", "early_stopping", "max_steps", "max_minutes", "seed", "amp",
+        "device")}
+    values = {k: v for k, v in values.items() if v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key] = value
+    return override(cfg, values)
+
+
+def cmd_train(args) -> int:
+    """``scarce train``: resolve the config, then Trainer.fit (or torchrun for --nproc)."""
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from scarce.distributed import launch_torchrun
+
+        argv, skip = [], False
+        for a in sys.argv[1:]:
+            if skip:
+                skip = False
+                continue
+            if a == "--nproc":
+                skip = True
+                continue
+            if not a.startswith("--nproc="):
+                argv.append(a)
+        return launch_torchrun(args.nproc, argv)
+    from scarce.train import train
+
+    train_db, test_db = _train_db_paths(args)
+    summary = train(train_db, test_db, args.out, _train_config(args), resume=args.resume,
+                    init_from=args.init_from, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {args.out} ({summary['stop_reason']} at step {summary['steps']}, "
+              f"best test loss {summary['best_test_loss']:.4f} at step {summary['best_step']})")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    """``scarce ingest``."""
+    from scarce.ingest import format_inspection, ingest, inspect_database
+
+    ingest(args.images, args.masks, args.out, train_fraction=args.train_fraction, seed=args.seed,
+           split=args.split, tile_size=args.tile_size, tile_stride=args.tile_stride,
+           mask_kind=args.mask_kind, metadata=args.metadata, overwrite=args.overwrite,
+           channel_axis=args.channel_axis)
+    print(format_inspection(inspect_database(args.out)))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """``scarce inspect``."""
+    from scarce.ingest import format_inspection, inspect_database
+
+    info = inspect_database(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """``scarce predict``."""
+    from scarce.predict import predict_files
+
+    written = predict_files(args.model, args.images, args.out, tile_size=args.tile_size,
+                            overlap=args.overlap, blend=args.blend, tta=args.tta,
+                            probabilities=args.probabilities, instances=args.instances,
+                            batch_size=args.batch_size, device=args.device, fmt=args.format)
+    print(f"wrote predictions for {len(written)} image(s) into {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """``scarce evaluate``."""
+    from scarce.evaluate import DEFAULT_THRESHOLDS, evaluate_folders, format_summary
+
+    thresholds = DEFAULT_THRESHOLDS
+    if args.iou_thresholds:
+        thresholds = tuple(float(t) for t in args.iou_thresholds.split(","))
+    metrics = evaluate_folders(args.pred, args.truth, args.out, num_classes=args.num_classes,
+                               instances=args.instances, iou_thresholds=thresholds,
+                               ignore_label=args.ignore_label)
+    print(format_summary(metrics))
+    if args.out:
+        print(f"report: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'per_image.csv'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``scarce export``."""
+    from scarce.export import export_model
+
+    out = export_model(args.model, args.format, args.out)
+    print(f"exported {args.format} model to {out} (metadata: {out}.json)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """``scarce demo``."""
+    from scarce.demo import run_demo
+
+    run_demo(args.data, args.out, minutes=args.minutes, config=args.config)
+    return 0
+
+
+def cmd_history(args) -> int:
+    """``scarce history``."""
+    from scarce.history import collect_runs, format_diff, format_history
+
+    runs = collect_runs(args.runs)
+    if args.json:
+        print(json.dumps(runs, indent=2, default=str))
+    else:
+        print(format_history(runs))
+    if args.diff:
+        print(format_diff(runs))
+    return 0
+
+
+def cmd_benchmark_readers(args) -> int:
+    """``scarce benchmark-readers``."""
+    from scarce.config import load_config, override
+    from scarce.readers import benchmark_readers, format_benchmark
+
+    cfg = load_config(args.config)
+    values = {"data.patch_size": args.patch_size, "data.batch_size": args.batch_size}
+    cfg = override(cfg, {k: v for k, v in values.items() if v is not None})
+    db = Path(args.db)
+    if (db / "train.lmdb").is_dir():
+        db = db / "train.lmdb"
+    result = benchmark_readers(db, cfg, seconds=args.seconds, reader_count=args.reader_count)
+    print(json.dumps(result, indent=2) if args.json else format_benchmark(result))
+    return 0
+
+
+COMMANDS = {"ingest": cmd_ingest, "inspect": cmd_inspect, "train": cmd_train,
+            "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
+            "demo": cmd_demo, "history": cmd_history, "benchmark-readers": cmd_benchmark_readers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scarce`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else (
+        logging.INFO if rank == 0 else logging.WARNING),
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from scarce.checkpoint import CheckpointError
+    from scarce.config import ConfigError
+    from scarce.io import ImageFileError
+    from scarce.store import StoreError
+
+    user_errors = (ConfigError, ImageFileError, StoreError, CheckpointError, FileNotFoundError,
+                   FileExistsError, ValueError)
+    try:
+        return COMMANDS[args.verb](args)
+    except user_errors as exc:
+        print(f"scarce {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scarce {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""DistributedDataParallel plumbing for ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+``torchrun --standalone --nproc_per_node=K -m scarce train ...`` starts K processes and sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables; :func:`setup` reads them.
+Without those variables the run is a single process and nothing here touches
+``torch.distributed``. Several nodes use the same command with torchrun's rendezvous flags
+(``--nnodes``, ``--rdzv-backend=c10d``, ``--rdzv-endpoint=HOST:PORT``); see the README and
+``scripts/slurm_train.sh``.
+
+References
+----------
+PyTorch DistributedDataParallel and torchrun documentation; the nanoGPT ``train.py`` DDP set-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a (possibly single-process) run.
+
+    Attributes
+    ----------
+    rank, world_size, local_rank : int
+        Global rank, number of processes, rank on this node.
+    device : torch.device
+        The device this process trains on.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the only rank that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """Turn ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` into a device.
+
+    Raises
+    ------
+    RuntimeError
+        If CUDA is asked for but not available.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here; "
+                               "use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise the process group when launched by ``torchrun``; else a single process.
+
+    The backend is NCCL for CUDA devices and gloo for the CPU.
+
+    Parameters
+    ----------
+    device : str
+        ``auto`` | ``cpu`` | ``cuda``; under torchrun each process takes ``cuda:LOCAL_RANK``.
+    timeout_minutes : float
+        Collective timeout (a rank that evaluates alone must not be killed too early), minutes.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one was created."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (no-op for a single process) and return it."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True if ``flag`` is true on any rank (every rank gets the same answer)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run ``scarce <argv>`` under ``torchrun --standalone --nproc_per_node=nproc``.
+
+    On a CPU-only machine each process gets one intra-op thread (``OMP_NUM_THREADS=1``): 2
+    processes x 1 thread trained faster than 1 process x 2 threads on 2 cores (see
+    ``benchmarks/results/train_step.md``).
+
+    Returns
+    -------
+    int
+        torchrun's exit code.
+    """
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "scarce", *argv]
+    return subprocess.call(cmd, env=env)
