@@ -1,0 +1,56 @@
+"""Shared fixtures: paths to ../shared/data and small real databases made with `scarce ingest`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the repository (skips the test when it is absent)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def _subset(src: Path, dst: Path, n: int) -> Path:
+    """Symlink the first ``n`` image/mask pairs of a dataset into ``dst``."""
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir(parents=True)
+        for f in sorted((src / sub).iterdir())[:n]:
+            (dst / sub / f.name).symlink_to(f)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def nist_db(shared_data, tmp_path_factory) -> Path:
+    """DB_DIR with 10 nist_rpe images (256x256 uint16, classes 0/1): 8 train, 2 test."""
+    from scarce.demo import every_nth_split
+    from scarce.ingest import ingest
+
+    root = tmp_path_factory.mktemp("nist")
+    data = _subset(shared_data / "nist_rpe", root / "data", 10)
+    ingest(data / "images", data / "masks", root / "db", split=every_nth_split(data / "images"),
+           progress=False)
+    return root / "db"
+
+
+@pytest.fixture(scope="session")
+def bbbc_db(shared_data, tmp_path_factory) -> Path:
+    """DB_DIR with 5 bbbc039 images (520x696 uint16, instance masks): 4 train, 1 test."""
+    from scarce.demo import every_nth_split
+    from scarce.ingest import ingest
+
+    root = tmp_path_factory.mktemp("bbbc")
+    data = _subset(shared_data / "bbbc039", root / "data", 5)
+    ingest(data / "images", data / "masks", root / "db", split=every_nth_split(data / "images"),
+           mask_kind="instance", progress=False)
+    return root / "db"

@@ -1,0 +1,52 @@
+"""CLI and run history: the verbs a user types, on real data."""
+
+from __future__ import annotations
+
+import json
+
+from scarce.cli import main
+from scarce.history import collect_runs, config_diff, format_history
+
+
+def test_ingest_inspect_train_history_predict_evaluate(nist_db, tmp_path, capsys, shared_data):
+    db = nist_db
+    common = ["--train-db", str(db / "train.lmdb"), "--max-steps", "4",
+              "--test-every-n-steps", "2", "--patch-size", "64", "--batch-size", "2",
+              "--reader-count", "0", "--set", "model.width=4", "--set", "model.depth=2"]
+    assert main(["train", *common, "--out", str(tmp_path / "runs" / "a")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "runs" / "b"),
+                 "--learning-rate", "0.01"]) == 0
+    # an existing run folder is refused with a clear message and exit code 2
+    assert main(["train", *common, "--out", str(tmp_path / "runs" / "a")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    runs = collect_runs([tmp_path / "runs"])
+    assert [r["steps"] for r in runs] == [4, 4]
+    assert all(r["stop_reason"] == "max_steps" for r in runs)
+    assert "max_steps" in format_history(runs)
+    assert config_diff(runs) == {"optim.learning_rate": [0.0003, 0.01]}
+    assert main(["history", str(tmp_path / "runs"), "--diff"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.learning_rate" in out and "best test loss" in out
+
+    assert main(["inspect", str(db), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert json.dumps(info)  # serialisable
+
+    images = shared_data / "nist_rpe" / "images"
+    test_stems = json.loads((db / "split.json").read_text())["test"]
+    one = next(p for p in images.iterdir() if p.stem == test_stems[0])
+    assert main(["predict", "--model", str(tmp_path / "runs" / "a"), "--images", str(one),
+                 "--out", str(tmp_path / "pred")]) == 0
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    (truth / f"{one.stem}.tif").symlink_to(shared_data / "nist_rpe" / "masks" / one.name)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(truth),
+                 "--out", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert 0.0 <= metrics["pixel_accuracy"] <= 1.0
+
+
+def test_demo_without_data_says_what_to_pass(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "--data DIR" in capsys.readouterr().err
