@@ -83,8 +83,9 @@ def confusion_matrix(truth, pred, num_classes: int, ignore_label: int | None = N
     k = int(num_classes)
     if k < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if tuple(truth.shape) != tuple(pred.shape):
-        raise ValueError(f"truth shape {tuple(truth.shape)} != pred shape {tuple(pred.shape)}")
+    if tuple(np.shape(truth)) != tuple(np.shape(pred)):
+        raise ValueError(f"truth shape {tuple(np.shape(truth))} != pred shape "
+                         f"{tuple(np.shape(pred))}")
     t, p = _flat_labels(truth, "truth"), _flat_labels(pred, "pred")
     if torch.is_tensor(t) != torch.is_tensor(p):
         device = t.device if torch.is_tensor(t) else p.device
@@ -179,6 +180,11 @@ def label_components(class_map, connectivity: int = 1) -> np.ndarray:
     ------
     ValueError
         If ``connectivity`` is not in ``1..ndim``.
+
+    References
+    ----------
+    Fiorio and Gustedt, "Two linear time Union-Find strategies for image processing", Theor.
+    Comput. Sci. 154 (1996), the algorithm of ``skimage.measure.label``.
     """
     a = np.asarray(class_map)
     if not 1 <= connectivity <= a.ndim:
@@ -238,8 +244,8 @@ def rand_error(truth_labels, pred_labels) -> float:
     -------
     float
         In [0, 1], 0 = identical. Cases the formula leaves as 0/0: an empty truth gives 0.0
-        if the prediction is empty too and 1.0 otherwise; no same-label pixel pairs in either
-        image (only single-pixel objects) gives 0.0.
+        if the prediction is empty too and 1.0 otherwise; no two scored pixels sharing a label
+        in truth nor in prediction (only single-pixel segments) gives 0.0.
 
     Raises
     ------
@@ -263,7 +269,7 @@ def rand_error(truth_labels, pred_labels) -> float:
 
 def _compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
     """Relabel to 0..N (0 kept for background) -> (flat int64 ids, N)."""
-    flat = labels.ravel()
+    flat = labels.ravel().astype(np.int64, copy=False)
     if int(flat.max(initial=0)) <= 4 * flat.size:  # lookup table, no sort
         present = np.bincount(flat, minlength=1) > 0
         present[0] = True
@@ -516,6 +522,11 @@ def evaluate_arrays(pairs, num_classes=None, instances=False, iou_thresholds=DEF
     ------
     ValueError
         No pairs, bad arguments, or an image with wrong labels or shapes (named).
+
+    References
+    ----------
+    Caicedo et al. 2019, doi:10.1038/s41592-019-0612-7 (object metrics of DSB2018);
+    Arganda-Carreras et al. 2015, doi:10.3389/fnana.2015.00142 (ISBI 2012 pixel/Rand error).
     """
     thresholds = _check_thresholds(iou_thresholds)
     for kind in (pred_kind, truth_kind):
