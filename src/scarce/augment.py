@@ -1,0 +1,556 @@
+"""Patch augmentation: one random draw per sample, one warp shared by image and mask.
+
+A training patch is sampled straight from the whole source image. Flip, rotation, scale,
+jitter and the elastic field are composed into one map from output pixels to source pixels,
+
+    source(p) = centre + shift + A @ (p - P // 2) + elastic(p),    A = R(angle) S^-1 F,
+
+(``F`` = flips, ``S`` = diag(scale), ``R`` = rotation, coordinates ``(y, x)``), and the image
+(linear or cubic) and the mask (nearest) are resampled once with ``cv2.remap``, reflecting at
+the image border (``BORDER_REFLECT_101``). Only the bounding box of the map (plus the
+interpolation footprint) is cut out and converted to float32; normalisation
+``(x - offset) / scale`` is applied to the P x P result, which equals normalising first because
+linear and cubic weights sum to one. Photometric transforms (intensity, gamma, blur, noise,
+cutouts) then act on the image patch only. Every parameter comes from
+:class:`scarce.config.AugmentConfig`.
+
+OpenCV threads: ``cv2.setNumThreads`` is left alone. On 256 x 256 patches one thread and the
+default gave the same time within noise (docs/augmentations.md), so reader workers may set
+``cv2.setNumThreads(1)`` to avoid oversubscription without losing speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+from scarce.config import AugmentConfig, ConfigError
+from scarce.io import IMAGE_DTYPES
+
+_BORDER = cv2.BORDER_REFLECT_101
+_INTERPOLATION = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+_MARGIN = {"linear": 2, "cubic": 3}  # taps beyond floor(coordinate), plus one for rounding
+_EPS = 1e-12
+
+
+class Cutout(NamedTuple):
+    """One SEAMLeSS cutout, in output-patch pixels.
+
+    ``kind`` is ``"missing"`` (fill at ``value`` x range above the patch minimum; ``value`` is
+    0, i.e. black), ``"contrast"`` (multiply the range-normalised region by ``value`` in
+    [1/2, 2]) or ``"noise"`` (replace the region by Gaussian noise with the patch channel's
+    mean and ``value`` x its std; ``value`` is 1).
+    """
+
+    kind: str
+    y0: int
+    x0: int
+    h: int
+    w: int
+    value: float
+
+
+@dataclass(frozen=True, eq=False)
+class AugmentParams:
+    """Parameters drawn once per sample; the defaults are the identity.
+
+    Attributes
+    ----------
+    flip_x, flip_y : bool
+        Reflect about the vertical (x -> -x) / horizontal (y -> -y) axis of the patch.
+    angle : float
+        Rotation of the sampling grid about the patch centre, degrees.
+    shift : tuple of float
+        ``(dy, dx)`` translation of the patch centre in the source, pixels.
+    scale : tuple of float
+        ``(sy, sx)`` magnification: 1.1 shows objects 10 % larger.
+    elastic : ndarray of float32, shape (g, g, 2), or None
+        Coarse-grid displacements ``(dy, dx)`` in pixels, upsampled bicubically to (P, P).
+    noise_sigma : float or None
+        Gaussian noise std as a fraction of the patch's dynamic range (per channel).
+    blur_sigma : float or None
+        Gaussian blur sigma, pixels (per channel, never across channels).
+    intensity : tuple of float or None
+        ``(offset, gain)``: range-normalised image ``u -> u * gain + offset``.
+    gamma : float or None
+        Range-normalised image ``u -> u ** gamma``.
+    cutouts : tuple of Cutout
+        Applied last, in order, to every channel.
+    """
+
+    flip_x: bool = False
+    flip_y: bool = False
+    angle: float = 0.0
+    shift: tuple[float, float] = (0.0, 0.0)
+    scale: tuple[float, float] = (1.0, 1.0)
+    elastic: np.ndarray | None = None
+    noise_sigma: float | None = None
+    blur_sigma: float | None = None
+    intensity: tuple[float, float] | None = None
+    gamma: float | None = None
+    cutouts: tuple[Cutout, ...] = ()
+
+
+@functools.lru_cache(maxsize=16)
+def check_augment_config(cfg: AugmentConfig) -> AugmentConfig:
+    """Validate the value ranges of an augmentation config (cached per config).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first ``augment.<key>`` outside its valid range and that range.
+    """
+    problems = [f"augment.{k}_p = {getattr(cfg, k + '_p')} must be in [0, 1]"
+                for k in ("flip_x", "flip_y", "rotation", "jitter", "scale", "elastic", "noise",
+                          "blur", "intensity", "gamma", "cutout")
+                if not 0.0 <= getattr(cfg, k + "_p") <= 1.0]
+    lo, hi = cfg.rotation_degrees
+    g_lo, g_hi = cfg.gamma_range
+    checks = [
+        (lo <= hi, f"augment.rotation_degrees = {cfg.rotation_degrees} needs low <= high"),
+        (cfg.jitter_fraction >= 0, "augment.jitter_fraction must be >= 0"),
+        (0 <= cfg.scale_fraction < 1, "augment.scale_fraction must be in [0, 1)"),
+        (cfg.elastic_grid >= 2, "augment.elastic_grid must be >= 2 grid points per axis"),
+        (cfg.elastic_sigma >= 0, "augment.elastic_sigma must be >= 0 pixels"),
+        (cfg.noise_fraction >= 0, "augment.noise_fraction must be >= 0"),
+        (cfg.blur_max_sigma >= 0, "augment.blur_max_sigma must be >= 0 pixels"),
+        (0 <= cfg.intensity_fraction < 1, "augment.intensity_fraction must be in [0, 1)"),
+        (0 < g_lo <= g_hi, f"augment.gamma_range = {cfg.gamma_range} needs 0 < low <= high"),
+        (0 < cfg.cutout_max_fraction <= 1, "augment.cutout_max_fraction must be in (0, 1]"),
+    ]
+    problems += [message for ok, message in checks if not ok]
+    if problems:
+        raise ConfigError("; ".join(problems) + " (fix the config file or --set override)")
+    return cfg
+
+
+def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -> AugmentParams:
+    """Draw one sample's augmentation parameters.
+
+    Each transform is drawn only if its switch is on and a Bernoulli draw with its
+    probability succeeds; otherwise it keeps the identity value. With ``cfg.enabled`` False
+    the identity is returned and ``rng`` is not used.
+
+    Parameters
+    ----------
+    cfg : AugmentConfig
+        Switches, probabilities and ranges (``augment`` section of the training config).
+    patch_size : int
+        Side P of the output patch, pixels (jitter and cutout sizes scale with it).
+    rng : numpy.random.Generator
+        Source of randomness; the same state gives the same parameters.
+
+    Returns
+    -------
+    AugmentParams
+
+    Raises
+    ------
+    ConfigError
+        If a config value is outside its range (see :func:`check_augment_config`).
+
+    References
+    ----------
+    Ronneberger, Fischer & Brox, "U-Net", MICCAI 2015, doi:10.1007/978-3-319-24574-4_28
+    (elastic deformation on a coarse grid); NIST semantic-segmentation-unet (defaults).
+    """
+    check_augment_config(cfg)
+    if not cfg.enabled:
+        return AugmentParams()
+
+    def on(switch: bool, p: float) -> bool:
+        return bool(rng.random() < p) if switch else False
+
+    flip_x, flip_y = on(True, cfg.flip_x_p), on(True, cfg.flip_y_p)
+    angle = float(rng.uniform(*cfg.rotation_degrees)) if on(cfg.rotation, cfg.rotation_p) else 0.0
+    shift, scale = (0.0, 0.0), (1.0, 1.0)
+    if on(cfg.jitter, cfg.jitter_p):
+        limit = cfg.jitter_fraction * patch_size
+        shift = tuple(float(v) for v in rng.uniform(-limit, limit, 2))
+    if on(cfg.scale, cfg.scale_p):
+        scale = tuple(float(v) for v in 1.0 + rng.uniform(-cfg.scale_fraction,
+                                                           cfg.scale_fraction, 2))
+    elastic = None
+    if on(cfg.elastic, cfg.elastic_p):
+        g = cfg.elastic_grid
+        elastic = rng.normal(0.0, cfg.elastic_sigma, (g, g, 2)).astype(np.float32)
+    intensity = gamma = blur = noise = None
+    if on(cfg.intensity, cfg.intensity_p):
+        f = cfg.intensity_fraction
+        intensity = (float(rng.uniform(-f, f)), float(1.0 + rng.uniform(-f, f)))
+    if on(cfg.gamma, cfg.gamma_p):
+        gamma = float(rng.uniform(*cfg.gamma_range))
+    if on(cfg.blur, cfg.blur_p):
+        blur = float(rng.uniform(0.0, cfg.blur_max_sigma))
+    if on(cfg.noise, cfg.noise_p):
+        noise = float(cfg.noise_fraction)
+    return AugmentParams(flip_x, flip_y, angle, shift, scale, elastic, noise, blur, intensity,
+                         gamma, _draw_cutouts(cfg, patch_size, rng))
+
+
+def _draw_cutouts(cfg: AugmentConfig, size: int, rng: np.random.Generator) -> tuple:
+    cutouts = []
+    side = max(1, round(cfg.cutout_max_fraction * size))
+    for kind, switch in (("missing", cfg.cutout_missing), ("contrast", cfg.cutout_contrast),
+                         ("noise", cfg.cutout_noise)):
+        if not (switch and rng.random() < cfg.cutout_p):
+            continue
+        h, w = (int(v) for v in rng.integers(1, side + 1, 2))
+        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        value = {"missing": 0.0, "noise": 1.0}.get(kind)
+        if value is None:  # contrast: multiply or divide by U(1, 2)
+            factor = float(rng.uniform(1.0, 2.0))
+            value = factor if rng.random() < 0.5 else 1.0 / factor
+        cutouts.append(Cutout(kind, y0, x0, h, w, value))
+    return tuple(cutouts)
+
+
+def affine_matrix(params: AugmentParams) -> np.ndarray:
+    """The 2 x 2 matrix ``A = R(angle) @ diag(1/sy, 1/sx) @ diag(fy, fx)`` acting on ``(y, x)``.
+
+    Returns
+    -------
+    ndarray of float64, shape (2, 2)
+        Maps an output offset from the patch centre to a source offset, pixels per pixel.
+    """
+    t = math.radians(params.angle)
+    rotation = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    flips = np.array([-1.0 if params.flip_y else 1.0, -1.0 if params.flip_x else 1.0])
+    return rotation * (flips / np.asarray(params.scale, dtype=np.float64))[None, :]
+
+
+def _relative_grid(params: AugmentParams, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source offsets from ``centre`` of every output pixel, float32 (P, P) each."""
+    a = affine_matrix(params)
+    q = np.arange(size, dtype=np.float64) - size // 2
+    dy = np.add.outer((a[0, 0] * q + params.shift[0]).astype(np.float32),
+                      (a[0, 1] * q).astype(np.float32))
+    dx = np.add.outer((a[1, 0] * q + params.shift[1]).astype(np.float32),
+                      (a[1, 1] * q).astype(np.float32))
+    if params.elastic is not None:
+        field = cv2.resize(np.asarray(params.elastic, dtype=np.float32), (size, size),
+                           interpolation=cv2.INTER_CUBIC)
+        dy += field[..., 0]
+        dx += field[..., 1]
+    return dy, dx
+
+
+def sampling_grid(params: AugmentParams, patch_size: int,
+                  centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Source coordinates sampled by every output pixel (the single composed warp).
+
+    Output pixel ``(P // 2, P // 2)`` samples ``centre + shift``; the elastic field is
+    ``cv2.resize`` (bicubic, pixel-centre aligned) of ``params.elastic`` to (P, P).
+
+    Parameters
+    ----------
+    params : AugmentParams
+    patch_size : int
+        Side P of the output patch, pixels.
+    centre : tuple of float
+        ``(y, x)`` in source pixels (pixel centres at integers).
+
+    Returns
+    -------
+    map_y, map_x : ndarray of float32, shape (P, P)
+        Source row and column of each output pixel; may lie outside the image (reflected).
+    """
+    dy, dx = _relative_grid(params, int(patch_size))
+    return dy + np.float32(centre[0]), dx + np.float32(centre[1])
+
+
+def _axis_range(lo: float, hi: float, n: int, margin: int) -> tuple[int, int]:
+    """Source index range [start, stop) that the remap reads along one axis, with reflection."""
+    a, b = math.floor(lo) - margin, math.floor(hi) + margin
+    if a < 0:
+        b = max(b, -a)  # REFLECT_101 about 0 reads up to index -a
+    if b > n - 1:
+        a = min(a, 2 * (n - 1) - b)  # reflection about n - 1
+    if a < 0 and b > n - 1:
+        return 0, n  # reflections at both ends (or several): use the whole axis
+    return max(a, 0), min(b, n - 1) + 1
+
+
+def _remap_image(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray,
+                 interpolation: int) -> np.ndarray:
+    """Warp a (C, h, w) region of any dtype to float32 (C, P, P), 4 channels per call."""
+    if region.shape[0] == 1:
+        src = region[0].astype(np.float32, copy=False)
+        return cv2.remap(src, map_x, map_y, interpolation, borderMode=_BORDER)[None]
+    out = np.empty((region.shape[0],) + map_x.shape, dtype=np.float32)
+    for c0 in range(0, region.shape[0], 4):  # cv2 interleaves at most 4 channels portably
+        group = np.ascontiguousarray(region[c0:c0 + 4].transpose(1, 2, 0), dtype=np.float32)
+        warped = cv2.remap(group, map_x, map_y, interpolation, borderMode=_BORDER)
+        out[c0:c0 + 4] = warped.reshape(map_x.shape + (-1,)).transpose(2, 0, 1)
+    return out
+
+
+def _remap_mask(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour warp of an integer (h, w) mask, exact for every integer dtype.
+
+    cv2.remap has no 32/64-bit integer support, so the label bytes are viewed as 1, 2 or 4
+    uint16 planes (uint8 for 1-byte labels) and copied, never interpolated.
+    """
+    plane = np.uint8 if region.dtype.itemsize == 1 else np.uint16
+    planes = region.dtype.itemsize // np.dtype(plane).itemsize
+    src = (region if planes == 1 else np.ascontiguousarray(region)).view(plane)
+    if planes > 1:
+        src = src.reshape(region.shape + (planes,))
+    out = cv2.remap(src, map_x, map_y, cv2.INTER_NEAREST, borderMode=_BORDER)
+    return np.ascontiguousarray(out).reshape(map_x.shape[0], -1).view(region.dtype)
+
+
+def _check_inputs(image, mask, centre, patch_size, offset, scale):
+    """Validate arguments of crop_patch/augment_patch; return offset, scale as float32 (C,)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or 0 in image.shape:
+        raise ValueError(f"image must be a non-empty (C, H, W) array, got "
+                         f"{getattr(image, 'shape', type(image))}; scarce.io.read_image "
+                         "returns this layout")
+    if image.dtype.name not in IMAGE_DTYPES:
+        raise TypeError(f"image dtype {image.dtype} is not supported; expected one of "
+                        f"{IMAGE_DTYPES} (convert, e.g. float64 -> float32)")
+    if mask is not None and (not isinstance(mask, np.ndarray) or mask.shape != image.shape[1:]
+                             or mask.dtype.kind not in "biu"):
+        raise ValueError(f"mask must be an integer (H, W) = {image.shape[1:]} array, got "
+                         f"{getattr(mask, 'shape', type(mask))} {getattr(mask, 'dtype', '')}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer) \
+            or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer (pixels), got {patch_size!r}")
+    if len(centre) != 2 or not all(math.isfinite(float(v)) for v in centre):
+        raise ValueError(f"centre must be a finite (y, x) pair in pixels, got {centre!r}")
+    checked = []
+    for name, values in (("offset", offset), ("scale", scale)):
+        if values is not None:
+            values = np.asarray(values, dtype=np.float32).reshape(-1)
+            if values.shape != (image.shape[0],) or not np.all(np.isfinite(values)):
+                raise ValueError(f"{name} must hold {image.shape[0]} finite values (one per "
+                                 f"channel), got {values.tolist()}")
+            if name == "scale" and np.any(values <= 0):
+                raise ValueError(f"scale must be > 0 per channel, got {values.tolist()}; "
+                                 "scarce.normalize.normalization_params floors it")
+        checked.append(values)
+    return checked
+
+
+def _normalize_(patch: np.ndarray, offset: np.ndarray | None, scale: np.ndarray | None) -> None:
+    if offset is not None:
+        patch -= offset[:, None, None]
+    if scale is not None:
+        patch /= scale[:, None, None]
+
+
+def _reflect_indices(start: int, size: int, n: int) -> slice | np.ndarray:
+    """Indices start..start+size-1 along an axis of length n, reflected (REFLECT_101)."""
+    if 0 <= start and start + size <= n:
+        return slice(start, start + size)
+    if n == 1:
+        return np.zeros(size, dtype=np.intp)
+    period = 2 * (n - 1)
+    idx = np.mod(np.arange(start, start + size), period)
+    return np.where(idx > n - 1, period - idx, idx)
+
+
+def crop_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[float, float],
+               patch_size: int, *, offset=None, scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a P x P patch without interpolation (the no-augmentation path).
+
+    Source pixel ``round(centre)`` (halves up) lands at output pixel ``(P // 2, P // 2)``,
+    the same convention as :func:`sampling_grid`; where the patch leaves the image the
+    image is reflected (``REFLECT_101``, repeatedly for images smaller than the patch).
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, H, W)
+        uint8, uint16, int16, int32, uint32 or float32; not modified.
+    mask : ndarray of int, shape (H, W), or None
+        Labels (any integer dtype); not modified.
+    centre : tuple of float
+        ``(y, x)`` patch centre in source pixels.
+    patch_size : int
+        Side P of the output patch, pixels.
+    offset, scale : array_like of float, shape (C,), optional
+        Normalisation ``(x - offset) / scale`` per channel; None skips that step.
+
+    Returns
+    -------
+    patch : ndarray of float32, shape (C, P, P)
+    patch_mask : ndarray, shape (P, P), or None
+        Same dtype as ``mask``; a copy (safe after an LMDB transaction closes).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On a wrong shape, dtype, centre, patch size, offset or scale.
+    """
+    offset, scale = _check_inputs(image, mask, centre, patch_size, offset, scale)
+    half = patch_size // 2
+    rows = _reflect_indices(math.floor(float(centre[0]) + 0.5) - half, patch_size,
+                            image.shape[1])
+    cols = _reflect_indices(math.floor(float(centre[1]) + 0.5) - half, patch_size,
+                            image.shape[2])
+    patch = image[:, rows][:, :, cols].astype(np.float32)
+    _normalize_(patch, offset, scale)
+    return patch, (None if mask is None else np.array(mask[rows][:, cols]))
+
+
+def augment_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[float, float],
+                  patch_size: int, cfg: AugmentConfig, rng: np.random.Generator, *,
+                  offset=None, scale=None,
+                  params: AugmentParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sample one augmented P x P patch (and its mask) from a whole source image.
+
+    All geometry is one ``cv2.remap`` of the grid from :func:`sampling_grid` (image: linear or
+    cubic per ``cfg.interpolation``; mask: nearest, so labels keep their exact values), with
+    reflection only at true image borders. Only the bounding box of the grid is converted to
+    float32, so the cost does not grow with the image. Photometric transforms follow on the
+    image patch (see :func:`apply_photometric`). With ``cfg.enabled`` False and no
+    ``params`` this is :func:`crop_patch`.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, H, W)
+        Any C >= 1; uint8, uint16, int16, int32, uint32 or float32. Not modified.
+    mask : ndarray of int, shape (H, W), or None
+        Class or instance labels of any integer dtype (values > 65535 are kept). Not modified.
+    centre : tuple of float
+        ``(y, x)`` source point that lands at output pixel ``(P // 2, P // 2)`` before jitter.
+    patch_size : int
+        Side P of the output patch, pixels.
+    cfg : AugmentConfig
+        The ``augment`` section of the training config.
+    rng : numpy.random.Generator
+        Draws the parameters and the noise fields.
+    offset, scale : array_like of float, shape (C,), optional
+        Normalisation ``(x - offset) / scale`` (see :mod:`scarce.normalize`); None skips it.
+    params : AugmentParams, optional
+        Use these instead of drawing (``rng`` then only feeds noise and noise cutouts).
+
+    Returns
+    -------
+    patch : ndarray of float32, shape (C, P, P)
+    patch_mask : ndarray, shape (P, P), or None
+        Same dtype as ``mask``; every value occurs in ``mask``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On a wrong shape, dtype, centre, patch size, offset or scale.
+    ConfigError
+        If ``cfg`` holds a value outside its range.
+
+    References
+    ----------
+    Ronneberger, Fischer & Brox, "U-Net", MICCAI 2015, doi:10.1007/978-3-319-24574-4_28.
+    Simard, Steinkraus & Platt, ICDAR 2003, doi:10.1109/ICDAR.2003.1227801 (elastic warps).
+    """
+    offset, scale = _check_inputs(image, mask, centre, patch_size, offset, scale)
+    check_augment_config(cfg)
+    if params is None:
+        if not cfg.enabled:
+            return crop_patch(image, mask, centre, patch_size, offset=offset, scale=scale)
+        params = draw_params(cfg, patch_size, rng)
+    map_y, map_x = _relative_grid(params, patch_size)
+    cy, cx = float(centre[0]), float(centre[1])
+    margin = _MARGIN[cfg.interpolation]
+    y0, y1 = _axis_range(cy + map_y.min(), cy + map_y.max(), image.shape[1], margin)
+    x0, x1 = _axis_range(cx + map_x.min(), cx + map_x.max(), image.shape[2], margin)
+    map_y += np.float32(cy - y0)  # region coordinates
+    map_x += np.float32(cx - x0)
+    patch = _remap_image(image[:, y0:y1, x0:x1], map_x, map_y,
+                         _INTERPOLATION[cfg.interpolation])
+    _normalize_(patch, offset, scale)
+    out_mask = None if mask is None else _remap_mask(mask[y0:y1, x0:x1], map_x, map_y)
+    return apply_photometric(patch, params, rng), out_mask
+
+
+def _range(patch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel minimum and dynamic range (max - min, floored), shape (C, 1, 1) each."""
+    lo = patch.min(axis=(1, 2), keepdims=True)
+    return lo, np.maximum(patch.max(axis=(1, 2), keepdims=True) - lo, _EPS)
+
+
+def apply_photometric(patch: np.ndarray, params: AugmentParams,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Apply gamma, intensity, blur, noise and cutouts (in this order) to an image patch.
+
+    Each step works per channel on the patch's *current* dynamic range ``[lo, lo + span]``
+    (min and max at that step), so it behaves the same for any normalisation. Gamma and
+    intensity act on ``u = (x - lo) / span``: ``u ** gamma``, then ``u * gain + offset``.
+    Blur is a Gaussian of radius ``ceil(3 sigma)`` with reflected borders; noise has std
+    ``noise_sigma * span``. Cutouts: see :class:`Cutout`.
+
+    Parameters
+    ----------
+    patch : ndarray of float32, shape (C, P, P)
+        Modified in place.
+    params : AugmentParams
+    rng : numpy.random.Generator
+        Draws the noise fields.
+
+    Returns
+    -------
+    ndarray of float32, shape (C, P, P)
+        ``patch`` itself.
+
+    References
+    ----------
+    Mitchell et al., "Siamese Encoding and Alignment by Multiscale Learning with
+    Self-Supervision" (SEAMLeSS), arXiv:1904.02643, 2019 (cutouts); DeVries & Taylor,
+    "Improved Regularization of CNNs with Cutout", arXiv:1708.04552, 2017.
+    """
+    if params.gamma is not None or params.intensity is not None:
+        lo, span = _range(patch)
+        patch -= lo
+        patch /= span
+        if params.gamma is not None:
+            np.power(np.maximum(patch, 0.0, out=patch), params.gamma, out=patch)
+        if params.intensity is not None:
+            patch *= params.intensity[1]
+            patch += params.intensity[0]
+        patch *= span
+        patch += lo
+    if params.blur_sigma is not None and params.blur_sigma > 0:
+        k = 2 * math.ceil(3 * params.blur_sigma) + 1
+        for c in range(patch.shape[0]):
+            patch[c] = cv2.GaussianBlur(patch[c], (k, k), params.blur_sigma,
+                                        borderType=_BORDER)
+    if params.noise_sigma is not None:
+        span = _range(patch)[1]
+        patch += rng.standard_normal(patch.shape, dtype=np.float32) * (params.noise_sigma * span)
+    for cut in params.cutouts:
+        _apply_cutout(patch, cut, rng)
+    return patch
+
+
+def _apply_cutout(patch: np.ndarray, cut: Cutout, rng: np.random.Generator) -> None:
+    lo, span = _range(patch)
+    region = patch[:, cut.y0:cut.y0 + cut.h, cut.x0:cut.x0 + cut.w]
+    if cut.kind == "missing":
+        region[...] = lo + cut.value * span
+    elif cut.kind == "contrast":
+        region[...] = lo + (region - lo) * cut.value
+    elif cut.kind == "noise":
+        mean = patch.mean(axis=(1, 2), keepdims=True)
+        std = patch.std(axis=(1, 2), keepdims=True)
+        region[...] = mean + cut.value * std * rng.standard_normal(region.shape,
+                                                                   dtype=np.float32)
+    else:
+        raise ValueError(f"unknown cutout kind {cut.kind!r}; expected missing, contrast or noise")
+
+
+__all__ = [
+    "AugmentParams",
+    "Cutout",
+    "affine_matrix",
+    "apply_photometric",
+    "augment_patch",
+    "check_augment_config",
+    "crop_patch",
+    "draw_params",
+    "sampling_grid",
+]
