@@ -296,3 +296,19 @@ def test_evaluate_folders_reports_every_problem_in_one_error(tmp_path):
     assert any(str(truth_dir / "c.tif") in p and "no prediction" in p for p in problems)
     assert any(str(pred_dir / "b.tif") in p and "(20, 15)" in p for p in problems)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_folders_uses_predict_companion_files(tmp_path):
+    truth = square((20, 20), 2, 2, 6) + square((20, 20), 2, 8, 6, value=2)  # touching pair
+    class_map = (truth > 0).astype(np.uint8)  # its components merge the pair into one object
+    truth_dir = write_folder(tmp_path / "truth", [("a", truth)])
+    pred_dir = write_folder(tmp_path / "pred", [("a", class_map), ("a_instances", truth)])
+    tifffile.imwrite(pred_dir / "a_prob.tif", np.zeros((2, 20, 20), np.float32))
+    semantic = evaluate_folders(pred_dir, truth_dir)
+    assert semantic["num_classes"] == 3 and "objects" not in semantic  # truth has labels 1, 2
+    objects = evaluate_folders(pred_dir, truth_dir, instances=True)["objects"]["0.50"]
+    assert (objects["tp"], objects["fp"], objects["fn"]) == (2, 0, 0)  # a_instances was used
+    (pred_dir / "a_instances.tif").unlink()
+    objects = evaluate_folders(pred_dir, truth_dir, instances=True)["objects"]["0.50"]
+    # The class map's one 6x12 blob has IoU 36/72 = 0.5 with each: one match (rule >=).
+    assert (objects["tp"], objects["fp"], objects["fn"]) == (1, 0, 1)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.55 .. 0.95
 LABEL_KINDS = ("auto", "instances", "classes")
+COMPANION_SUFFIXES = ("_instances", "_prob")  # extra outputs of `scarce predict`
 
 
 class EvaluationError(ValueError):
@@ -579,11 +580,24 @@ def _index_folder(folder, what: str, problems: list[str]) -> dict[str, Path]:
     return by_stem
 
 
-def _load_pairs(pred_dir, truth_dir, num_classes, ignore_label) -> list:
+def _pick_predictions(preds: dict, truths: dict, instances: bool) -> dict[str, Path]:
+    """Drop ``scarce predict`` companions (``<stem>_prob``, ``<stem>_instances``) of a truth
+    stem; with ``instances``, ``<stem>_instances`` replaces the class map ``<stem>``."""
+    picked = {}
+    for stem, path in preds.items():
+        base = next((stem[: -len(s)] for s in COMPANION_SUFFIXES if stem.endswith(s)), None)
+        if base not in truths:
+            picked.setdefault(stem, path)
+        elif instances and stem == f"{base}_instances":
+            picked[base] = path
+    return picked
+
+
+def _load_pairs(pred_dir, truth_dir, num_classes, ignore_label, instances) -> list:
     """Read all pairs, collecting every problem; raise one EvaluationError listing them."""
     problems: list[str] = []
-    preds = _index_folder(pred_dir, "prediction", problems)
     truths = _index_folder(truth_dir, "truth", problems)
+    preds = _pick_predictions(_index_folder(pred_dir, "prediction", problems), truths, instances)
     for stem in sorted(truths.keys() - preds.keys()):
         problems.append(f"{truths[stem]}: no prediction with this stem in {pred_dir}")
     for stem in sorted(preds.keys() - truths.keys()):
@@ -641,8 +655,11 @@ def evaluate_folders(pred_dir, truth_dir, out_dir=None, *, num_classes=None, ins
 
     Files pair by stem (``img_01.tif`` with ``img_01.png``); both folders are read with
     :func:`scarce.io.read_mask` and held in memory (fine for the small sets Scarce targets).
-    All problems are collected before any metric is computed. Arguments as in
-    :func:`evaluate_arrays`.
+    The extra outputs of ``scarce predict`` next to a class map ``<stem>`` are not orphans:
+    ``<stem>_prob`` is skipped, and ``<stem>_instances`` is skipped too, except with
+    ``instances`` where it is the prediction (post-processed instance labels beat the
+    components of the class map). All problems are collected before any metric is computed.
+    Other arguments as in :func:`evaluate_arrays`.
 
     Parameters
     ----------
@@ -669,7 +686,8 @@ def evaluate_folders(pred_dir, truth_dir, out_dir=None, *, num_classes=None, ins
     for kind in (pred_kind, truth_kind):
         if kind not in LABEL_KINDS:
             raise ValueError(f"pred_kind/truth_kind must be one of {LABEL_KINDS}, got {kind!r}")
-    pairs = _load_pairs(pred_dir, truth_dir, None if instances else num_classes, ignore_label)
+    pairs = _load_pairs(pred_dir, truth_dir, None if instances else num_classes, ignore_label,
+                        instances)
     metrics, rows = evaluate_arrays(pairs, num_classes, instances, iou_thresholds, ignore_label,
                                     pred_kind=pred_kind, truth_kind=truth_kind)
     if out_dir is not None:
