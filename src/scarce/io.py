@@ -2,13 +2,15 @@
 
 Files on disk may be ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; inside Scarce an image is
 always ``(C, H, W)`` and a mask ``(H, W)``. TIFF goes through tifffile, PNG/JPEG/BMP through
-imageio. Every error names the file and says what was expected.
+Pillow (16-bit colour PNGs, which Pillow would cut to 8 bits, through OpenCV). Every error
+names the file and says what was expected. Arrays come back in native byte order.
 
 Dtype rules for images: uint8, uint16, int16, int32, uint32 and float32 are kept as they are
 (readers compute in float32); bool becomes uint8; float64 becomes float32 (values outside the
 float32 range are an error). Masks must hold non-negative integers: integer dtypes are kept,
 float masks whose values are all integral are converted to the smallest fitting unsigned
-dtype, anything else is an error.
+dtype, anything else is an error. Palette PNG masks are read as their palette indices (the
+labels); palette images are expanded to RGB(A).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import tifffile
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp")
 IMAGE_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
-MASK_DTYPES = ("uint8", "uint16", "int32", "uint32", "int16", "int64", "uint64")
+MASK_DTYPES = ("uint8", "uint16", "int32", "uint32", "int8", "int16", "int64", "uint64")
 MAX_CHANNELS = 16  # an axis this short (or shorter) is taken as the channel axis
 
 
@@ -67,13 +70,55 @@ def stem_of(path: str | os.PathLike) -> str:
     return Path(path).stem
 
 
-def _read_raw(path: Path) -> np.ndarray:
+def _png_is_16bit_colour(path: Path) -> bool:
+    """True for a PNG whose IHDR says 16 bits per sample and colour type RGB (2) or RGBA (6)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return (
+        len(head) == 26
+        and head[:8] == b"\x89PNG\r\n\x1a\n"
+        and head[24] == 16
+        and head[25] in (2, 6)
+    )
+
+
+def _read_cv2(path: Path) -> np.ndarray:
+    import cv2  # imported here: only 16-bit colour PNGs need it
+
+    array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise OSError("OpenCV could not decode the file")
+    order = [2, 1, 0, 3][: array.shape[-1]] if array.ndim == 3 else None
+    return array if order is None else np.ascontiguousarray(array[..., order])  # BGR(A) -> RGB(A)
+
+
+def _read_pillow(path: Path, mask: bool) -> np.ndarray:
+    with Image.open(path) as image:
+        if image.mode == "P" and not mask:
+            image = image.convert(image.palette.mode)  # palette image -> RGB or RGBA colours
+        elif image.mode == "PA" and mask:
+            image = image.getchannel(0)  # palette indices are the labels; drop alpha
+        elif image.mode == "CMYK":
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def _read_raw(path: Path, mask: bool = False) -> np.ndarray:
+    """Decode ``path`` into an array in native byte order; any decoder error -> ImageFileError."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path)
-        return iio.imread(path)
+            raw = tifffile.imread(path)
+        elif path.suffix.lower() == ".png" and _png_is_16bit_colour(path):
+            raw = _read_cv2(path)
+        else:
+            raw = _read_pillow(path, mask)
     except Exception as exc:  # any decoder error means unreadable/truncated
-        raise ImageFileError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})")
+        raise ImageFileError(
+            path, f"unreadable or truncated file ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not raw.dtype.isnative:
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+    return raw
 
 
 def to_chw(array: np.ndarray, path: str | os.PathLike, channel_axis: int | None = None):
@@ -185,7 +230,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         negative labels; unsupported dtype.
     """
     path = Path(path)
-    raw = _read_raw(path)
+    raw = _read_raw(path, mask=True)
     if raw.ndim == 3 and 1 in (raw.shape[0], raw.shape[-1]):
         raw = raw.reshape(raw.shape[1:] if raw.shape[0] == 1 else raw.shape[:-1])
     if raw.ndim != 2:
@@ -198,14 +243,14 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         return raw.astype(np.uint8)
     if raw.dtype.kind == "f":
         if not np.isfinite(raw).all() or not np.array_equal(raw, np.round(raw)):
-            raise ImageFileError(path, f"mask has non-integral {raw.dtype} values; labels must be integers")
+            raise ImageFileError(
+                path, f"mask has non-integral {raw.dtype} values; labels must be integers"
+            )
         if raw.size and raw.min() < 0:
             raise ImageFileError(path, f"mask has negative labels (min {raw.min():g})")
         return raw.astype(smallest_label_dtype(int(raw.max()) if raw.size else 0))
     if raw.dtype.name not in MASK_DTYPES:
-        raise ImageFileError(
-            path, f"unsupported mask dtype {raw.dtype}; masks need integer labels"
-        )
+        raise ImageFileError(path, f"unsupported mask dtype {raw.dtype}; masks need integer labels")
     if raw.dtype.kind == "i" and raw.size and raw.min() < 0:
         raise ImageFileError(path, f"mask has negative labels (min {raw.min()})")
     return raw
