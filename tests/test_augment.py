@@ -203,6 +203,7 @@ def test_switches_off_give_identity_values():
 def test_n_channel_uint16_and_float32_agree():
     rng = np.random.default_rng(7)
     image16 = rng.integers(0, 65535, (5, 120, 130), dtype=np.uint16)
+    image16.setflags(write=False)  # like an LMDB buffer view
     image32 = image16.astype(np.float32)
     offset = image32.mean(axis=(1, 2))
     scale = image32.std(axis=(1, 2))

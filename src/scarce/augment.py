@@ -103,7 +103,7 @@ def check_augment_config(cfg: AugmentConfig) -> AugmentConfig:
     Raises
     ------
     ConfigError
-        Naming the first ``augment.<key>`` outside its valid range and that range.
+        Naming every ``augment.<key>`` outside its valid range, and that range.
     """
     problems = [f"augment.{k}_p = {getattr(cfg, k + '_p')} must be in [0, 1]"
                 for k in ("flip_x", "flip_y", "rotation", "jitter", "scale", "elastic", "noise",
@@ -125,7 +125,7 @@ def check_augment_config(cfg: AugmentConfig) -> AugmentConfig:
     ]
     problems += [message for ok, message in checks if not ok]
     if problems:
-        raise ConfigError("; ".join(problems) + " (fix the config file or --set override)")
+        raise ConfigError("; ".join(problems) + " (fix the augment section of the config)")
     return cfg
 
 
@@ -153,6 +153,8 @@ def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -
     ------
     ConfigError
         If a config value is outside its range (see :func:`check_augment_config`).
+    ValueError
+        If ``patch_size`` is not a positive integer.
 
     References
     ----------
@@ -160,6 +162,7 @@ def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -
     (elastic deformation on a coarse grid); NIST semantic-segmentation-unet (defaults).
     """
     check_augment_config(cfg)
+    _check_patch_size(patch_size)
     if not cfg.enabled:
         return AugmentParams()
 
@@ -305,6 +308,12 @@ def _remap_mask(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.
     return np.ascontiguousarray(out).reshape(map_x.shape[0], -1).view(region.dtype)
 
 
+def _check_patch_size(patch_size) -> None:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer) \
+            or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer (pixels), got {patch_size!r}")
+
+
 def _check_inputs(image, mask, centre, patch_size, offset, scale):
     """Validate arguments of crop_patch/augment_patch; return offset, scale as float32 (C,)."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or 0 in image.shape:
@@ -318,9 +327,7 @@ def _check_inputs(image, mask, centre, patch_size, offset, scale):
                              or mask.dtype.kind not in "biu"):
         raise ValueError(f"mask must be an integer (H, W) = {image.shape[1:]} array, got "
                          f"{getattr(mask, 'shape', type(mask))} {getattr(mask, 'dtype', '')}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer) \
-            or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive integer (pixels), got {patch_size!r}")
+    _check_patch_size(patch_size)
     if len(centre) != 2 or not all(math.isfinite(float(v)) for v in centre):
         raise ValueError(f"centre must be a finite (y, x) pair in pixels, got {centre!r}")
     checked = []
