@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from scarce import ingest as ingest_module
 from scarce import io, store
 from scarce.ingest import (
     IngestError,
@@ -112,6 +113,13 @@ def test_round_trip_dsb2018_mixed_sizes_rgb_and_gray(tmp_path):
     instances = sum(len(np.unique(io.read_mask(p))) - 1 for p in io.list_image_files(masks))
     assert sum(m["num_instances"] for m in metas) == instances
     assert all(m["mask_dtype"] == "uint16" and m["class_ids"] == [0, 1] for m in metas)
+    files = {p.stem: p for p in io.list_image_files(images)}
+    for meta in metas:  # statistics of the stored (gray -> RGB) pixels, per channel
+        stored = [io.read_image(files[s]) for s in meta["sources"]]
+        pixels = np.concatenate([np.broadcast_to(a, (3, *a.shape[1:])).reshape(3, -1)
+                                 for a in stored], axis=1)
+        np.testing.assert_allclose(meta["intensity"]["mean"], pixels.mean(axis=1))
+        np.testing.assert_allclose(meta["intensity"]["p1"], np.percentile(pixels, 1, axis=1))
 
 
 def test_instance_masks_stored_exactly_bbbc039(tmp_path):
@@ -125,6 +133,43 @@ def test_instance_masks_stored_exactly_bbbc039(tmp_path):
         assert sample.mask.dtype == np.uint16
         np.testing.assert_array_equal(sample.mask, source)  # never relabelled
         assert sample.classes == ((0, 1) if source.any() else (0,))
+
+
+def _float_images(root: Path) -> np.ndarray:
+    """Three 2-channel float32 TIFFs of different sizes; returns all pixels ``(2, N)``."""
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(5)
+    pixels = []
+    for i, (h, w) in enumerate([(20, 30), (25, 25), (10, 40)]):
+        image = rng.random((2, h, w), dtype=np.float32) * [[[1.0]], [[100.0]]]
+        tifffile.imwrite(root / "images" / f"f{i}.tif", image.astype(np.float32),
+                         photometric="minisblack")
+        tifffile.imwrite(root / "masks" / f"f{i}.tif", (image[0] > 0.5).astype(np.uint8))
+        pixels.append(image.astype(np.float32).reshape(2, -1))
+    return np.concatenate(pixels, axis=1).astype(np.float64)
+
+
+def test_float_intensity_statistics_exact_and_subsampled(tmp_path, monkeypatch):
+    pixels = _float_images(tmp_path)
+    args = (tmp_path / "images", tmp_path / "masks")
+    ingest(*args, tmp_path / "a", train_fraction=1.0, progress=False)
+    exact = store.read_metadata(tmp_path / "a" / "train.lmdb")["intensity"]
+    np.testing.assert_allclose(exact["mean"], pixels.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(exact["std"], pixels.std(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(exact["p99"], np.percentile(pixels, 99, axis=1), rtol=1e-12)
+    monkeypatch.setattr(ingest_module, "PERCENTILE_PIXELS", 1000)  # 1000 of 2250 pixels
+    estimates = []
+    for out in ("b", "c"):
+        ingest(*args, tmp_path / out, train_fraction=1.0, seed=4, progress=False)
+        estimates.append(store.read_metadata(tmp_path / out / "train.lmdb")["intensity"])
+    assert estimates[0] == estimates[1]  # seeded subsample: reproducible
+    np.testing.assert_allclose(estimates[0]["mean"], exact["mean"], rtol=1e-12)  # still exact
+    scale = np.array([1.0, 100.0])  # channel ranges
+    for q in ("p1", "p99"):
+        assert estimates[0][q] != exact[q]
+        np.testing.assert_allclose(np.divide(estimates[0][q], scale),
+                                   np.divide(exact[q], scale), atol=0.03)
 
 
 def test_tile_origins_edges_shift_inside():

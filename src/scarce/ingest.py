@@ -33,6 +33,19 @@ Rules where the issue left a choice:
   exact up to ``PERCENTILE_PIXELS`` pixels per split and estimated beyond on a seeded uniform
   subsample of that many pixels.
 
+Metadata record of each database (JSON under ``store.METADATA_KEY``): ``format_version``,
+``split``, ``num_samples``, ``channels``, ``image_dtype``, ``mask_dtype``, ``mask_kind``,
+``class_ids`` (label values present; ``[0, 1]`` for instance masks), ``class_pixel_counts``
+(``str(id) -> pixels``; instance masks ``"0"``/``"1"``), ``num_instances`` (instance masks,
+else ``None``), ``intensity`` (``mean``/``std``/``p1``/``p99``, one value per channel),
+``source`` (absolute ``images``/``masks`` folders), ``sources`` (stems), ``source_files``
+(stem -> ``[image name, mask name]``), ``channel_expanded`` (stems repeated from grayscale),
+``tiling`` (``None`` or ``tile_size``/``tile_stride``), ``class_names``, ``channel_names``,
+``pixel_size_um``, ``description``, ``ignore_label`` (from ``dataset.yaml``, else ``None``),
+``created`` (ISO 8601, UTC), ``scarce_version``, ``raw_bytes`` (image + mask bytes) and
+``samples``: one ``{"name", "source", "origin": [y, x], "shape": [H, W], "classes"}`` per
+record, in key order.
+
 References
 ----------
 The NIST system Scarce replaces builds LMDB databases from folders in ``UNet/build_lmdb.py``
@@ -55,6 +68,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 from tqdm import tqdm
@@ -338,12 +352,23 @@ def tile_origins(height: int, width: int, tile_size: int | None,
 # ----------------------------------------------------------------------------- validation
 
 
+def _value_counts(values: np.ndarray) -> np.ndarray:
+    """Pixels per value ``0..max`` of a non-negative integer array ``(H, W)``, int64.
+
+    uint8 arrays below 2**24 pixels (where float32 counts are exact) use OpenCV's histogram,
+    about 4x faster than ``numpy.bincount`` and free of the GIL.
+    """
+    if values.dtype == np.uint8 and values.ndim == 2 and values.size < (1 << 24):
+        return cv2.calcHist([values], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return np.bincount(values.ravel())
+
+
 def _label_counts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Label values present in ``mask`` (H, W) and their pixel counts, both int64 (K,)."""
     if mask.size and int(mask.max()) < (1 << 20):
-        counts = np.bincount(mask.ravel())
+        counts = _value_counts(mask)
         labels = np.flatnonzero(counts)
-        return labels.astype(np.int64), counts[labels].astype(np.int64)
+        return labels.astype(np.int64), counts[labels]
     labels, counts = np.unique(mask, return_counts=True)
     return labels.astype(np.int64), counts.astype(np.int64)
 
@@ -534,12 +559,13 @@ class _IntensityStats:
         self.samples: list[np.ndarray] = []
 
     def add(self, image: np.ndarray) -> None:
-        """Fold in one source image ``(C, H, W)``."""
-        flat = image.reshape(image.shape[0], -1)
+        """Fold in one source image ``(C, H, W)``; ``C == 1`` counts for every channel."""
         if self.histogram is not None:
-            for channel, values in zip(self.histogram, flat):
-                channel += np.bincount(values, minlength=channel.size)
+            for c, values in enumerate(image):
+                counts = _value_counts(values)
+                self.histogram[c if len(image) > 1 else slice(None), :counts.size] += counts
             return
+        flat = image.reshape(image.shape[0], -1)
         n = flat.shape[1]
         mean = flat.mean(axis=1, dtype=np.float64)
         m2 = flat.var(axis=1, dtype=np.float64) * n
@@ -549,7 +575,7 @@ class _IntensityStats:
         self.n = total
         if self.rate < 1:
             flat = flat[:, self.rng.integers(0, n, math.ceil(self.rate * n))]
-        self.samples.append(flat.astype(np.float64))
+        self.samples.append(np.broadcast_to(flat, (len(self.mean), flat.shape[1])).astype(float))
 
     def result(self) -> dict:
         """``{"mean", "std", "p1", "p99"}``, each a list with one float per channel."""
@@ -580,7 +606,7 @@ def _histogram_stats(histogram: np.ndarray) -> dict:
 
 
 def _arrays(source: Source, plan: dict, channel_axis) -> tuple[np.ndarray, np.ndarray]:
-    """The pair's arrays (cached or decoded again), in the planned channels and dtypes."""
+    """The pair's arrays (cached or decoded again) in the planned dtypes, channels as read."""
     if source.image is not None:
         image, mask = source.image, source.mask
         source.image = source.mask = None  # free the cache as we go
@@ -589,8 +615,6 @@ def _arrays(source: Source, plan: dict, channel_axis) -> tuple[np.ndarray, np.nd
         if mask.shape != source.shape or image.shape[1:] != source.shape:
             raise IngestError([f"{source.image_path}: changed while ingesting (was "
                                f"{source.shape}, now {image.shape[1:]}/{mask.shape})"])
-    if image.shape[0] != plan["channels"]:
-        image = np.repeat(image, plan["channels"], axis=0)
     return image.astype(plan["image_dtype"], copy=False), mask.astype(plan["mask_dtype"], copy=False)
 
 
@@ -641,6 +665,8 @@ def _write_split(db_path: Path, sources: list[Source], plan: dict, settings: dic
                                           desc=db_path.stem, unit="file",
                                           disable=None if progress else True):
             stats.add(image)
+            if image.shape[0] != plan["channels"]:
+                image = np.repeat(image, plan["channels"], axis=0)  # lossless gray -> C
             origins, (th, tw) = tile_origins(*source.shape, *tiling)
             for y, x in origins:
                 tile_mask = mask[y:y + th, x:x + tw]
@@ -815,8 +841,8 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     if problems:
         raise IngestError(problems)
     if not chosen["test"]:
-        log.warning("the test split is empty (%d image(s), train_fraction %s): writing no "
-                    "test.lmdb", len(stems), train_fraction if split is None else "given")
+        level = logging.WARNING if split is None and train_fraction < 1 else logging.INFO
+        log.log(level, "the test split is empty (%d image(s)): writing no test.lmdb", len(stems))
     validated = time.perf_counter()
     settings = {"mask_kind": mask_kind, "tiling": (tile_size, tile_stride), "dataset": dataset,
                 "channel_axis": channel_axis, "workers": workers,
