@@ -322,13 +322,14 @@ def test_multichannel_tiff_axes_and_dataset_yaml(tmp_path):
         tifffile.imwrite(masks / f"{stem}.tif", (array[0] > 2000).astype(np.uint8))
     (images / "dataset.yaml").write_text(
         "class_names: [background, cell]\nchannel_names: [dapi, gfp, rfp, bf]\n"
-        "pixel_size_um: 0.65\ndescription: test set\nmask_kind: class\n")
+        "pixel_size_um: 0.65\ndescription: test set\nmask_kind: instance\n")
     ingest(images, masks, tmp_path / "db", train_fraction=1.0, progress=False)
     for sample in _all_samples(tmp_path / "db" / "train.lmdb"):
         np.testing.assert_array_equal(sample.image, arrays[sample.source])
     meta = store.read_metadata(tmp_path / "db" / "train.lmdb")
     assert meta["channel_names"] == ["dapi", "gfp", "rfp", "bf"] and meta["pixel_size_um"] == 0.65
     assert meta["class_names"] == ["background", "cell"] and meta["description"] == "test set"
+    assert meta["mask_kind"] == "instance"  # from dataset.yaml: no mask_kind argument given
     (images / "dataset.yaml").write_text("class_names: [background]\nchannel_names: [a]\n")
     with pytest.raises(IngestError) as err:
         ingest(images, masks, tmp_path / "db2", progress=False)

@@ -90,7 +90,13 @@ PERCENTILE_PIXELS = 2_000_000  # pixels per split for the percentile estimate
 
 
 class IngestError(ValueError):
-    """Validation failed; ``problems`` holds one line per problem, each naming its file."""
+    """Validation failed; nothing was written.
+
+    Attributes
+    ----------
+    problems : list of str
+        One line per problem, each starting with the file (or folder) it is about.
+    """
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -208,11 +214,10 @@ def read_dataset_metadata(path) -> tuple[dict, list[str]]:
     checks = {
         "class_names": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
         "channel_names": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "pixel_size_um": lambda v: isinstance(v, int | float) and not isinstance(v, bool)
-        and v > 0,
+        "pixel_size_um": lambda v: type(v) in (int, float) and v > 0,
         "description": lambda v: isinstance(v, str),
         "mask_kind": lambda v: v in ("class", "instance"),
-        "ignore_label": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "ignore_label": lambda v: type(v) is int and v >= 0,
     }
     wanted = {"class_names": "a list of strings", "channel_names": "a list of strings",
               "pixel_size_um": "a positive number (micrometres per pixel)",
@@ -268,6 +273,13 @@ def split_stems(stems, train_fraction: float = 0.8, seed: int = 0) -> dict[str, 
 
 def load_split(split, stems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Check a given split (a ``split.json`` path or a dict) against the paired stems.
+
+    Parameters
+    ----------
+    split : path-like or dict
+        ``{"train": [stems], "test": [stems]}`` with exactly these keys.
+    stems : list of str
+        Stems of the image/mask pairs found.
 
     Returns
     -------
@@ -760,6 +772,43 @@ def _install(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_arguments(tile_size, tile_stride, mask_kind, channel_axis, train_fraction) -> None:
+    """Raise ValueError for arguments no file can fix (``train_fraction=None``: not used)."""
+    tile_origins(1, 1, tile_size, tile_stride)  # checks the tiling arguments
+    if mask_kind not in (None, "class", "instance"):
+        raise ValueError(f"mask_kind must be 'class' or 'instance', got {mask_kind!r}")
+    if channel_axis not in (None, 0, -1, 2):
+        raise ValueError(f"channel_axis must be None, 0 or -1, got {channel_axis!r}")
+    if train_fraction is not None and not 0 < train_fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+
+
+def _write_databases(out_dir: Path, sources, chosen, plan, settings, seed, progress) -> dict:
+    """Write the non-empty splits and ``split.json`` into a temp folder, then rename it in.
+
+    Returns the metadata record of each split written. The temporary folder is removed on
+    any exception, ``KeyboardInterrupt`` included, so ``out_dir`` is old or new, never half.
+    """
+    by_stem = {s.stem: s for s in sources}
+    metas = {}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        seeds = np.random.SeedSequence(seed).spawn(2)
+        for index, name in enumerate(("train", "test")):
+            if chosen[name]:
+                metas[name] = _write_split(
+                    tmp / f"{name}.lmdb", [by_stem[s] for s in chosen[name]], plan,
+                    {**settings, "split": name}, np.random.default_rng(seeds[index]), progress)
+        (tmp / "split.json").write_text(json.dumps(chosen, indent=1) + "\n")
+        _install(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return metas
+
+
 def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed: int = 0,
            split=None, tile_size: int | None = None, tile_stride: int | None = None,
            mask_kind: str | None = None, metadata=None, overwrite: bool = False,
@@ -812,20 +861,14 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     """
     start = time.perf_counter()
     images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
-    tile_origins(1, 1, tile_size, tile_stride)  # checks the tiling arguments
-    if mask_kind not in (None, "class", "instance"):
-        raise ValueError(f"mask_kind must be 'class' or 'instance', got {mask_kind!r}")
-    if channel_axis not in (None, 0, -1, 2):
-        raise ValueError(f"channel_axis must be None, 0 or -1, got {channel_axis!r}")
-    if split is None and not 0 < train_fraction <= 1:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    _check_arguments(tile_size, tile_stride, mask_kind, channel_axis,
+                     None if split is not None else train_fraction)
     _check_out_dir(out_dir, overwrite)
     if metadata is None and (images_dir / "dataset.yaml").is_file():
         metadata = images_dir / "dataset.yaml"
-    dataset, _ = read_dataset_metadata(metadata)
-    mask_kind = mask_kind or dataset["mask_kind"] or "class"
+    mask_kind = mask_kind or read_dataset_metadata(metadata)[0]["mask_kind"] or "class"
     workers = workers or min(4, os.cpu_count() or 1)
-    sources, problems = [], []
+    sources, problems, dataset, plan = [], [], {}, {}
     try:
         sources, dataset, plan = validate_folders(
             images_dir, masks_dir, mask_kind=mask_kind, metadata=metadata,
@@ -833,13 +876,10 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     except IngestError as exc:
         problems = exc.problems
     stems = sorted(s.stem for s in sources)
-    if split is None:
-        chosen = split_stems(stems, train_fraction, seed)
-    else:
-        chosen, found = load_split(split, stems)
-        problems += found
-    if problems:
-        raise IngestError(problems)
+    chosen, found = (split_stems(stems, train_fraction, seed), []) if split is None \
+        else load_split(split, stems)
+    if problems + found:
+        raise IngestError(problems + found)
     if not chosen["test"]:
         level = logging.WARNING if split is None and train_fraction < 1 else logging.INFO
         log.log(level, "the test split is empty (%d image(s)): writing no test.lmdb", len(stems))
@@ -847,31 +887,14 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     settings = {"mask_kind": mask_kind, "tiling": (tile_size, tile_stride), "dataset": dataset,
                 "channel_axis": channel_axis, "workers": workers,
                 "source": {"images": str(images_dir.resolve()), "masks": str(masks_dir.resolve())}}
-    by_stem = {s.stem: s for s in sources}
-    counts = {}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
-        seeds = np.random.SeedSequence(seed).spawn(2)
-        for index, name in enumerate(("train", "test")):
-            if chosen[name]:
-                meta = _write_split(tmp / f"{name}.lmdb", [by_stem[s] for s in chosen[name]], plan,
-                                    {**settings, "split": name}, np.random.default_rng(seeds[index]),
-                                    progress)
-                counts[name] = meta
-        (tmp / "split.json").write_text(json.dumps(chosen, indent=1) + "\n")
-        _install(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    metas = _write_databases(out_dir, sources, chosen, plan, settings, seed, progress)
     end = time.perf_counter()
-    summary = {name: counts[name]["num_samples"] if name in counts else 0
+    summary = {name: metas[name]["num_samples"] if name in metas else 0
                for name in ("train", "test")}
     summary.update({f"{name}_sources": len(chosen[name]) for name in ("train", "test")})
     summary.update(out=str(out_dir), mask_kind=mask_kind, channels=plan["channels"],
                    image_dtype=plan["image_dtype"].name, mask_dtype=plan["mask_dtype"].name,
-                   raw_bytes=sum(m["raw_bytes"] for m in counts.values()),
+                   raw_bytes=sum(m["raw_bytes"] for m in metas.values()),
                    seconds={"validate": validated - start, "write": end - validated,
                             "total": end - start})
     log.info("ingested %d train / %d test samples into %s in %.1f s", summary["train"],
