@@ -86,7 +86,9 @@ def test_image_errors_name_the_file(tmp_path, rng):
     tifffile.imwrite(tmp_path / "i64.tif", np.zeros((4, 4), np.int64))
     with pytest.raises(io.ImageFileError, match="i64.tif: unsupported image dtype int64"):
         io.read_image(tmp_path / "i64.tif")
-    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 20, 20), np.uint8), photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "4d.tif", np.zeros((2, 3, 20, 20), np.uint8), photometric="minisblack"
+    )
     with pytest.raises(io.ImageFileError, match="4d.tif: expected a 2D image"):
         io.read_image(tmp_path / "4d.tif")
     (tmp_path / "text.png").write_text("not an image")
@@ -137,9 +139,10 @@ def test_mask_errors(tmp_path, rng):
         io.read_mask(tmp_path / "c64.tif")
 
 
-@pytest.mark.parametrize("suffix,max_label,dtype", [(".tif", 70000, np.uint32),
-                                                     (".png", 300, np.uint16),
-                                                     (".png", 7, np.uint8)])
+@pytest.mark.parametrize(
+    "suffix,max_label,dtype",
+    [(".tif", 70000, np.uint32), (".png", 300, np.uint16), (".png", 7, np.uint8)],
+)
 def test_write_label_image_round_trip(tmp_path, rng, suffix, max_label, dtype):
     labels = rng.integers(0, max_label + 1, (20, 30)).astype(np.int64)
     labels[0, 0] = max_label
@@ -177,6 +180,9 @@ def test_real_files():
     assert image.shape == (1, 256, 256) and image.dtype == np.uint16
     mask = io.read_mask(DATA / "nist_rpe" / "masks" / "img_000580.tif")
     assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 1}
-    rgb = next(p for p in sorted((DATA / "dsb2018" / "images").glob("*.png"))
-               if Image.open(p).mode == "RGB")
+    rgb = next(
+        p
+        for p in sorted((DATA / "dsb2018" / "images").glob("*.png"))
+        if Image.open(p).mode == "RGB"
+    )
     assert io.read_image(rgb).shape[0] == 3
