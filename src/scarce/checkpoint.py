@@ -38,7 +38,8 @@ def versions() -> dict:
     """Versions of scarce, torch and python, recorded in every checkpoint."""
     from scarce import __version__
 
-    return {"scarce": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"scarce": __version__, "torch": str(torch.__version__),
+            "python": platform.python_version()}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
