@@ -70,7 +70,6 @@ def write_checkpoint(path: Path, model: UNet, target: str = "semantic") -> Path:
             "mask_kind": "instance",
             "target": target,
             "ignore_label": None,
-        "versions": {"torch": str(torch.__version__)},  # TEMP until checkpoint.versions() is fixed
         },
     )
 
