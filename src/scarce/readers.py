@@ -1,0 +1,564 @@
+"""Training and test readers: LMDB samples -> augmented, normalised batches.
+
+Worker processes (a torch ``DataLoader`` over an ``IterableDataset``) each open the LMDB
+environment read-only after the fork, and build whole batches: pick a sample (uniformly or
+class-balanced), pick a patch centre, cut and augment the patch straight from the zero-copy
+LMDB views (:func:`scarce.augment.augment_patch`), normalise it with per-sample parameters
+cached in the worker, and turn the mask into a class map (:func:`scarce.losses.derive_target`).
+
+Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
+its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
+of workers or on timing, and training resumes the stream exactly from ``start_batch``.
+:class:`StarvationMonitor` times every wait of the consumer for a batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scarce.augment import augment_patch, crop_patch
+from scarce.config import TrainConfig, replace
+from scarce.losses import border_weight_map, derive_target
+from scarce.normalize import normalization_params, normalization_spec, normalize
+from scarce.store import decode_sample, open_env, read_metadata, sample_key
+
+log = logging.getLogger(__name__)
+
+WORKER_TIMEOUT_S = 120.0  # no batch for this long = hung workers: kill them, raise
+_INDEX_CACHE_BYTES = 256 << 20  # per-worker budget for cached class-pixel indices
+
+
+class ReaderError(RuntimeError):
+    """A reader worker died, hung or failed; the message says which and what to check."""
+
+
+def batch_generator(seed: int, rank: int, batch: int) -> np.random.Generator:
+    """The generator that draws everything random in one training batch.
+
+    Parameters
+    ----------
+    seed : int
+        ``TrainConfig.seed``.
+    rank : int
+        DDP rank of the consuming process (0 without DDP).
+    batch : int
+        Index of the batch in the stream (= optimiser step), counted from 0.
+
+    Returns
+    -------
+    numpy.random.Generator
+        PCG64 generator seeded with ``SeedSequence(seed, spawn_key=(rank, batch))``.
+
+    References
+    ----------
+    NumPy ``SeedSequence.spawn``: child ``i`` of ``SeedSequence(s)`` is
+    ``SeedSequence(s, spawn_key=(i,))``; here the key ``(rank, batch)`` names one child per
+    rank and batch, independent streams without a shared counter (NumPy NEP 19).
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(rank, batch)))
+
+
+class _BatchMaker:
+    """Builds batch ``b`` in whichever process owns it; opens LMDB lazily in that process."""
+
+    def __init__(self, db_path: Path, cfg: TrainConfig, norm_spec: dict, rank: int):
+        meta = read_metadata(db_path)  # opens and closes: nothing stays open across fork
+        self.db_path, self.cfg, self.norm_spec, self.rank = db_path, cfg, norm_spec, rank
+        self.mask_kind = meta["mask_kind"]
+        self.channels = int(meta["channels"])
+        self.shapes = [tuple(s["shape"]) for s in meta["samples"]]
+        self.weights = cfg.loss.border_weights and self.mask_kind == "instance"
+        present: dict[int, list[int]] = {}
+        for index, entry in enumerate(meta["samples"]):
+            for c in entry["classes"]:
+                if c != cfg.data.ignore_label:
+                    present.setdefault(int(c), []).append(index)
+        self.classes = sorted(present)
+        self.samples_with = [np.asarray(present[c]) for c in self.classes]
+        self._env, self._pid = None, None
+        self._norm_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._index_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._index_bytes = 0
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_env"] = None  # an LMDB environment must never cross a process boundary
+        return state
+
+    def _txn(self):
+        if self._env is None or self._pid != os.getpid():
+            self._env, self._pid = open_env(self.db_path), os.getpid()
+        return self._env.begin(buffers=True)
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    def _class_pixels(self, index: int, cls: int, mask: np.ndarray) -> np.ndarray:
+        """Flat indices of the pixels of class ``cls`` in ``mask`` (cached within a budget)."""
+        cached = self._index_cache.get((index, cls))
+        if cached is not None:
+            return cached
+        if self.mask_kind == "instance":  # class 1 = any object, 0 = background
+            hit = mask != 0 if cls == 1 else mask == 0
+            if cls == 1 and self.cfg.data.ignore_label is not None:
+                hit &= mask != self.cfg.data.ignore_label
+        else:
+            hit = mask == cls
+        flat = np.flatnonzero(hit).astype(np.int32 if mask.size < 2**31 else np.int64)
+        if self._index_bytes + flat.nbytes <= _INDEX_CACHE_BYTES:
+            self._index_cache[(index, cls)] = flat
+            self._index_bytes += flat.nbytes
+        return flat
+
+    def _params(self, index: int, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        params = self._norm_cache.get(index)
+        if params is None:
+            params = self._norm_cache[index] = normalization_params(image, self.norm_spec)
+        return params
+
+    def _draw(self, rng: np.random.Generator, txn) -> tuple[int, tuple[float, float], object]:
+        """Choose a sample and a patch centre ``(y, x)`` in pixels; return the decoded sample."""
+        if self.cfg.data.balance_classes and self.classes:
+            k = int(rng.integers(len(self.classes)))
+            index = int(self.samples_with[k][rng.integers(len(self.samples_with[k]))])
+            sample = decode_sample(txn.get(sample_key(index)))
+            pixels = self._class_pixels(index, self.classes[k], sample.mask)
+            y, x = divmod(int(pixels[rng.integers(len(pixels))]), sample.mask.shape[1])
+        else:  # nnU-Net rule: any pixel can be the centre; reflection fills the outside
+            index = int(rng.integers(len(self.shapes)))
+            sample = decode_sample(txn.get(sample_key(index)))
+            y, x = int(rng.integers(self.shapes[index][0])), int(rng.integers(self.shapes[index][1]))
+        return index, (float(y), float(x)), sample
+
+    def batch(self, b: int) -> dict[str, torch.Tensor]:
+        """Batch ``b``: ``image`` (N, C, P, P) float32, ``target`` (N, P, P) int64, [``weight``]."""
+        rng = batch_generator(self.cfg.seed, self.rank, b)
+        data, n, p = self.cfg.data, self.cfg.data.batch_size, self.cfg.data.patch_size
+        shared = get_worker_info() is not None  # results go through shared memory: allocate there
+        out = {"image": _empty((n, self.channels, p, p), torch.float32, shared),
+               "target": _empty((n, p, p), torch.int64, shared)}
+        if self.weights:
+            out["weight"] = _empty((n, p, p), torch.float32, shared)
+        views = {key: value.numpy() for key, value in out.items()}
+        with self._txn() as txn:
+            for i in range(n):
+                index, centre, sample = self._draw(rng, txn)
+                offset, scale = self._params(index, sample.image)
+                if self.cfg.augment.enabled:
+                    image, mask = augment_patch(sample.image, sample.mask, centre, p,
+                                                self.cfg.augment, rng, offset=offset, scale=scale)
+                else:
+                    image, mask = crop_patch(sample.image, sample.mask, centre, p,
+                                             offset=offset, scale=scale)
+                views["image"][i] = image
+                views["target"][i] = derive_target(mask, self.mask_kind, data.target,
+                                                   data.boundary_width,
+                                                   ignore_label=data.ignore_label)
+                if self.weights:
+                    views["weight"][i] = border_weight_map(mask, self.cfg.loss.border_w0,
+                                                           self.cfg.loss.border_sigma)
+        return out
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype)
+    return tensor.share_memory_() if shared else tensor
+
+
+class _BatchStream(IterableDataset):
+    """Worker ``w`` of ``W`` yields batches ``start + w, start + w + W, ...``.
+
+    The DataLoader asks its workers in round robin and returns their results in order, so
+    the consumer receives ``start, start + 1, ...`` whatever the number of workers.
+    """
+
+    def __init__(self, maker: _BatchMaker, start: int):
+        self.maker, self.start = maker, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for b in itertools.count(self.start + worker, workers):
+            yield self.maker.batch(b)
+
+
+def _init_worker(worker_id: int) -> None:
+    """One thread per worker: the workers are the parallelism."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover - cv2 is a dependency, but only augment uses it
+        pass
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Fork workers from a clean server process that has imported Scarce but run nothing.
+
+    Plain ``fork`` copies the parent's thread pools (OpenCV, OpenMP) in whatever state they
+    are in: a worker forked after the parent used ``cv2`` with threads hung in
+    ``cv2.setNumThreads`` (pthread_cond_destroy). ``spawn`` is safe but re-imports torch in
+    every worker (seconds each). The fork server imports this module once, without starting
+    any thread, and forks the workers from it (milliseconds each, after the first start).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+class TrainBatches:
+    """Infinite stream of training batches; see :func:`make_train_loader`.
+
+    Iterating yields dicts ``{"image": (N, C, P, P) float32, "target": (N, P, P) int64}``
+    plus ``"weight": (N, P, P) float32`` with border weights. Iterating again continues the
+    same stream. ``next_batch`` is the stream index of the batch the next call returns.
+    Use as a context manager, or call :meth:`close`, to shut the workers down.
+    """
+
+    def __init__(self, maker: _BatchMaker, start_batch: int, reader_count: int, prefetch: int):
+        self.maker, self.reader_count, self.next_batch = maker, reader_count, start_batch
+        self.timeout_s, self._waiting_since, self._stop = WORKER_TIMEOUT_S, None, threading.Event()
+        if reader_count == 0:
+            self._iterator = iter(_BatchStream(maker, start_batch))
+            return
+        loader = DataLoader(  # timeout=0: the loader checks every 5 s that its workers live
+            _BatchStream(maker, start_batch), batch_size=None, num_workers=reader_count,
+            prefetch_factor=max(1, prefetch), persistent_workers=True, timeout=0,
+            worker_init_fn=_init_worker, pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=_worker_context(),
+            generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
+        )
+        self._iterator = iter(loader)
+        threading.Thread(target=self._watchdog, name="scarce-reader-watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        """Turn a hang into a crash: kill the workers after ``timeout_s`` without a batch."""
+        while not self._stop.wait(1.0):
+            since = self._waiting_since
+            if since is None or time.perf_counter() - since < self.timeout_s:
+                continue
+            log.error("no batch from the reader workers in %.0f s: killing them (hung)",
+                      self.timeout_s)
+            for pid in self.worker_pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._waiting_since = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the reader workers (empty when reading in-process)."""
+        return [w.pid for w in getattr(self._iterator, "_workers", [])]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            raise ReaderError("this TrainBatches was closed; make a new one to read again")
+        self._waiting_since = time.perf_counter()
+        try:
+            batch = next(self._iterator)
+        except RuntimeError as exc:
+            if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
+                raise
+            raise ReaderError(
+                f"reader worker failed while reading {self.maker.db_path} ({exc}); a killed "
+                "worker often means the machine ran out of memory (lower data.reader_count, "
+                "data.prefetch_batches or data.batch_size); a hung one is killed after "
+                f"{self.timeout_s:.0f} s without a batch"
+            ) from exc
+        finally:
+            self._waiting_since = None
+        self.next_batch += 1
+        return batch
+
+    def close(self) -> None:
+        """Shut the worker processes down (idempotent)."""
+        self._stop.set()
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.maker.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_train_loader(
+    db_path: str | os.PathLike,
+    cfg: TrainConfig,
+    *,
+    norm_spec: dict,
+    rank: int = 0,
+    start_batch: int = 0,
+) -> TrainBatches:
+    """Start the readers of a training database and return their infinite batch stream.
+
+    Sampling: with ``cfg.data.balance_classes`` false, a sample is chosen uniformly and the
+    patch centre uniformly among its pixels, so borders are covered too (the outside is
+    filled by reflection). With it true, a class is chosen uniformly among the classes present
+    in the database (foreground/background for instance masks; never ``ignore_label``), then
+    a sample containing it, then a centre uniformly among that sample's pixels of the class.
+    The augmentation's jitter then shifts the centre.
+
+    Parameters
+    ----------
+    db_path : path-like
+        LMDB directory of the training samples (e.g. ``DB/train.lmdb``).
+    cfg : TrainConfig
+        Uses ``seed``, ``data`` (patch_size, batch_size, reader_count, prefetch_batches,
+        balance_classes, target, boundary_width, ignore_label), ``augment`` and ``loss``
+        (border_weights, border_w0, border_sigma).
+    norm_spec : dict
+        From :func:`scarce.normalize.normalization_spec`; saved with the model.
+    rank : int, optional
+        DDP rank; mixed into every batch's seed so ranks draw different batches.
+    start_batch : int, optional
+        Index of the first batch (resume: the number of steps done), >= 0.
+
+    Returns
+    -------
+    TrainBatches
+        Yields ``{"image": torch.float32 (N, C, P, P), "target": torch.int64 (N, P, P)}`` with
+        ``N = cfg.data.batch_size``, ``P = cfg.data.patch_size``, plus ``"weight"``
+        ``torch.float32 (N, P, P)`` when ``cfg.loss.border_weights`` and the masks are
+        instances. Batch ``b`` depends only on ``(cfg.seed, rank, b)`` and the config.
+
+    Raises
+    ------
+    scarce.store.StoreError
+        If ``db_path`` is not a Scarce database.
+    ValueError
+        On a negative ``rank``, ``start_batch`` or ``reader_count``, or an empty database.
+
+    References
+    ----------
+    Isensee F. et al. "nnU-Net: a self-configuring method for deep learning-based biomedical
+    image segmentation." Nat. Methods 18:203-211 (2021), doi:10.1038/s41592-020-01008-z
+    (foreground oversampling by centring patches on class pixels; centres anywhere in the
+    image). Class-balanced drawing replaces the NIST reader's record-level balancing
+    (usnistgov/semantic-segmentation-unet).
+    """
+    if not isinstance(norm_spec, dict):
+        raise ValueError(f"norm_spec must be the dict from normalization_spec(), got "
+                         f"{type(norm_spec).__name__}")
+    for name, value in (("rank", rank), ("start_batch", start_batch),
+                        ("data.reader_count", cfg.data.reader_count)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    maker = _BatchMaker(Path(db_path), cfg, norm_spec, rank)
+    if not maker.shapes:
+        raise ValueError(f"{db_path} holds no samples; ingest images into it first")
+    if cfg.loss.border_weights and not maker.weights:
+        log.warning("loss.border_weights needs instance masks; %s has %s masks, so batches "
+                    "carry no weights", db_path, maker.mask_kind)
+    return TrainBatches(maker, start_batch, cfg.data.reader_count, cfg.data.prefetch_batches)
+
+
+def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str = "auto",
+                     boundary_width: int = 2, ignore_label: int | None = None):
+    """Every stored sample of a database, whole, in key order, without augmentation.
+
+    Parameters
+    ----------
+    db_path : path-like
+        LMDB directory (e.g. ``DB/test.lmdb``).
+    norm_spec : dict
+        The normalisation the model was trained with.
+    target : {"auto", "class", "semantic", "boundary"}
+        How masks become class maps (:func:`scarce.losses.derive_target`).
+    boundary_width : int
+        Boundary thickness for ``target="boundary"``, pixels.
+    ignore_label : int, optional
+        Mask value of unlabelled pixels; kept as it is in the class map.
+
+    Yields
+    ------
+    name : str
+        The sample's name.
+    image : ndarray, shape (C, H, W), float32
+        Normalised image (a new array).
+    target : ndarray, shape (H, W), int64
+        Class map.
+
+    Raises
+    ------
+    scarce.store.StoreError
+        If ``db_path`` is not a Scarce database.
+    """
+    env = open_env(db_path)
+    try:
+        meta = read_metadata(env)
+        for index in range(int(meta["num_samples"])):
+            with env.begin(buffers=True) as txn:
+                sample = decode_sample(txn.get(sample_key(index)))
+                image = normalize(sample.image, norm_spec)
+                if np.may_share_memory(image, sample.image):
+                    image = image.copy()  # the view dies with the transaction
+                labels = derive_target(sample.mask, meta["mask_kind"], target, boundary_width,
+                                       ignore_label=ignore_label)
+                labels = np.array(labels, dtype=np.int64, copy=True)
+            yield sample.name, np.asarray(image, dtype=np.float32), labels
+    finally:
+        env.close()
+
+
+class StarvationMonitor:
+    """Yield the items of ``iterable`` and time every wait for the next one.
+
+    When a wait exceeds ``threshold_ms`` it logs (WARNING, once per episode)
+    ``Input queue starvation: waited X ms for batch N (Y% of step time)``, with ``N`` the
+    0-based count of batches delivered before and ``Y = wait / (wait + compute)``, compute
+    being the time the consumer spent since it received the previous batch. The next wait
+    below the threshold logs ``Input queue starvation over`` (INFO). The first wait (worker
+    start-up) is kept in ``startup_seconds`` and neither logged nor counted.
+
+    Parameters
+    ----------
+    iterable : iterable
+        Typically a :class:`TrainBatches`.
+    threshold_ms : float
+        Wait above which the consumer is starving, milliseconds.
+    logger : logging.Logger, optional
+        Defaults to this module's logger.
+
+    References
+    ----------
+    The "input-bound" diagnosis of the TensorFlow profiler's input-pipeline analyser (time
+    the step waits on input / step time).
+    """
+
+    def __init__(self, iterable, threshold_ms: float = 50.0, logger: logging.Logger | None = None):
+        if threshold_ms < 0:
+            raise ValueError(f"threshold_ms must be >= 0, got {threshold_ms}")
+        self.iterable, self.threshold_s = iterable, threshold_ms / 1000.0
+        self.logger = logger or log
+        self.batches, self.starving, self.startup_seconds = 0, False, 0.0
+        self._wait = 0.0
+        self._since: float | None = None  # time of the last reset (None before the first batch)
+        self._last: float | None = None  # time the previous batch was handed over
+
+    def __iter__(self):
+        iterator = iter(self.iterable)
+        while True:
+            asked = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            got = time.perf_counter()
+            self._record(got - asked, asked, got)
+            yield item
+
+    def _record(self, wait: float, asked: float, got: float) -> None:
+        if self._last is None:
+            self.startup_seconds, self._since = wait, got
+        else:
+            self._wait += wait
+            compute = asked - self._last
+            if wait > self.threshold_s and not self.starving:
+                self.starving = True
+                share = 100.0 * wait / max(wait + compute, 1e-12)
+                self.logger.warning("Input queue starvation: waited %.0f ms for batch %d "
+                                    "(%.0f%% of step time)", wait * 1000.0, self.batches, share)
+            elif wait <= self.threshold_s and self.starving:
+                self.starving = False
+                self.logger.info("Input queue starvation over")
+        self._last = got
+        self.batches += 1
+
+    def wait_fraction(self, reset: bool = True) -> float:
+        """Total wait / total elapsed time since the last reset (0 before the second batch)."""
+        now = time.perf_counter()
+        elapsed = 0.0 if self._since is None else now - self._since
+        fraction = self._wait / elapsed if elapsed > 0 else 0.0
+        if reset and self._since is not None:
+            self._wait, self._since = 0.0, now
+        return fraction
+
+
+def benchmark_readers(db_path: str | os.PathLike, cfg: TrainConfig, *, seconds: float = 20.0,
+                      reader_count: int | None = None, warmup_batches: int | None = None) -> dict:
+    """Measure how fast the readers deliver augmented training batches on this machine.
+
+    Parameters
+    ----------
+    db_path : path-like
+        A training LMDB directory, or a database folder holding ``train.lmdb``.
+    cfg : TrainConfig
+        Patch size, batch size, augmentation and normalisation to measure.
+    seconds : float
+        Measuring time after the warm-up, seconds (> 0).
+    reader_count : int, optional
+        Worker processes; default ``cfg.data.reader_count``.
+    warmup_batches : int, optional
+        Batches drawn (and not timed) first so workers are started and queues are full;
+        default ``2 * max(reader_count, 1)``.
+
+    Returns
+    -------
+    dict
+        ``patches_per_second``, ``batches_per_second``, ``seconds_per_batch`` (s),
+        ``reader_count``, ``patch_size`` (pixels), ``batch_size``, ``batches`` (timed) and
+        ``seconds`` (measured wall time).
+
+    Raises
+    ------
+    ValueError
+        If ``seconds`` <= 0 or ``reader_count`` < 0.
+    scarce.store.StoreError
+        If no database is found at ``db_path``.
+    """
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    path = Path(db_path)
+    if not (path / "data.mdb").is_file() and (path / "train.lmdb").is_dir():
+        path = path / "train.lmdb"
+    count = cfg.data.reader_count if reader_count is None else reader_count
+    cfg = replace(cfg, data=replace(cfg.data, reader_count=count))
+    warmup = 2 * max(count, 1) if warmup_batches is None else warmup_batches
+    spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(path))
+    with make_train_loader(path, cfg, norm_spec=spec) as batches:
+        for _ in range(warmup):
+            next(batches)
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            next(batches)
+            done += 1
+    n = cfg.data.batch_size
+    return {"patches_per_second": done * n / elapsed, "batches_per_second": done / elapsed,
+            "seconds_per_batch": elapsed / max(done, 1), "reader_count": count,
+            "patch_size": cfg.data.patch_size, "batch_size": n, "batches": done,
+            "seconds": elapsed}
+
+
+def format_benchmark(result: dict) -> str:
+    """One line for :func:`benchmark_readers`'s result, e.g. for ``scarce benchmark-readers``."""
+    p = result["patch_size"]
+    return (f"{result['reader_count']} reader(s), {result['batch_size']} x {p}x{p} patches: "
+            f"{result['patches_per_second']:.1f} augmented patches/s, "
+            f"{result['batches_per_second']:.2f} batches/s, "
+            f"{1000.0 * result['seconds_per_batch']:.1f} ms per batch "
+            f"({result['batches']} batches in {result['seconds']:.1f} s)")

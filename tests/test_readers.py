@@ -1,0 +1,304 @@
+"""Tests of scarce.readers on small LMDB databases built from real images (nist_rpe, bbbc039)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scarce import readers
+from scarce.config import AugmentConfig, DataConfig, LossConfig, TrainConfig, replace
+from scarce.io import list_image_files, read_image, read_mask, stem_of
+from scarce.normalize import normalization_spec
+from scarce.readers import (
+    StarvationMonitor,
+    benchmark_readers,
+    format_benchmark,
+    iter_test_images,
+    make_train_loader,
+)
+from scarce.store import METADATA_KEY, StoreError, encode_sample, open_env
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_db(path: Path, pairs: list[tuple[str, np.ndarray, np.ndarray]], mask_kind: str) -> Path:
+    """Write ``(name, image (C, H, W), mask (H, W))`` samples and the metadata record."""
+    samples, counts = [], {}
+    env = open_env(path, write=True, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for i, (name, image, mask) in enumerate(pairs):
+            labels = (mask > 0).astype(np.uint8) if mask_kind == "instance" else mask
+            values, n = np.unique(labels, return_counts=True)
+            classes = [int(v) for v in values]
+            for v, k in zip(classes, n):
+                counts[v] = counts.get(v, 0) + int(k)
+            txn.put(b"%08d" % i, encode_sample(name, name, (0, 0), image, mask, classes))
+            samples.append({"name": name, "source": name, "origin": [0, 0],
+                            "shape": list(mask.shape), "classes": classes})
+        pixels = np.concatenate([img.ravel() for _, img, _ in pairs]).astype(np.float64)
+        meta = {"format_version": 1, "num_samples": len(pairs), "channels": pairs[0][1].shape[0],
+                "mask_kind": mask_kind, "class_ids": sorted(counts),
+                "class_pixel_counts": {str(k): v for k, v in sorted(counts.items())},
+                "intensity": {"mean": [pixels.mean()], "std": [pixels.std()],
+                              "p1": [np.percentile(pixels, 1)], "p99": [np.percentile(pixels, 99)]},
+                "samples": samples}
+        import json
+
+        txn.put(METADATA_KEY, json.dumps(meta).encode())
+    env.close()
+    return path
+
+
+def real_pairs(name: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    folder = DATA / name
+    if not folder.is_dir():
+        pytest.skip(f"real data {folder} is absent (see /work/shared/data/{name}/README.md)")
+    files = list_image_files(folder / "images")[:count]
+    masks = {stem_of(p): p for p in list_image_files(folder / "masks")}
+    return [(stem_of(p), read_image(p), read_mask(masks[stem_of(p)])) for p in files]
+
+
+@pytest.fixture(scope="module")
+def nist_db(tmp_path_factory) -> Path:
+    """20 nist_rpe images (256 x 256 uint16, classes 0/1)."""
+    return write_db(tmp_path_factory.mktemp("nist") / "train.lmdb", real_pairs("nist_rpe", 20),
+                    "class")
+
+
+@pytest.fixture(scope="module")
+def bbbc_db(tmp_path_factory) -> Path:
+    """3 bbbc039 images (520 x 696 uint16) with instance masks."""
+    return write_db(tmp_path_factory.mktemp("bbbc") / "train.lmdb", real_pairs("bbbc039", 3),
+                    "instance")
+
+
+def small_cfg(**data) -> TrainConfig:
+    fields = {"patch_size": 64, "batch_size": 4, "reader_count": 0, "prefetch_batches": 2} | data
+    return TrainConfig(seed=7, data=DataConfig(**fields))
+
+
+def spec_for(cfg: TrainConfig, db: Path) -> dict:
+    from scarce.store import read_metadata
+
+    return normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(db))
+
+
+def first_batches(db: Path, cfg: TrainConfig, count: int, start_batch: int = 0) -> list[dict]:
+    with make_train_loader(db, cfg, norm_spec=spec_for(cfg, db), start_batch=start_batch) as it:
+        return [next(it) for _ in range(count)]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Deadline:
+    """Raise TimeoutError in the main thread after ``seconds`` so a test cannot hang."""
+
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def fire(signum, frame):
+            raise TimeoutError(f"no error within {self.seconds} s: the reader hangs")
+
+        self.previous = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def test_batches_have_the_documented_shapes_and_dtypes(nist_db):
+    batch = first_batches(nist_db, small_cfg(), 1)[0]
+    assert set(batch) == {"image", "target"}
+    assert batch["image"].shape == (4, 1, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["target"].shape == (4, 64, 64) and batch["target"].dtype == torch.int64
+    assert set(batch["target"].unique().tolist()) <= {0, 1}
+    assert torch.isfinite(batch["image"]).all()
+    # z-scored patches of different images: centred near 0 with unit-order spread
+    assert abs(batch["image"].mean().item()) < 1.5 and 0.2 < batch["image"].std().item() < 5
+
+
+def test_same_seed_gives_identical_batches_for_any_reader_count(nist_db):
+    streams = [first_batches(nist_db, small_cfg(reader_count=n), 5) for n in (0, 1, 2)]
+    for batches in streams[1:]:
+        assert all(same(a, b) for a, b in zip(streams[0], batches))
+    other = first_batches(nist_db, replace(small_cfg(), seed=8), 1)[0]
+    assert not same(other, streams[0][0])
+
+
+def test_workers_draw_different_samples(nist_db):
+    batches = first_batches(nist_db, small_cfg(reader_count=2), 6)
+    # batches 0, 2, 4 come from worker 0 and 1, 3, 5 from worker 1 (NIST forked identical ones)
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert not torch.equal(batches[i]["image"], batches[j]["image"]), (i, j)
+
+
+def test_start_batch_resumes_the_stream_exactly(nist_db):
+    stream = first_batches(nist_db, small_cfg(), 5)
+    resumed = first_batches(nist_db, small_cfg(reader_count=2), 2, start_batch=3)
+    assert same(stream[3], resumed[0]) and same(stream[4], resumed[1])
+
+
+def test_ranks_draw_different_batches(nist_db):
+    cfg = small_cfg()
+    with make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db), rank=1) as it:
+        rank1 = next(it)
+    assert not same(rank1, first_batches(nist_db, cfg, 1)[0])
+
+
+def test_balance_classes_raises_the_rare_class_fraction(nist_db):
+    from scarce.store import read_metadata
+
+    counts = read_metadata(nist_db)["class_pixel_counts"]
+    rare = int(min(counts, key=counts.get))
+    pixels, centres = {}, {}
+    for balance in (False, True):
+        cfg = small_cfg(batch_size=8, balance_classes=balance)
+        targets = torch.cat([b["target"] for b in first_batches(nist_db, cfg, 20)])
+        pixels[balance] = (targets == rare).float().mean().item()
+        # without augmentation the patch centre is the drawn pixel: half are rare if balanced
+        plain = replace(small_cfg(batch_size=16, balance_classes=balance),
+                        augment=AugmentConfig(enabled=False))
+        targets = torch.cat([b["target"] for b in first_batches(nist_db, plain, 25)])
+        centres[balance] = (targets[:, 32, 32] == rare).float().mean().item()
+    assert pixels[True] > pixels[False] + 0.1, pixels  # measured 0.25 -> 0.42
+    assert centres[False] < 0.35 and 0.4 < centres[True] < 0.6, centres
+
+
+def raises_within(batches, seconds: float, match: str) -> None:
+    """Draw batches until one raises; it must raise RuntimeError within ``seconds``."""
+    start = time.perf_counter()
+    with Deadline(int(seconds) + 20), pytest.raises(RuntimeError, match=match):
+        for _ in range(1000):
+            next(batches)
+    assert time.perf_counter() - start < seconds
+
+
+def test_killed_worker_raises_in_the_consumer(nist_db):
+    cfg = small_cfg(reader_count=2)
+    with make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db)) as batches:
+        next(batches)
+        victim = batches.worker_pids[1]
+        os.kill(victim, signal.SIGKILL)
+        raises_within(batches, 10.0, match=f"{victim}.*exited unexpectedly")
+
+
+def test_hung_worker_is_killed_and_raises(nist_db, monkeypatch):
+    monkeypatch.setattr(readers, "WORKER_TIMEOUT_S", 1.0)
+    cfg = small_cfg(reader_count=2)
+    with make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db)) as batches:
+        next(batches)
+        victim = batches.worker_pids[1]
+        os.kill(victim, signal.SIGSTOP)  # alive but makes no progress
+        try:
+            raises_within(batches, 12.0, match="exited unexpectedly")
+        finally:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_error_in_a_worker_reaches_the_consumer(nist_db, tmp_path):
+    from scarce.store import read_metadata
+
+    corrupt = tmp_path / "corrupt.lmdb"
+    env, out = open_env(nist_db), open_env(corrupt, write=True, map_size=1 << 28)
+    with env.begin() as src, out.begin(write=True) as dst:
+        for key, value in src.cursor():  # every record cut in half
+            dst.put(key, value if key == METADATA_KEY else value[: len(value) // 2])
+    env.close()
+    out.close()
+    assert read_metadata(corrupt)["num_samples"] == 20
+    cfg = small_cfg(reader_count=1)
+    with Deadline(30), pytest.raises(ValueError, match="buffer"):
+        first_batches(corrupt, cfg, 1)
+
+
+def test_instance_masks_give_semantic_and_boundary_targets_and_weights(bbbc_db):
+    semantic = first_batches(bbbc_db, small_cfg(balance_classes=True), 2)
+    assert set(torch.cat([b["target"] for b in semantic]).unique().tolist()) == {0, 1}
+    boundary = first_batches(bbbc_db, small_cfg(target="boundary", balance_classes=True), 2)
+    assert set(torch.cat([b["target"] for b in boundary]).unique().tolist()) == {0, 1, 2}
+    cfg = replace(small_cfg(), loss=LossConfig(border_weights=True))
+    batch = first_batches(bbbc_db, cfg, 1)[0]
+    assert batch["weight"].shape == (4, 64, 64) and batch["weight"].dtype == torch.float32
+    assert (batch["weight"] >= 1.0).all()
+
+
+def test_border_weights_are_absent_for_class_masks(nist_db, caplog):
+    cfg = replace(small_cfg(), loss=LossConfig(border_weights=True))
+    with caplog.at_level(logging.WARNING, logger="scarce.readers"):
+        batch = first_batches(nist_db, cfg, 1)[0]
+    assert "weight" not in batch and "needs instance masks" in caplog.text
+
+
+def test_iter_test_images_covers_every_sample_in_key_order(nist_db):
+    from scarce.store import SampleStore
+
+    cfg = small_cfg()
+    seen = list(iter_test_images(nist_db, spec_for(cfg, nist_db)))
+    with SampleStore(nist_db) as store:
+        assert [name for name, _, _ in seen] == [store[i].name for i in range(len(store))]
+        for i, (_, image, target) in enumerate(seen):
+            assert image.dtype == np.float32 and image.shape == store[i].image.shape
+            assert target.dtype == np.int64 and np.array_equal(target, store[i].mask)
+            assert abs(image.mean()) < 1e-3 and abs(image.std() - 1.0) < 1e-2  # z-scored
+    again = list(iter_test_images(nist_db, spec_for(cfg, nist_db)))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(seen, again))
+
+
+def test_starvation_monitor_logs_once_and_recovers(caplog):
+    delays = [0.0, 0.0, 0.12, 0.12, 0.12, 0.0, 0.0, 0.0]
+
+    def slow_then_fast():
+        for i, delay in enumerate(delays):
+            time.sleep(delay)
+            yield i
+
+    monitor = StarvationMonitor(slow_then_fast(), threshold_ms=50.0)
+    with caplog.at_level(logging.INFO, logger="scarce.readers"):
+        items = []
+        for item in monitor:
+            time.sleep(0.02)  # the "training step"
+            items.append(item)
+    assert items == list(range(len(delays))) and monitor.batches == len(delays)
+    messages = [r.getMessage() for r in caplog.records]
+    starving = [m for m in messages if m.startswith("Input queue starvation:")]
+    assert len(starving) == 1, messages
+    match = re.fullmatch(r"Input queue starvation: waited (\d+) ms for batch 2 \((\d+)% of step "
+                         r"time\)", starving[0])
+    assert match and 100 <= int(match[1]) < 400 and 50 <= int(match[2]) <= 95, starving[0]
+    assert messages.count("Input queue starvation over") == 1
+    fraction = monitor.wait_fraction()
+    assert 0.4 < fraction < 0.95, fraction  # 0.36 s of waiting in about 0.5 s
+    assert monitor.wait_fraction() < 0.05  # reset
+
+
+def test_bad_arguments_are_refused_before_work(nist_db, tmp_path):
+    cfg = small_cfg()
+    with pytest.raises(ValueError, match="start_batch"):
+        make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db), start_batch=-1)
+    with pytest.raises(StoreError, match="not an LMDB database"):
+        make_train_loader(tmp_path, cfg, norm_spec={})
+    with pytest.raises(ValueError, match="norm_spec"):
+        make_train_loader(nist_db, cfg, norm_spec=None)
+
+
+def test_benchmark_reports_rates(nist_db):
+    result = benchmark_readers(nist_db.parent, small_cfg(), seconds=0.3, reader_count=0)
+    assert result["batches"] >= 1 and result["patches_per_second"] > 0
+    assert result["patches_per_second"] == pytest.approx(4 * result["batches_per_second"])
+    assert "augmented patches/s" in format_benchmark(result)
