@@ -513,7 +513,7 @@ def validate_folders(images_dir, masks_dir, *, mask_kind: str = "class", metadat
     progress : bool
         Show a progress bar (only on a terminal).
     workers : int or None
-        Decoder threads; default ``min(4, os.cpu_count())``.
+        Decoder threads; default ``min(8, os.cpu_count())``.
 
     Returns
     -------
@@ -531,7 +531,7 @@ def validate_folders(images_dir, masks_dir, *, mask_kind: str = "class", metadat
     """
     pairs, problems = pair_files(images_dir, masks_dir)
     meta, meta_problems = read_dataset_metadata(metadata)
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or min(8, os.cpu_count() or 1)
     sources, found = _check_pairs(pairs, channel_axis, progress, workers)
     problems += meta_problems + found
     plan: dict = {}
@@ -841,7 +841,7 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     progress : bool
         Progress bars on stderr (off when it is not a terminal).
     workers : int or None
-        Decoder threads; default ``min(4, os.cpu_count())``.
+        Decoder threads; default ``min(8, os.cpu_count())``.
 
     Returns
     -------
@@ -867,7 +867,7 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     if metadata is None and (images_dir / "dataset.yaml").is_file():
         metadata = images_dir / "dataset.yaml"
     mask_kind = mask_kind or read_dataset_metadata(metadata)[0]["mask_kind"] or "class"
-    workers = workers or min(4, os.cpu_count() or 1)
+    workers = workers or min(8, os.cpu_count() or 1)
     sources, problems, dataset, plan = [], [], {}, {}
     try:
         sources, dataset, plan = validate_folders(
