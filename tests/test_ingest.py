@@ -122,6 +122,14 @@ def test_round_trip_dsb2018_mixed_sizes_rgb_and_gray(tmp_path):
         np.testing.assert_allclose(meta["intensity"]["p1"], np.percentile(pixels, 1, axis=1))
 
 
+def test_files_beyond_the_cache_are_decoded_again(tmp_path, monkeypatch):
+    stems = [p.stem for p in io.list_image_files(_dataset("nist_rpe") / "images")[:4]]
+    images, masks = _subset(tmp_path, "nist_rpe", stems)
+    monkeypatch.setattr(ingest_module, "CACHE_BYTES", 256 * 256 * 3)  # room for one pair
+    ingest(images, masks, tmp_path / "db", tile_size=128, workers=2, progress=False)
+    assert _assert_round_trip(tmp_path / "db", images, masks, channels=1) == 16
+
+
 def test_instance_masks_stored_exactly_bbbc039(tmp_path):
     stems = [p.stem for p in io.list_image_files(_dataset("bbbc039") / "masks")[:2]]
     images, masks = _subset(tmp_path, "bbbc039", stems)
