@@ -50,3 +50,20 @@ def test_ingest_inspect_train_history_predict_evaluate(nist_db, tmp_path, capsys
 def test_demo_without_data_says_what_to_pass(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "--data DIR" in capsys.readouterr().err
+
+
+def test_ingest_bad_input_exits_nonzero_and_names_files(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", np.zeros((32, 32), np.uint16))
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", np.zeros((16, 32), np.uint8))
+    tifffile.imwrite(tmp_path / "images" / "b.tif", np.zeros((32, 32), np.uint16))
+    code = main(["ingest", "--images", str(tmp_path / "images"), "--masks",
+                 str(tmp_path / "masks"), "--out", str(tmp_path / "db")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "a.tif" in err and "b.tif" in err
+    assert not (tmp_path / "db").exists()

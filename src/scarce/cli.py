@@ -28,7 +28,8 @@ def _add_ingest(sub) -> None:
     p.add_argument("--split", help="split.json to reuse: {\"train\": [stems], \"test\": [stems]}")
     p.add_argument("--tile-size", type=int, help="cut images into tiles of this side, pixels")
     p.add_argument("--tile-stride", type=int, help="tile stride, pixels (default: tile size)")
-    p.add_argument("--mask-kind", choices=("class", "instance"), default="class")
+    p.add_argument("--mask-kind", choices=("class", "instance"),
+                   help="default: mask_kind in dataset.yaml, else class")
     p.add_argument("--metadata", help="dataset.yaml (default: IMAGES/dataset.yaml if present)")
     p.add_argument("--channel-axis", type=int, choices=(0, -1), help="channel axis of 3D files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DB_DIR")
