@@ -125,9 +125,14 @@ def test_round_trip_dsb2018_mixed_sizes_rgb_and_gray(tmp_path):
 def test_files_beyond_the_cache_are_decoded_again(tmp_path, monkeypatch):
     stems = [p.stem for p in io.list_image_files(_dataset("nist_rpe") / "images")[:4]]
     images, masks = _subset(tmp_path, "nist_rpe", stems)
+    ingest(images, masks, tmp_path / "cached", tile_size=128, workers=1, progress=False)
     monkeypatch.setattr(ingest_module, "CACHE_BYTES", 256 * 256 * 3)  # room for one pair
-    ingest(images, masks, tmp_path / "db", tile_size=128, workers=2, progress=False)
+    ingest(images, masks, tmp_path / "db", tile_size=128, workers=3, progress=False)
     assert _assert_round_trip(tmp_path / "db", images, masks, channels=1) == 16
+    for split in ("train", "test"):  # same records whatever the threads and the cache did
+        with store.SampleStore(tmp_path / "cached" / f"{split}.lmdb") as a, \
+                store.SampleStore(tmp_path / "db" / f"{split}.lmdb") as b:
+            assert [a.read_raw(i) for i in range(len(a))] == [b.read_raw(i) for i in range(len(b))]
 
 
 def test_instance_masks_stored_exactly_bbbc039(tmp_path):
