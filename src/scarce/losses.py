@@ -103,8 +103,8 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
     Euclidean distances, pixels, from background pixel x to the nearest and second-nearest
     object (the term is 0 on objects): narrow gaps between objects cost more. Distances
     to an object (OpenCV's exact Euclidean distance transform) are computed in its
-    bounding box enlarged by ``ceil(4 sigma)`` pixels;
-    leaving farther objects out changes a weight by at most ``w0 * exp(-8)``.
+    bounding box enlarged by ``ceil(4 sigma)`` pixels; leaving farther objects out
+    changes a weight by at most ``w0 * exp(-8)``.
 
     Parameters
     ----------
