@@ -37,13 +37,14 @@ from scarce import distributed
 from scarce.checkpoint import load_checkpoint, save_checkpoint
 from scarce.config import TrainConfig, config_from_dict, config_to_dict, save_config
 from scarce.evaluate import confusion_matrix, pixel_metrics
-from scarce.losses import SegmentationLoss, class_weights_from_counts, num_target_classes
+from scarce.losses import SegmentationLoss, class_weights_from_counts
 from scarce.models import build_model
 from scarce.normalize import normalization_spec
 from scarce.predict import sliding_window_logits
 from scarce.readers import StarvationMonitor, iter_test_images, make_train_loader
 from scarce.runlog import RunLog
 from scarce.store import read_metadata
+from scarce.targets import derive_target, num_target_classes
 
 logger = logging.getLogger("scarce")
 
@@ -188,7 +189,6 @@ class Trainer:
         if self.target == "class" or (self.target == "semantic"
                                       and self.metadata["mask_kind"] == "instance"):
             return self.metadata["class_pixel_counts"]
-        from scarce.losses import derive_target
         from scarce.store import SampleStore
 
         counts = np.zeros(self.num_classes, np.int64)
