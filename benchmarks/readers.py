@@ -39,7 +39,7 @@ import torch
 
 from scarce.config import DataConfig, TrainConfig
 from scarce.io import list_image_files, read_image, read_mask, stem_of
-from scarce.readers import _init_worker, batch_generator, benchmark_readers
+from scarce.readers import _init_worker, _worker_context, batch_generator, benchmark_readers
 from scarce.store import METADATA_KEY, decode_sample, encode_sample, open_env, sample_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,8 @@ def peer_rate(db: Path, workers: int, seconds: float) -> float:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
         prefetch_factor=PREFETCH if workers else None, persistent_workers=workers > 0,
-        worker_init_fn=_init_worker, multiprocessing_context="fork" if workers else None)
+        worker_init_fn=_init_worker,  # same threads and process start as Scarce's workers
+        multiprocessing_context=_worker_context() if workers else None)
     iterator = iter(loader)
     for _ in range(2 * max(workers, 1)):
         next(iterator)

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,29 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _watchdog(batches: weakref.ref, stop: threading.Event) -> None:
+    """Turn a hang into a crash: kill the workers after ``timeout_s`` without a batch.
+
+    Holds only a weak reference, so a forgotten stream is still collected (and its workers
+    shut down by the DataLoader iterator's finaliser).
+    """
+    while not stop.wait(1.0):
+        self = batches()
+        if self is None:
+            return
+        since = self._waiting_since
+        if since is not None and time.perf_counter() - since > self.timeout_s:
+            log.error("no batch from the reader workers in %.0f s: killing them (hung)",
+                      self.timeout_s)
+            for pid in self.worker_pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._waiting_since = None
+        del self
+
+
 class TrainBatches:
     """Infinite stream of training batches; see :func:`make_train_loader`.
 
@@ -246,22 +270,8 @@ class TrainBatches:
             generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
         )
         self._iterator = iter(loader)
-        threading.Thread(target=self._watchdog, name="scarce-reader-watchdog", daemon=True).start()
-
-    def _watchdog(self) -> None:
-        """Turn a hang into a crash: kill the workers after ``timeout_s`` without a batch."""
-        while not self._stop.wait(1.0):
-            since = self._waiting_since
-            if since is None or time.perf_counter() - since < self.timeout_s:
-                continue
-            log.error("no batch from the reader workers in %.0f s: killing them (hung)",
-                      self.timeout_s)
-            for pid in self.worker_pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self._waiting_since = None
+        threading.Thread(target=_watchdog, args=(weakref.ref(self), self._stop), daemon=True,
+                         name="scarce-reader-watchdog").start()
 
     @property
     def worker_pids(self) -> list[int]:
