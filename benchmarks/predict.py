@@ -244,8 +244,7 @@ def main() -> None:
             flush=True,
         )
     result = {
-        "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/predict.py "
-        + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["OMP_WAIT_POLICY=PASSIVE", ".venv/bin/python", *sys.argv]),
         "network": "UNet(1, 2, width=32, depth=4), random init (seed 0), eval, float32, CPU",
         "tile": TILE,
         "batch": BATCH,
