@@ -144,7 +144,11 @@ def _axis_weights(size, tile, starts, margin, blend):
 
 
 def _pad_reflect(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad ``(C, H, W)`` at the bottom/right to ``(C, height, width)`` by reflection."""
+    """Pad ``(C, H, W)`` at the bottom/right to ``(C, height, width)`` by reflection.
+
+    numpy's ``reflect`` repeats the reflection when the pad exceeds the image (a 20-px image
+    padded to 256 px stays continuous); 1-px axes, which cannot reflect, use ``symmetric``.
+    """
     c, h, w = image.shape
     if (h, w) == (height, width):
         return image
@@ -154,11 +158,11 @@ def _pad_reflect(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _check_window_args(model, image, tile_size, overlap, blend, batch_size):
-    if not isinstance(image, torch.Tensor | np.ndarray):
+    if not isinstance(image, torch.Tensor | np.ndarray):  # (C, H, W) float, not modified
         raise TypeError(f"image must be a numpy array or tensor (C, H, W), got {type(image)}")
-    if image.ndim != 3:
+    if image.ndim != 3 or 0 in image.shape:
         raise ValueError(
-            f"image must be (C, H, W), got shape {tuple(image.shape)}; "
+            f"image must be a non-empty (C, H, W) array, got shape {tuple(image.shape)}; "
             "add a channel axis for 2D images"
         )
     image = torch.as_tensor(image).detach().cpu()
