@@ -318,7 +318,8 @@ class Trainer:
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with self._autocast():
-                logits = sliding_window_logits(self.model, image, tile_size=tile, overlap=0.25,
+                logits = sliding_window_logits(self.model, image, tile_size=tile,
+                                               overlap=self.cfg.predict.overlap,
                                                batch_size=self.cfg.data.batch_size,
                                                device=self.dist.device)  # (K, H, W)
             t = torch.as_tensor(target)
