@@ -80,6 +80,10 @@ class _BatchMaker:
         self.channels = int(meta["channels"])
         self.shapes = [tuple(s["shape"]) for s in meta["samples"]]
         self.weights = cfg.loss.border_weights and self.mask_kind == "instance"
+        # targets cross the process boundary in the smallest dtype (fresh shared memory costs
+        # page faults per byte); TrainBatches widens them to int64 in the consumer
+        top = max([2, *meta.get("class_ids", [255]), cfg.data.ignore_label or 0])
+        self.transfer_dtype = torch.uint8 if top <= 255 else torch.int64
         present: dict[int, list[int]] = {}
         for index, entry in enumerate(meta["samples"]):
             for c in entry["classes"]:
@@ -137,6 +141,9 @@ class _BatchMaker:
             index = int(self.samples_with[k][rng.integers(len(self.samples_with[k]))])
             sample = decode_sample(txn.get(sample_key(index)))
             pixels = self._class_pixels(index, self.classes[k], sample.mask)
+            if len(pixels) == 0:
+                raise ValueError(f"{self.db_path}: sample {sample.name} has no pixel of class "
+                                 f"{self.classes[k]} although the metadata lists it; re-ingest")
             y, x = divmod(int(pixels[rng.integers(len(pixels))]), sample.mask.shape[1])
         else:  # nnU-Net rule: any pixel can be the centre; reflection fills the outside
             index = int(rng.integers(len(self.shapes)))
@@ -150,7 +157,8 @@ class _BatchMaker:
         data, n, p = self.cfg.data, self.cfg.data.batch_size, self.cfg.data.patch_size
         shared = get_worker_info() is not None  # results go through shared memory: allocate there
         out = {"image": _empty((n, self.channels, p, p), torch.float32, shared),
-               "target": _empty((n, p, p), torch.int64, shared)}
+               "target": _empty((n, p, p), self.transfer_dtype if shared else torch.int64,
+                                shared)}
         if self.weights:
             out["weight"] = _empty((n, p, p), torch.float32, shared)
         views = {key: value.numpy() for key, value in out.items()}
@@ -200,12 +208,9 @@ def _init_worker(worker_id: int) -> None:
     """One thread per worker: the workers are the parallelism."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    try:
-        import cv2
+    import cv2  # safe here: the fork server never started OpenCV's thread pool
 
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover - cv2 is a dependency, but only augment uses it
-        pass
+    cv2.setNumThreads(1)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -287,6 +292,7 @@ class TrainBatches:
         self._waiting_since = time.perf_counter()
         try:
             batch = next(self._iterator)
+            batch["target"] = batch["target"].long()  # no copy when already int64
         except RuntimeError as exc:
             if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
                 raise
