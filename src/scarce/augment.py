@@ -10,16 +10,10 @@ jitter and the elastic field are composed into one map from output pixels to sou
 the image border (``BORDER_REFLECT_101``). Only the bounding box of the map (plus the
 interpolation footprint) is cut out and converted to float32; normalisation
 ``(x - offset) / scale`` is applied to the P x P result, which equals normalising first because
-linear and cubic weights sum to one. Photometric transforms (intensity, gamma, blur, noise,
-cutouts) then act on the image patch only. Every parameter comes from
-:class:`scarce.config.AugmentConfig`.
-
-Speed (one process, 2-core machine under other load, best of 100 batches of 50 patches): a
-256 x 256 uint16 patch from a 520 x 696 image costs 0.9-1.1 ms with the default transforms,
-1.0-1.25 ms with elastic on, 1.3 ms with elastic and cubic, 0.1 ms as a plain crop. Gaussian
-noise (numpy's generator, 0.3-0.6 ms per 256 x 256 field) is the largest single cost.
-``cv2.setNumThreads`` is left alone: one OpenCV thread was as fast as two on these patch
-sizes, so reader workers can call ``cv2.setNumThreads(1)`` to avoid oversubscription.
+linear and cubic weights sum to one. The photometric transforms of :mod:`scarce.photometric`
+(``Cutout`` and ``apply_photometric`` are re-exported here) then act on the image patch only.
+Every parameter comes from :class:`scarce.config.AugmentConfig`. Measured speed (about 1 ms
+per 256 x 256 patch) and threading advice: ``docs/augmentations.md``.
 """
 
 from __future__ import annotations
@@ -27,35 +21,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 from scarce.config import AugmentConfig, ConfigError
 from scarce.io import IMAGE_DTYPES
+from scarce.photometric import Cutout, apply_photometric, draw_photometric
 
 _BORDER = cv2.BORDER_REFLECT_101
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 _MARGIN = {"linear": 2, "cubic": 3}  # taps beyond floor(coordinate), plus one for rounding
-_EPS = 1e-12
-
-
-class Cutout(NamedTuple):
-    """One SEAMLeSS cutout, in output-patch pixels.
-
-    ``kind`` is ``"missing"`` (fill at ``value`` x range above the patch minimum; ``value`` is
-    0, i.e. black), ``"contrast"`` (multiply the range-normalised region by ``value`` in
-    [1/2, 2]) or ``"noise"`` (replace the region by Gaussian noise with the patch channel's
-    mean and ``value`` x its std; ``value`` is 1).
-    """
-
-    kind: str
-    y0: int
-    x0: int
-    h: int
-    w: int
-    value: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,41 +155,15 @@ def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -
         limit = cfg.jitter_fraction * patch_size
         shift = tuple(float(v) for v in rng.uniform(-limit, limit, 2))
     if on(cfg.scale, cfg.scale_p):
-        scale = tuple(float(v) for v in 1.0 + rng.uniform(-cfg.scale_fraction,
-                                                           cfg.scale_fraction, 2))
+        f = cfg.scale_fraction
+        scale = tuple(float(v) for v in 1.0 + rng.uniform(-f, f, 2))
     elastic = None
     if on(cfg.elastic, cfg.elastic_p):
         g = cfg.elastic_grid
         elastic = rng.normal(0.0, cfg.elastic_sigma, (g, g, 2)).astype(np.float32)
-    intensity = gamma = blur = noise = None
-    if on(cfg.intensity, cfg.intensity_p):
-        f = cfg.intensity_fraction
-        intensity = (float(rng.uniform(-f, f)), float(1.0 + rng.uniform(-f, f)))
-    if on(cfg.gamma, cfg.gamma_p):
-        gamma = float(rng.uniform(*cfg.gamma_range))
-    if on(cfg.blur, cfg.blur_p):
-        blur = float(rng.uniform(0.0, cfg.blur_max_sigma))
-    if on(cfg.noise, cfg.noise_p):
-        noise = float(cfg.noise_fraction)
-    return AugmentParams(flip_x, flip_y, angle, shift, scale, elastic, noise, blur, intensity,
-                         gamma, _draw_cutouts(cfg, patch_size, rng))
-
-
-def _draw_cutouts(cfg: AugmentConfig, size: int, rng: np.random.Generator) -> tuple:
-    cutouts = []
-    side = max(1, round(cfg.cutout_max_fraction * size))
-    for kind, switch in (("missing", cfg.cutout_missing), ("contrast", cfg.cutout_contrast),
-                         ("noise", cfg.cutout_noise)):
-        if not (switch and rng.random() < cfg.cutout_p):
-            continue
-        h, w = (int(v) for v in rng.integers(1, side + 1, 2))
-        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        value = {"missing": 0.0, "noise": 1.0}.get(kind)
-        if value is None:  # contrast: multiply or divide by U(1, 2)
-            factor = float(rng.uniform(1.0, 2.0))
-            value = factor if rng.random() < 0.5 else 1.0 / factor
-        cutouts.append(Cutout(kind, y0, x0, h, w, value))
-    return tuple(cutouts)
+    # photometric draws come after all geometric ones (same seed, same parameters)
+    return AugmentParams(flip_x, flip_y, angle, shift, scale, elastic,
+                         **draw_photometric(cfg, patch_size, rng))
 
 
 def affine_matrix(params: AugmentParams) -> np.ndarray:
@@ -399,10 +349,8 @@ def crop_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[float, 
     """
     offset, scale = _check_inputs(image, mask, centre, patch_size, offset, scale)
     half = patch_size // 2
-    rows = _reflect_indices(math.floor(float(centre[0]) + 0.5) - half, patch_size,
-                            image.shape[1])
-    cols = _reflect_indices(math.floor(float(centre[1]) + 0.5) - half, patch_size,
-                            image.shape[2])
+    rows, cols = (_reflect_indices(math.floor(float(c) + 0.5) - half, patch_size, n)
+                  for c, n in zip(centre, image.shape[1:]))
     patch = image[:, rows][:, :, cols].astype(np.float32)
     _normalize_(patch, offset, scale)
     return patch, (None if mask is None else np.array(mask[rows][:, cols]))
@@ -478,89 +426,5 @@ def augment_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[floa
     return apply_photometric(patch, params, rng), out_mask
 
 
-def _range(patch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel minimum and dynamic range (max - min, floored), shape (C, 1, 1) each."""
-    lo = patch.min(axis=(1, 2), keepdims=True)
-    return lo, np.maximum(patch.max(axis=(1, 2), keepdims=True) - lo, _EPS)
-
-
-def apply_photometric(patch: np.ndarray, params: AugmentParams,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Apply gamma, intensity, blur, noise and cutouts (in this order) to an image patch.
-
-    Each step works per channel on the patch's *current* dynamic range ``[lo, lo + span]``
-    (min and max at that step), so it behaves the same for any normalisation. Gamma and
-    intensity act on ``u = (x - lo) / span``: ``u ** gamma``, then ``u * gain + offset``.
-    Blur is a Gaussian of radius ``ceil(3 sigma)`` with reflected borders; noise has std
-    ``noise_sigma * span``. Cutouts: see :class:`Cutout`.
-
-    Parameters
-    ----------
-    patch : ndarray of float32, shape (C, P, P)
-        Modified in place.
-    params : AugmentParams
-    rng : numpy.random.Generator
-        Draws the noise fields.
-
-    Returns
-    -------
-    ndarray of float32, shape (C, P, P)
-        ``patch`` itself.
-
-    References
-    ----------
-    Mitchell et al., "Siamese Encoding and Alignment by Multiscale Learning with
-    Self-Supervision" (SEAMLeSS), arXiv:1904.02643, 2019 (cutouts); DeVries & Taylor,
-    "Improved Regularization of CNNs with Cutout", arXiv:1708.04552, 2017.
-    """
-    if params.gamma is not None or params.intensity is not None:
-        lo, span = _range(patch)
-        patch -= lo
-        patch /= span
-        if params.gamma is not None:
-            np.power(np.maximum(patch, 0.0, out=patch), params.gamma, out=patch)
-        if params.intensity is not None:
-            patch *= params.intensity[1]
-            patch += params.intensity[0]
-        patch *= span
-        patch += lo
-    if params.blur_sigma is not None and params.blur_sigma > 0:
-        k = 2 * math.ceil(3 * params.blur_sigma) + 1
-        for c in range(patch.shape[0]):
-            patch[c] = cv2.GaussianBlur(patch[c], (k, k), params.blur_sigma,
-                                        borderType=_BORDER)
-    if params.noise_sigma is not None:
-        span = _range(patch)[1]
-        patch += rng.standard_normal(patch.shape, dtype=np.float32) * (params.noise_sigma * span)
-    for cut in params.cutouts:
-        _apply_cutout(patch, cut, rng)
-    return patch
-
-
-def _apply_cutout(patch: np.ndarray, cut: Cutout, rng: np.random.Generator) -> None:
-    lo, span = _range(patch)
-    region = patch[:, cut.y0:cut.y0 + cut.h, cut.x0:cut.x0 + cut.w]
-    if cut.kind == "missing":
-        region[...] = lo + cut.value * span
-    elif cut.kind == "contrast":
-        region[...] = lo + (region - lo) * cut.value
-    elif cut.kind == "noise":
-        mean = patch.mean(axis=(1, 2), keepdims=True)
-        std = patch.std(axis=(1, 2), keepdims=True)
-        region[...] = mean + cut.value * std * rng.standard_normal(region.shape,
-                                                                   dtype=np.float32)
-    else:
-        raise ValueError(f"unknown cutout kind {cut.kind!r}; expected missing, contrast or noise")
-
-
-__all__ = [
-    "AugmentParams",
-    "Cutout",
-    "affine_matrix",
-    "apply_photometric",
-    "augment_patch",
-    "check_augment_config",
-    "crop_patch",
-    "draw_params",
-    "sampling_grid",
-]
+__all__ = ["AugmentParams", "Cutout", "affine_matrix", "apply_photometric", "augment_patch",
+           "check_augment_config", "crop_patch", "draw_params", "sampling_grid"]
