@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,7 +25,14 @@ from scarce.readers import (
     iter_test_images,
     make_train_loader,
 )
-from scarce.store import METADATA_KEY, StoreError, encode_sample, open_env
+from scarce.store import (
+    METADATA_KEY,
+    SampleStore,
+    StoreError,
+    encode_sample,
+    open_env,
+    read_metadata,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -50,8 +58,6 @@ def write_db(path: Path, pairs: list[tuple[str, np.ndarray, np.ndarray]], mask_k
                 "intensity": {"mean": [pixels.mean()], "std": [pixels.std()],
                               "p1": [np.percentile(pixels, 1)], "p99": [np.percentile(pixels, 99)]},
                 "samples": samples}
-        import json
-
         txn.put(METADATA_KEY, json.dumps(meta).encode())
     env.close()
     return path
@@ -86,8 +92,6 @@ def small_cfg(**data) -> TrainConfig:
 
 
 def spec_for(cfg: TrainConfig, db: Path) -> dict:
-    from scarce.store import read_metadata
-
     return normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(db))
 
 
@@ -131,6 +135,7 @@ def test_batches_have_the_documented_shapes_and_dtypes(nist_db):
 
 def test_same_seed_gives_identical_batches_for_any_reader_count(nist_db):
     streams = [first_batches(nist_db, small_cfg(reader_count=n), 5) for n in (0, 1, 2)]
+    assert all(b["target"].dtype == torch.int64 for batches in streams for b in batches)
     for batches in streams[1:]:
         assert all(same(a, b) for a, b in zip(streams[0], batches))
     other = first_batches(nist_db, replace(small_cfg(), seed=8), 1)[0]
@@ -159,8 +164,6 @@ def test_ranks_draw_different_batches(nist_db):
 
 
 def test_balance_classes_raises_the_rare_class_fraction(nist_db):
-    from scarce.store import read_metadata
-
     counts = read_metadata(nist_db)["class_pixel_counts"]
     rare = int(min(counts, key=counts.get))
     pixels, centres = {}, {}
@@ -212,8 +215,6 @@ def test_hung_worker_is_killed_and_raises(nist_db, monkeypatch):
 
 
 def test_error_in_a_worker_reaches_the_consumer(nist_db, tmp_path):
-    from scarce.store import read_metadata
-
     corrupt = tmp_path / "corrupt.lmdb"
     env, out = open_env(nist_db), open_env(corrupt, write=True, map_size=1 << 28)
     with env.begin() as src, out.begin(write=True) as dst:
@@ -246,8 +247,6 @@ def test_border_weights_are_absent_for_class_masks(nist_db, caplog):
 
 
 def test_iter_test_images_covers_every_sample_in_key_order(nist_db):
-    from scarce.store import SampleStore
-
     cfg = small_cfg()
     seen = list(iter_test_images(nist_db, spec_for(cfg, nist_db)))
     with SampleStore(nist_db) as store:
