@@ -225,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA}: isbi2012 images not found (../shared/data beside the repository)")
-    logging.getLogger("scarce.predict").setLevel(logging.ERROR)  # the margin warning, known
+    logging.getLogger("scarce.tiling").setLevel(logging.ERROR)  # the margin warning, known
     info = machine()
     torch.manual_seed(0)
     model = UNet(1, 2).eval()
