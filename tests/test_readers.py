@@ -73,14 +73,14 @@ def real_pairs(name: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]
 
 
 @pytest.fixture(scope="module")
-def nist_db(tmp_path_factory) -> Path:
+def nist_lmdb(tmp_path_factory) -> Path:
     """20 nist_rpe images (256 x 256 uint16, classes 0/1)."""
     return write_db(tmp_path_factory.mktemp("nist") / "train.lmdb", real_pairs("nist_rpe", 20),
                     "class")
 
 
 @pytest.fixture(scope="module")
-def bbbc_db(tmp_path_factory) -> Path:
+def bbbc_lmdb(tmp_path_factory) -> Path:
     """3 bbbc039 images (520 x 696 uint16) with instance masks."""
     return write_db(tmp_path_factory.mktemp("bbbc") / "train.lmdb", real_pairs("bbbc039", 3),
                     "instance")
@@ -122,8 +122,8 @@ class Deadline:
         signal.signal(signal.SIGALRM, self.previous)
 
 
-def test_batches_have_the_documented_shapes_and_dtypes(nist_db):
-    batch = first_batches(nist_db, small_cfg(), 1)[0]
+def test_batches_have_the_documented_shapes_and_dtypes(nist_lmdb):
+    batch = first_batches(nist_lmdb, small_cfg(), 1)[0]
     assert set(batch) == {"image", "target"}
     assert batch["image"].shape == (4, 1, 64, 64) and batch["image"].dtype == torch.float32
     assert batch["target"].shape == (4, 64, 64) and batch["target"].dtype == torch.int64
@@ -133,48 +133,48 @@ def test_batches_have_the_documented_shapes_and_dtypes(nist_db):
     assert abs(batch["image"].mean().item()) < 1.5 and 0.2 < batch["image"].std().item() < 5
 
 
-def test_same_seed_gives_identical_batches_for_any_reader_count(nist_db):
-    streams = [first_batches(nist_db, small_cfg(reader_count=n), 5) for n in (0, 1, 2)]
+def test_same_seed_gives_identical_batches_for_any_reader_count(nist_lmdb):
+    streams = [first_batches(nist_lmdb, small_cfg(reader_count=n), 5) for n in (0, 1, 2)]
     assert all(b["target"].dtype == torch.int64 for batches in streams for b in batches)
     for batches in streams[1:]:
         assert all(same(a, b) for a, b in zip(streams[0], batches))
-    other = first_batches(nist_db, replace(small_cfg(), seed=8), 1)[0]
+    other = first_batches(nist_lmdb, replace(small_cfg(), seed=8), 1)[0]
     assert not same(other, streams[0][0])
 
 
-def test_workers_draw_different_samples(nist_db):
-    batches = first_batches(nist_db, small_cfg(reader_count=2), 6)
+def test_workers_draw_different_samples(nist_lmdb):
+    batches = first_batches(nist_lmdb, small_cfg(reader_count=2), 6)
     # batches 0, 2, 4 come from worker 0 and 1, 3, 5 from worker 1 (NIST forked identical ones)
     for i in range(6):
         for j in range(i + 1, 6):
             assert not torch.equal(batches[i]["image"], batches[j]["image"]), (i, j)
 
 
-def test_start_batch_resumes_the_stream_exactly(nist_db):
-    stream = first_batches(nist_db, small_cfg(), 5)
-    resumed = first_batches(nist_db, small_cfg(reader_count=2), 2, start_batch=3)
+def test_start_batch_resumes_the_stream_exactly(nist_lmdb):
+    stream = first_batches(nist_lmdb, small_cfg(), 5)
+    resumed = first_batches(nist_lmdb, small_cfg(reader_count=2), 2, start_batch=3)
     assert same(stream[3], resumed[0]) and same(stream[4], resumed[1])
 
 
-def test_ranks_draw_different_batches(nist_db):
+def test_ranks_draw_different_batches(nist_lmdb):
     cfg = small_cfg()
-    with make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db), rank=1) as it:
+    with make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb), rank=1) as it:
         rank1 = next(it)
-    assert not same(rank1, first_batches(nist_db, cfg, 1)[0])
+    assert not same(rank1, first_batches(nist_lmdb, cfg, 1)[0])
 
 
-def test_balance_classes_raises_the_rare_class_fraction(nist_db):
-    counts = read_metadata(nist_db)["class_pixel_counts"]
+def test_balance_classes_raises_the_rare_class_fraction(nist_lmdb):
+    counts = read_metadata(nist_lmdb)["class_pixel_counts"]
     rare = int(min(counts, key=counts.get))
     pixels, centres = {}, {}
     for balance in (False, True):
         cfg = small_cfg(batch_size=8, balance_classes=balance)
-        targets = torch.cat([b["target"] for b in first_batches(nist_db, cfg, 20)])
+        targets = torch.cat([b["target"] for b in first_batches(nist_lmdb, cfg, 20)])
         pixels[balance] = (targets == rare).float().mean().item()
         # without augmentation the patch centre is the drawn pixel: half are rare if balanced
         plain = replace(small_cfg(batch_size=16, balance_classes=balance),
                         augment=AugmentConfig(enabled=False))
-        targets = torch.cat([b["target"] for b in first_batches(nist_db, plain, 25)])
+        targets = torch.cat([b["target"] for b in first_batches(nist_lmdb, plain, 25)])
         centres[balance] = (targets[:, 32, 32] == rare).float().mean().item()
     assert pixels[True] > pixels[False] + 0.1, pixels  # measured 0.25 -> 0.42
     assert centres[False] < 0.35 and 0.4 < centres[True] < 0.6, centres
@@ -189,19 +189,19 @@ def raises_within(batches, seconds: float, match: str) -> None:
     assert time.perf_counter() - start < seconds
 
 
-def test_killed_worker_raises_in_the_consumer(nist_db):
+def test_killed_worker_raises_in_the_consumer(nist_lmdb):
     cfg = small_cfg(reader_count=2)
-    with make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db)) as batches:
+    with make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb)) as batches:
         next(batches)
         victim = batches.worker_pids[1]
         os.kill(victim, signal.SIGKILL)
         raises_within(batches, 10.0, match=f"{victim}.*exited unexpectedly")
 
 
-def test_hung_worker_is_killed_and_raises(nist_db, monkeypatch):
+def test_hung_worker_is_killed_and_raises(nist_lmdb, monkeypatch):
     monkeypatch.setattr(readers, "WORKER_TIMEOUT_S", 1.0)
     cfg = small_cfg(reader_count=2)
-    with make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db)) as batches:
+    with make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb)) as batches:
         next(batches)
         victim = batches.worker_pids[1]
         os.kill(victim, signal.SIGSTOP)  # alive but makes no progress
@@ -214,9 +214,9 @@ def test_hung_worker_is_killed_and_raises(nist_db, monkeypatch):
                 pass
 
 
-def test_error_in_a_worker_reaches_the_consumer(nist_db, tmp_path):
+def test_error_in_a_worker_reaches_the_consumer(nist_lmdb, tmp_path):
     corrupt = tmp_path / "corrupt.lmdb"
-    env, out = open_env(nist_db), open_env(corrupt, write=True, map_size=1 << 28)
+    env, out = open_env(nist_lmdb), open_env(corrupt, write=True, map_size=1 << 28)
     with env.begin() as src, out.begin(write=True) as dst:
         for key, value in src.cursor():  # every record cut in half
             dst.put(key, value if key == METADATA_KEY else value[: len(value) // 2])
@@ -228,34 +228,34 @@ def test_error_in_a_worker_reaches_the_consumer(nist_db, tmp_path):
         first_batches(corrupt, cfg, 1)
 
 
-def test_instance_masks_give_semantic_and_boundary_targets_and_weights(bbbc_db):
-    semantic = first_batches(bbbc_db, small_cfg(balance_classes=True), 2)
+def test_instance_masks_give_semantic_and_boundary_targets_and_weights(bbbc_lmdb):
+    semantic = first_batches(bbbc_lmdb, small_cfg(balance_classes=True), 2)
     assert set(torch.cat([b["target"] for b in semantic]).unique().tolist()) == {0, 1}
-    boundary = first_batches(bbbc_db, small_cfg(target="boundary", balance_classes=True), 2)
+    boundary = first_batches(bbbc_lmdb, small_cfg(target="boundary", balance_classes=True), 2)
     assert set(torch.cat([b["target"] for b in boundary]).unique().tolist()) == {0, 1, 2}
     cfg = replace(small_cfg(), loss=LossConfig(border_weights=True))
-    batch = first_batches(bbbc_db, cfg, 1)[0]
+    batch = first_batches(bbbc_lmdb, cfg, 1)[0]
     assert batch["weight"].shape == (4, 64, 64) and batch["weight"].dtype == torch.float32
     assert (batch["weight"] >= 1.0).all()
 
 
-def test_border_weights_are_absent_for_class_masks(nist_db, caplog):
+def test_border_weights_are_absent_for_class_masks(nist_lmdb, caplog):
     cfg = replace(small_cfg(), loss=LossConfig(border_weights=True))
     with caplog.at_level(logging.WARNING, logger="scarce.readers"):
-        batch = first_batches(nist_db, cfg, 1)[0]
+        batch = first_batches(nist_lmdb, cfg, 1)[0]
     assert "weight" not in batch and "needs instance masks" in caplog.text
 
 
-def test_iter_test_images_covers_every_sample_in_key_order(nist_db):
+def test_iter_test_images_covers_every_sample_in_key_order(nist_lmdb):
     cfg = small_cfg()
-    seen = list(iter_test_images(nist_db, spec_for(cfg, nist_db)))
-    with SampleStore(nist_db) as store:
+    seen = list(iter_test_images(nist_lmdb, spec_for(cfg, nist_lmdb)))
+    with SampleStore(nist_lmdb) as store:
         assert [name for name, _, _ in seen] == [store[i].name for i in range(len(store))]
         for i, (_, image, target) in enumerate(seen):
             assert image.dtype == np.float32 and image.shape == store[i].image.shape
             assert target.dtype == np.int64 and np.array_equal(target, store[i].mask)
             assert abs(image.mean()) < 1e-3 and abs(image.std() - 1.0) < 1e-2  # z-scored
-    again = list(iter_test_images(nist_db, spec_for(cfg, nist_db)))
+    again = list(iter_test_images(nist_lmdb, spec_for(cfg, nist_lmdb)))
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(seen, again))
 
 
@@ -286,18 +286,18 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
     assert monitor.wait_fraction() < 0.05  # reset
 
 
-def test_bad_arguments_are_refused_before_work(nist_db, tmp_path):
+def test_bad_arguments_are_refused_before_work(nist_lmdb, tmp_path):
     cfg = small_cfg()
     with pytest.raises(ValueError, match="start_batch"):
-        make_train_loader(nist_db, cfg, norm_spec=spec_for(cfg, nist_db), start_batch=-1)
+        make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb), start_batch=-1)
     with pytest.raises(StoreError, match="not an LMDB database"):
         make_train_loader(tmp_path, cfg, norm_spec={})
     with pytest.raises(ValueError, match="norm_spec"):
-        make_train_loader(nist_db, cfg, norm_spec=None)
+        make_train_loader(nist_lmdb, cfg, norm_spec=None)
 
 
-def test_benchmark_reports_rates(nist_db):
-    result = benchmark_readers(nist_db.parent, small_cfg(), seconds=0.3, reader_count=0)
+def test_benchmark_reports_rates(nist_lmdb):
+    result = benchmark_readers(nist_lmdb.parent, small_cfg(), seconds=0.3, reader_count=0)
     assert result["batches"] >= 1 and result["patches_per_second"] > 0
     assert result["patches_per_second"] == pytest.approx(4 * result["batches_per_second"])
     assert "augmented patches/s" in format_benchmark(result)
