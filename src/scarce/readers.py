@@ -1,7 +1,7 @@
 """Training and test readers: LMDB samples -> augmented, normalised batches.
 
-Worker processes (a torch ``DataLoader`` over an ``IterableDataset``) each open the LMDB
-environment read-only after the fork, and build whole batches: pick a sample (uniformly or
+Worker processes (a torch ``DataLoader`` over an ``IterableDataset``, forked from a clean
+fork server) each open the LMDB environment read-only in the worker, and build whole batches: pick a sample (uniformly or
 class-balanced), pick a patch centre, cut and augment the patch straight from the zero-copy
 LMDB views (:func:`scarce.augment.augment_patch`), normalise it with per-sample parameters
 cached in the worker, and turn the mask into a class map (:func:`scarce.losses.derive_target`).
@@ -9,7 +9,9 @@ cached in the worker, and turn the mask into a class map (:func:`scarce.losses.d
 Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
 its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
 of workers or on timing, and training resumes the stream exactly from ``start_batch``.
-:class:`StarvationMonitor` times every wait of the consumer for a batch.
+:class:`StarvationMonitor` times every wait of the consumer for a batch. A worker that dies
+raises :class:`ReaderError` in the consumer within about 5 s (the DataLoader's liveness check);
+a worker that hangs is killed after ``WORKER_TIMEOUT_S`` and raises the same way.
 """
 
 from __future__ import annotations
