@@ -28,7 +28,7 @@ class DataConfig:
 
     patch_size: int = 256  # side of the square training patch, pixels (multiple of 2**depth)
     batch_size: int = 8  # patches per step and per process (DDP global batch = K x this)
-    reader_count: int = 2  # worker processes per device; 0 reads in the training process
+    reader_count: int = -1  # workers per device; 0 = in the trainer; -1 = auto: cores // 2 in 1..8
     prefetch_batches: int = 4  # batches each worker keeps ready in the queue
     balance_classes: bool = False  # sample a class uniformly, then a patch centred on it
     normalization: str = "zscore"  # zscore (per image) | percentile (per image) | dataset
