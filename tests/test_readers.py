@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from scarce import readers
+from scarce import monitor, readers
 from scarce.config import AugmentConfig, DataConfig, LossConfig, TrainConfig, replace
 from scarce.io import list_image_files, read_image, read_mask, stem_of
 from scarce.normalize import normalization_spec
@@ -267,13 +267,13 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
             time.sleep(delay)
             yield i
 
-    monitor = StarvationMonitor(slow_then_fast(), threshold_ms=50.0)
-    with caplog.at_level(logging.INFO, logger="scarce.readers"):
+    watch = StarvationMonitor(slow_then_fast(), threshold_ms=50.0)
+    with caplog.at_level(logging.INFO, logger="scarce.monitor"):
         items = []
-        for item in monitor:
+        for item in watch:
             time.sleep(0.02)  # the "training step"
             items.append(item)
-    assert items == list(range(len(delays))) and monitor.batches == len(delays)
+    assert items == list(range(len(delays))) and watch.batches == len(delays)
     messages = [r.getMessage() for r in caplog.records]
     starving = [m for m in messages if m.startswith("Input queue starvation:")]
     assert len(starving) == 1, messages
@@ -281,9 +281,14 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
                          r"time\)", starving[0])
     assert match and 100 <= int(match[1]) < 400 and 50 <= int(match[2]) <= 95, starving[0]
     assert messages.count("Input queue starvation over") == 1
-    fraction = monitor.wait_fraction()
+    fraction = watch.wait_fraction()
     assert 0.4 < fraction < 0.95, fraction  # 0.36 s of waiting in about 0.5 s
-    assert monitor.wait_fraction() < 0.05  # reset
+    assert watch.wait_fraction() < 0.05  # reset
+
+
+def test_readers_re_exports_the_monitor():
+    for name in ("StarvationMonitor", "benchmark_readers", "format_benchmark"):
+        assert getattr(readers, name) is getattr(monitor, name) and name in readers.__all__
 
 
 def test_bad_arguments_are_refused_before_work(nist_lmdb, tmp_path):

@@ -1,17 +1,19 @@
 """Training and test readers: LMDB samples -> augmented, normalised batches.
 
 Worker processes (a torch ``DataLoader`` over an ``IterableDataset``, forked from a clean
-fork server) each open the LMDB environment read-only in the worker, and build whole batches: pick a sample (uniformly or
-class-balanced), pick a patch centre, cut and augment the patch straight from the zero-copy
-LMDB views (:func:`scarce.augment.augment_patch`), normalise it with per-sample parameters
-cached in the worker, and turn the mask into a class map (:func:`scarce.losses.derive_target`).
+fork server) each open the LMDB environment read-only and build whole batches: pick a sample
+(uniformly or class-balanced), pick a patch centre, cut and augment the patch straight from
+the zero-copy LMDB views (:func:`scarce.augment.augment_patch`), normalise it with per-sample
+parameters cached in the worker, and turn the mask into a class map
+(:func:`scarce.targets.derive_target`).
 
 Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
 its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
-of workers or on timing, and training resumes the stream exactly from ``start_batch``.
-:class:`StarvationMonitor` times every wait of the consumer for a batch. A worker that dies
-raises :class:`ReaderError` in the consumer within about 5 s (the DataLoader's liveness check);
-a worker that hangs is killed after ``WORKER_TIMEOUT_S`` and raises the same way.
+of workers or on timing, and training resumes the stream exactly from ``start_batch``. A
+worker that dies raises :class:`ReaderError` in the consumer within about 5 s (the
+DataLoader's liveness check); a worker that hangs is killed after ``WORKER_TIMEOUT_S`` and
+raises the same way. :class:`StarvationMonitor`, :func:`benchmark_readers` and
+:func:`format_benchmark` live in :mod:`scarce.monitor` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scarce.augment import augment_patch, crop_patch
-from scarce.config import TrainConfig, replace
-from scarce.losses import border_weight_map, derive_target
-from scarce.normalize import normalization_params, normalization_spec, normalize
+from scarce.augment import augment_patch
+from scarce.config import TrainConfig
+from scarce.monitor import StarvationMonitor, benchmark_readers, format_benchmark
+from scarce.normalize import normalization_params, normalize
 from scarce.store import decode_sample, open_env, read_metadata, sample_key
+from scarce.targets import border_weight_map, derive_target
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +171,8 @@ class _BatchMaker:
             for i in range(n):
                 index, centre, sample = self._draw(rng, txn)
                 offset, scale = self._params(index, sample.image)
-                if self.cfg.augment.enabled:
-                    image, mask = augment_patch(sample.image, sample.mask, centre, p,
-                                                self.cfg.augment, rng, offset=offset, scale=scale)
-                else:
-                    image, mask = crop_patch(sample.image, sample.mask, centre, p,
-                                             offset=offset, scale=scale)
+                image, mask = augment_patch(sample.image, sample.mask, centre, p,  # or crop
+                                            self.cfg.augment, rng, offset=offset, scale=scale)
                 views["image"][i] = image
                 views["target"][i] = derive_target(mask, self.mask_kind, data.target,
                                                    data.boundary_width,
@@ -406,7 +405,7 @@ def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str
     norm_spec : dict
         The normalisation the model was trained with.
     target : {"auto", "class", "semantic", "boundary"}
-        How masks become class maps (:func:`scarce.losses.derive_target`).
+        How masks become class maps (:func:`scarce.targets.derive_target`).
     boundary_width : int
         Boundary thickness for ``target="boundary"``, pixels.
     ignore_label : int, optional
@@ -443,140 +442,6 @@ def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str
         env.close()
 
 
-class StarvationMonitor:
-    """Yield the items of ``iterable`` and time every wait for the next one.
-
-    When a wait exceeds ``threshold_ms`` it logs (WARNING, once per episode)
-    ``Input queue starvation: waited X ms for batch N (Y% of step time)``, with ``N`` the
-    0-based count of batches delivered before and ``Y = wait / (wait + compute)``, compute
-    being the time the consumer spent since it received the previous batch. The next wait
-    below the threshold logs ``Input queue starvation over`` (INFO). The first wait (worker
-    start-up) is kept in ``startup_seconds`` and neither logged nor counted.
-
-    Parameters
-    ----------
-    iterable : iterable
-        Typically a :class:`TrainBatches`.
-    threshold_ms : float
-        Wait above which the consumer is starving, milliseconds.
-    logger : logging.Logger, optional
-        Defaults to this module's logger.
-
-    References
-    ----------
-    The "input-bound" diagnosis of the TensorFlow profiler's input-pipeline analyser (time
-    the step waits on input / step time).
-    """
-
-    def __init__(self, iterable, threshold_ms: float = 50.0, logger: logging.Logger | None = None):
-        if threshold_ms < 0:
-            raise ValueError(f"threshold_ms must be >= 0, got {threshold_ms}")
-        self.iterable, self.threshold_s = iterable, threshold_ms / 1000.0
-        self.logger = logger or log
-        self.batches, self.starving, self.startup_seconds = 0, False, 0.0
-        self._wait = 0.0
-        self._since: float | None = None  # time of the last reset (None before the first batch)
-        self._last: float | None = None  # time the previous batch was handed over
-
-    def __iter__(self):
-        iterator = iter(self.iterable)
-        while True:
-            asked = time.perf_counter()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            got = time.perf_counter()
-            self._record(got - asked, asked, got)
-            yield item
-
-    def _record(self, wait: float, asked: float, got: float) -> None:
-        if self._last is None:
-            self.startup_seconds, self._since = wait, got
-        else:
-            self._wait += wait
-            compute = asked - self._last
-            if wait > self.threshold_s and not self.starving:
-                self.starving = True
-                share = 100.0 * wait / max(wait + compute, 1e-12)
-                self.logger.warning("Input queue starvation: waited %.0f ms for batch %d "
-                                    "(%.0f%% of step time)", wait * 1000.0, self.batches, share)
-            elif wait <= self.threshold_s and self.starving:
-                self.starving = False
-                self.logger.info("Input queue starvation over")
-        self._last = got
-        self.batches += 1
-
-    def wait_fraction(self, reset: bool = True) -> float:
-        """Total wait / total elapsed time since the last reset (0 before the second batch)."""
-        now = time.perf_counter()
-        elapsed = 0.0 if self._since is None else now - self._since
-        fraction = self._wait / elapsed if elapsed > 0 else 0.0
-        if reset and self._since is not None:
-            self._wait, self._since = 0.0, now
-        return fraction
-
-
-def benchmark_readers(db_path: str | os.PathLike, cfg: TrainConfig, *, seconds: float = 20.0,
-                      reader_count: int | None = None, warmup_batches: int | None = None) -> dict:
-    """Measure how fast the readers deliver augmented training batches on this machine.
-
-    Parameters
-    ----------
-    db_path : path-like
-        A training LMDB directory, or a database folder holding ``train.lmdb``.
-    cfg : TrainConfig
-        Patch size, batch size, augmentation and normalisation to measure.
-    seconds : float
-        Measuring time after the warm-up, seconds (> 0).
-    reader_count : int, optional
-        Worker processes; default ``cfg.data.reader_count``.
-    warmup_batches : int, optional
-        Batches drawn (and not timed) first so workers are started and queues are full;
-        default ``2 * max(reader_count, 1)``.
-
-    Returns
-    -------
-    dict
-        ``patches_per_second``, ``batches_per_second``, ``seconds_per_batch`` (s),
-        ``reader_count``, ``patch_size`` (pixels), ``batch_size``, ``batches`` (timed) and
-        ``seconds`` (measured wall time).
-
-    Raises
-    ------
-    ValueError
-        If ``seconds`` <= 0 or ``reader_count`` < 0.
-    scarce.store.StoreError
-        If no database is found at ``db_path``.
-    """
-    if seconds <= 0:
-        raise ValueError(f"seconds must be > 0, got {seconds}")
-    path = Path(db_path)
-    if not (path / "data.mdb").is_file() and (path / "train.lmdb").is_dir():
-        path = path / "train.lmdb"
-    count = cfg.data.reader_count if reader_count is None else reader_count
-    cfg = replace(cfg, data=replace(cfg.data, reader_count=count))
-    warmup = 2 * max(count, 1) if warmup_batches is None else warmup_batches
-    spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(path))
-    with make_train_loader(path, cfg, norm_spec=spec) as batches:
-        for _ in range(warmup):
-            next(batches)
-        done, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            next(batches)
-            done += 1
-    n = cfg.data.batch_size
-    return {"patches_per_second": done * n / elapsed, "batches_per_second": done / elapsed,
-            "seconds_per_batch": elapsed / max(done, 1), "reader_count": count,
-            "patch_size": cfg.data.patch_size, "batch_size": n, "batches": done,
-            "seconds": elapsed}
-
-
-def format_benchmark(result: dict) -> str:
-    """One line for :func:`benchmark_readers`'s result, e.g. for ``scarce benchmark-readers``."""
-    p = result["patch_size"]
-    return (f"{result['reader_count']} reader(s), {result['batch_size']} x {p}x{p} patches: "
-            f"{result['patches_per_second']:.1f} augmented patches/s, "
-            f"{result['batches_per_second']:.2f} batches/s, "
-            f"{1000.0 * result['seconds_per_batch']:.1f} ms per batch "
-            f"({result['batches']} batches in {result['seconds']:.1f} s)")
+__all__ = ["ReaderError", "StarvationMonitor", "TrainBatches", "WORKER_TIMEOUT_S",
+           "batch_generator", "benchmark_readers", "format_benchmark", "iter_test_images",
+           "make_train_loader"]
