@@ -24,6 +24,7 @@ from scarce.readers import (
     format_benchmark,
     iter_test_images,
     make_train_loader,
+    resolve_reader_count,
 )
 from scarce.store import (
     METADATA_KEY,
@@ -299,6 +300,29 @@ def test_bad_arguments_are_refused_before_work(nist_lmdb, tmp_path):
         make_train_loader(tmp_path, cfg, norm_spec={})
     with pytest.raises(ValueError, match="norm_spec"):
         make_train_loader(nist_lmdb, cfg, norm_spec=None)
+
+
+@pytest.mark.parametrize(("cores", "auto"), [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8), (64, 8)])
+def test_reader_count_auto_is_half_the_usable_cores_in_1_to_8(monkeypatch, cores, auto):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert resolve_reader_count(-1) == auto
+    assert [resolve_reader_count(n) for n in (0, 1, 3, 12)] == [0, 1, 3, 12]
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # e.g. macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: 2 * cores)
+    assert resolve_reader_count(-1) == max(1, min(8, cores))
+
+
+def test_reader_count_auto_starts_workers_and_below_minus_one_is_refused(nist_lmdb, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    cfg = small_cfg(reader_count=-1)
+    with make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb)) as batches:
+        assert batches.reader_count == 2 and len(batches.worker_pids) == 2
+        assert same(next(batches), first_batches(nist_lmdb, small_cfg(), 1)[0])
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ValueError, match="reader_count must be an integer >= -1"):
+            resolve_reader_count(bad)
+    with pytest.raises(ValueError, match="reader_count"):
+        make_train_loader(nist_lmdb, small_cfg(reader_count=-2), norm_spec=spec_for(cfg, nist_lmdb))
 
 
 def test_benchmark_reports_rates(nist_lmdb):

@@ -130,7 +130,8 @@ def benchmark_readers(db_path: str | os.PathLike, cfg: TrainConfig, *, seconds: 
     seconds : float
         Measuring time after the warm-up, seconds (> 0).
     reader_count : int, optional
-        Worker processes; default ``cfg.data.reader_count``.
+        Worker processes (-1 = auto, see :func:`scarce.readers.resolve_reader_count`);
+        default ``cfg.data.reader_count``.
     warmup_batches : int, optional
         Batches drawn (and not timed) first so workers are started and queues are full;
         default ``2 * max(reader_count, 1)``.
@@ -139,21 +140,21 @@ def benchmark_readers(db_path: str | os.PathLike, cfg: TrainConfig, *, seconds: 
     -------
     dict
         ``patches_per_second``, ``batches_per_second``, ``seconds_per_batch`` (s),
-        ``reader_count``, ``patch_size`` (pixels), ``batch_size``, ``batches``
+        ``reader_count`` (resolved), ``patch_size`` (pixels), ``batch_size``, ``batches``
         (timed) and ``seconds`` (measured wall time).
 
     Raises
     ------
     ValueError
-        If ``seconds`` <= 0 or ``reader_count`` < 0.
+        If ``seconds`` <= 0 or ``reader_count`` < -1.
     scarce.store.StoreError
         If no database is found at ``db_path``.
     """
-    from scarce.readers import make_train_loader  # here: scarce.readers imports this module
+    from scarce.readers import make_train_loader, resolve_reader_count  # (readers imports us)
 
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
-    count = cfg.data.reader_count if reader_count is None else reader_count
+    count = resolve_reader_count(cfg.data.reader_count if reader_count is None else reader_count)
     path = Path(db_path)
     if not (path / "data.mdb").is_file() and (path / "train.lmdb").is_dir():
         path = path / "train.lmdb"

@@ -75,6 +75,44 @@ def batch_generator(seed: int, rank: int, batch: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(rank, batch)))
 
 
+def resolve_reader_count(n: int) -> int:
+    """The number of reader worker processes that ``data.reader_count = n`` asks for.
+
+    Parameters
+    ----------
+    n : int
+        Workers per device: ``>= 1`` as given, ``0`` = read in the training process, ``-1`` =
+        auto: half the CPU cores this process may run on, at least 1 and at most 8.
+
+    Returns
+    -------
+    int
+        ``n`` when ``n >= 0``; else ``max(1, min(8, cores // 2))`` with ``cores`` from
+        ``os.sched_getaffinity(0)`` (respects taskset and container CPU sets) where the
+        platform has it, else ``os.cpu_count()`` (2 if unknown).
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not an integer or is below -1.
+
+    References
+    ----------
+    PyTorch's ``DataLoader`` counts usable cores the same way (``os.sched_getaffinity``) when
+    it warns about too many workers; the other half of the cores is left to the trainer.
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < -1:
+        raise ValueError(f"data.reader_count must be an integer >= -1 (-1 = auto, 0 = in the "
+                         f"trainer, k = k worker processes), got {n!r}")
+    if n >= 0:
+        return int(n)
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores // 2))
+
+
 class _BatchMaker:
     """Builds batch ``b`` in whichever process owns it; opens LMDB lazily in that process."""
 
@@ -345,7 +383,8 @@ def make_train_loader(
     db_path : path-like
         LMDB directory of the training samples (e.g. ``DB/train.lmdb``).
     cfg : TrainConfig
-        Uses ``seed``, ``data`` (patch_size, batch_size, reader_count, prefetch_batches,
+        Uses ``seed``, ``data`` (patch_size, batch_size, reader_count (-1 = auto, see
+        :func:`resolve_reader_count`), prefetch_batches,
         balance_classes, target, boundary_width, ignore_label), ``augment`` and ``loss``
         (border_weights, border_w0, border_sigma).
     norm_spec : dict
@@ -368,7 +407,8 @@ def make_train_loader(
     scarce.store.StoreError
         If ``db_path`` is not a Scarce database.
     ValueError
-        On a negative ``rank``, ``start_batch`` or ``reader_count``, or an empty database.
+        On a negative ``rank`` or ``start_batch``, a ``data.reader_count`` below -1, or an
+        empty database.
 
     References
     ----------
@@ -381,17 +421,17 @@ def make_train_loader(
     if not isinstance(norm_spec, dict):
         raise ValueError(f"norm_spec must be the dict from normalization_spec(), got "
                          f"{type(norm_spec).__name__}")
-    for name, value in (("rank", rank), ("start_batch", start_batch),
-                        ("data.reader_count", cfg.data.reader_count)):
+    for name, value in (("rank", rank), ("start_batch", start_batch)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    reader_count = resolve_reader_count(cfg.data.reader_count)
     maker = _BatchMaker(Path(db_path), cfg, norm_spec, rank)
     if not maker.shapes:
         raise ValueError(f"{db_path} holds no samples; ingest images into it first")
     if cfg.loss.border_weights and not maker.weights:
         log.warning("loss.border_weights needs instance masks; %s has %s masks, so batches "
                     "carry no weights", db_path, maker.mask_kind)
-    return TrainBatches(maker, start_batch, cfg.data.reader_count, cfg.data.prefetch_batches)
+    return TrainBatches(maker, start_batch, reader_count, cfg.data.prefetch_batches)
 
 
 def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str = "auto",
@@ -444,4 +484,4 @@ def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str
 
 __all__ = ["ReaderError", "StarvationMonitor", "TrainBatches", "WORKER_TIMEOUT_S",
            "batch_generator", "benchmark_readers", "format_benchmark", "iter_test_images",
-           "make_train_loader"]
+           "make_train_loader", "resolve_reader_count"]
