@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 from pathlib import Path
 
 import cv2
@@ -104,6 +105,55 @@ def test_reflection_far_outside_small_image():
         ry, rx = reflect101(np.rint(gy), 40).astype(int), reflect101(np.rint(gx), 40).astype(int)
         clear = (np.abs(gy - np.rint(gy)) < 0.49) & (np.abs(gx - np.rint(gx)) < 0.49)
         np.testing.assert_array_equal(mask[clear], labels[ry, rx][clear])
+
+
+def keys_cubic_reflect101(plane: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Reference: Keys bicubic (a = -0.75, OpenCV's) of a REFLECT_101-extended (H, W) plane."""
+
+    def weights(t):  # taps at floor - 1, floor, floor + 1, floor + 2
+        d = np.abs(np.stack([t + 1, t, 1 - t, 2 - t]).astype(np.float64))
+        a = -0.75
+        return np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
+                        a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a)
+
+    def fold(i, n):
+        return np.zeros_like(i, dtype=int) if n == 1 else reflect101(i, n).astype(int)
+
+    y0, x0 = np.floor(gy), np.floor(gx)
+    wy, wx = weights(gy - y0), weights(gx - x0)
+    out = np.zeros(gy.shape)
+    for i in range(4):
+        for j in range(4):
+            taps = plane[fold(y0 + i - 1, plane.shape[0]), fold(x0 + j - 1, plane.shape[1])]
+            out += wy[i] * wx[j] * taps
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (1, 9)])
+def test_cubic_reflection_far_outside_small_image(shape):
+    """Beyond one reflection OpenCV 5.0.0's cubic remap misreads (and hangs on a 1-pixel axis):
+    augment_patch pads such axes by reflection first."""
+    rng = np.random.default_rng(14)
+    image = cv2.GaussianBlur(rng.random(shape, dtype=np.float32), (0, 0), 2.0)[None] * 1000
+    labels = rng.integers(0, 2**31, shape, dtype=np.int64)
+    cfg = AugmentConfig(interpolation="cubic", **GEOMETRY_ONLY)
+    faulthandler.dump_traceback_later(30, exit=True)  # a hang inside OpenCV: fail, loudly
+    try:
+        for _ in range(5):
+            centre = (float(rng.integers(shape[0])), float(rng.integers(shape[1])))
+            params = draw_params(cfg, 96, rng)
+            patch, mask = augment_patch(image, labels, centre, 96, cfg, rng, params=params)
+            gy, gx = sampling_grid(params, 96, centre)
+            assert gx.min() < -shape[1] or gx.max() > 2 * shape[1]  # beyond one reflection
+            err = np.abs(patch[0] - keys_cubic_reflect101(image[0], gy, gx)).max()
+            assert err < 1e-3 * np.ptp(image), err
+            ry = 0 if shape[0] == 1 else reflect101(np.rint(gy), shape[0]).astype(int)
+            rx = reflect101(np.rint(gx), shape[1]).astype(int)
+            clear = (np.abs(gy - np.rint(gy)) < 0.49) & (np.abs(gx - np.rint(gx)) < 0.49)
+            want = np.broadcast_to(labels[ry, rx], gy.shape)
+            np.testing.assert_array_equal(mask[clear], want[clear])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.mark.parametrize("interpolation", ["linear", "cubic"])

@@ -7,13 +7,15 @@ jitter and the elastic field are composed into one map from output pixels to sou
 
 (``F`` = flips, ``S`` = diag(scale), ``R`` = rotation, coordinates ``(y, x)``), and the image
 (linear or cubic) and the mask (nearest) are resampled once with ``cv2.remap``, reflecting at
-the image border (``BORDER_REFLECT_101``). Only the bounding box of the map (plus the
-interpolation footprint) is cut out and converted to float32; normalisation
-``(x - offset) / scale`` is applied to the P x P result, which equals normalising first because
-linear and cubic weights sum to one. The photometric transforms of :mod:`scarce.photometric`
-(``Cutout`` and ``apply_photometric`` are re-exported here) then act on the image patch only.
-Every parameter comes from :class:`scarce.config.AugmentConfig`. Measured speed (about 1 ms
-per 256 x 256 patch) and threading advice: ``docs/augmentations.md``.
+the image border (``BORDER_REFLECT_101``; with cubic interpolation an axis read beyond one
+reflection is first padded by reflection, because OpenCV 5.0.0's cubic remap misreads there).
+Only the bounding box of the map (plus the interpolation footprint) is cut out and converted
+to float32; normalisation ``(x - offset) / scale`` is applied to the P x P result, which
+equals normalising first because linear and cubic weights sum to one. The photometric
+transforms of :mod:`scarce.photometric` (``Cutout`` and ``apply_photometric`` are re-exported
+here) then act on the image patch only. Every parameter comes from
+:class:`scarce.config.AugmentConfig`. Measured speed (about 1 ms per 256 x 256 patch) and
+threading advice: ``docs/augmentations.md``.
 """
 
 from __future__ import annotations
@@ -232,6 +234,42 @@ def _axis_range(lo: float, hi: float, n: int, margin: int) -> tuple[int, int]:
     return max(a, 0), min(b, n - 1) + 1
 
 
+def _unfold_pads(lo: float, hi: float, n: int, margin: int) -> tuple[int, int]:
+    """Pixels to add by reflection before and after a whole axis that is read beyond one fold.
+
+    OpenCV 5.0.0's cubic ``remap`` with ``BORDER_REFLECT_101`` returns wrong values where a
+    coordinate lies more than one reflection outside the image (below ``-n`` or from ``2n``
+    on; linear and nearest are right). Padding the axis first with the same reflection keeps
+    every cubic tap inside the array. Returns ``(0, 0)`` within one fold.
+    """
+    a, b = math.floor(lo) - margin, math.floor(hi) + margin
+    if a >= -(n - 1) and b <= 2 * (n - 1):
+        return 0, 0
+    return max(0, -a), max(0, b - (n - 1))
+
+
+def _source_region(image: np.ndarray, mask: np.ndarray | None,
+                   bounds: tuple[float, float, float, float], margin: int, unfold: bool):
+    """The part of ``image`` (C, H, W) and ``mask`` (H, W) that a warp reads.
+
+    ``bounds`` = (min y, max y, min x, max x) of the source coordinates, pixels. Returns the
+    region, the mask region (or None) and the source position ``(y, x)`` of the region's
+    first pixel. With ``unfold``, an axis read beyond one reflection is padded by reflection
+    (:func:`_unfold_pads`), so that position can be negative.
+    """
+    y0, y1 = _axis_range(bounds[0], bounds[1], image.shape[1], margin)
+    x0, x1 = _axis_range(bounds[2], bounds[3], image.shape[2], margin)
+    region = image[:, y0:y1, x0:x1]
+    region_mask = None if mask is None else mask[y0:y1, x0:x1]
+    pad_y = _unfold_pads(bounds[0], bounds[1], image.shape[1], margin) if unfold else (0, 0)
+    pad_x = _unfold_pads(bounds[2], bounds[3], image.shape[2], margin) if unfold else (0, 0)
+    if any(pad_y + pad_x):  # the padded axes are whole (y0 or x0 = 0): true image borders
+        region = np.pad(region, ((0, 0), pad_y, pad_x), mode="reflect")  # = REFLECT_101
+        if mask is not None:
+            region_mask = np.pad(region_mask, (pad_y, pad_x), mode="reflect")
+    return region, region_mask, (y0 - pad_y[0], x0 - pad_x[0])
+
+
 def _remap_image(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray,
                  interpolation: int) -> np.ndarray:
     """Warp a (C, h, w) region of any dtype to float32 (C, P, P), 4 channels per call."""
@@ -414,15 +452,14 @@ def augment_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[floa
         params = draw_params(cfg, patch_size, rng)
     map_y, map_x = _relative_grid(params, patch_size)
     cy, cx = float(centre[0]), float(centre[1])
-    margin = _MARGIN[cfg.interpolation]
-    y0, y1 = _axis_range(cy + map_y.min(), cy + map_y.max(), image.shape[1], margin)
-    x0, x1 = _axis_range(cx + map_x.min(), cx + map_x.max(), image.shape[2], margin)
-    map_y += np.float32(cy - y0)  # region coordinates
-    map_x += np.float32(cx - x0)
-    patch = _remap_image(image[:, y0:y1, x0:x1], map_x, map_y,
-                         _INTERPOLATION[cfg.interpolation])
+    region, region_mask, (oy, ox) = _source_region(
+        image, mask, (cy + map_y.min(), cy + map_y.max(), cx + map_x.min(), cx + map_x.max()),
+        _MARGIN[cfg.interpolation], unfold=cfg.interpolation == "cubic")
+    map_y += np.float32(cy - oy)  # region coordinates
+    map_x += np.float32(cx - ox)
+    patch = _remap_image(region, map_x, map_y, _INTERPOLATION[cfg.interpolation])
     _normalize_(patch, offset, scale)
-    out_mask = None if mask is None else _remap_mask(mask[y0:y1, x0:x1], map_x, map_y)
+    out_mask = None if mask is None else _remap_mask(region_mask, map_x, map_y)
     return apply_photometric(patch, params, rng), out_mask
 
 
