@@ -10,7 +10,7 @@ with the load of other jobs, measures for ``--rounds`` rounds:
 
 - raw LMDB reads: random records read and decoded (zero-copy), records per second;
 - Scarce: augmented, z-scored 256 x 256 patches per second (default augmentation, batch 8) with
-  1 and 2 reader workers (:func:`scarce.readers.benchmark_readers`);
+  1 and 2 reader workers (:func:`scarce.monitor.benchmark_readers`);
 - peer: an equivalent albumentations 2.0.8 pipeline (flips, affine rotate/scale/translate,
   Gaussian noise, Gaussian blur, pad + random crop 256) on per-image z-scored float32 images
   read from the same LMDB, in a torch DataLoader with the same worker counts, batch size and
@@ -182,7 +182,7 @@ def timed(iterator, pids: list[int], seconds: float, warmup: int) -> tuple[float
 def scarce_rate(db: Path, cfg: TrainConfig, workers: int, seconds: float) -> tuple[float, ...]:
     """Scarce rates (see :func:`timed`) with ``workers`` reader workers.
 
-    The same loop as :func:`scarce.readers.benchmark_readers`, plus the workers' CPU time.
+    The same loop as :func:`scarce.monitor.benchmark_readers`, plus the workers' CPU time.
     """
     cfg = replace(cfg, data=replace(cfg.data, reader_count=workers))
     spec = normalization_spec("zscore", cfg.data.percentiles, read_metadata(db))
