@@ -1,0 +1,9 @@
+"""The package's public API: every name in ``scarce.__all__`` resolves."""
+
+import scarce
+
+
+def test_every_public_name_resolves():
+    for name in scarce.__all__:
+        assert getattr(scarce, name) is not None, name
+    assert scarce.train.__module__ == "scarce.train"
