@@ -1,12 +1,14 @@
 """Scarce: deep learning for scarce microscopy data.
 
-Folders of images and label masks become LMDB databases (:func:`ingest`), parallel augmenting
-readers feed a U-Net or SegNet (:func:`train`), and a sliding-window predictor and
+Folders of images and label masks become LMDB databases (:func:`scarce.ingest.ingest`),
+parallel augmenting readers feed a U-Net or SegNet (:class:`Trainer`), and a sliding-window predictor and
 biologist-friendly metrics turn the trained model into masks and numbers
 (:func:`predict_files`, :func:`evaluate_folders`). The command line (``scarce ...``) is a thin
 face over these same functions.
 
 Names are imported lazily (PEP 562), so ``import scarce`` stays fast and the CLI starts quickly.
+Functions named like their module (``scarce.ingest.ingest``, ``scarce.train.train``) are not
+re-exported: a package attribute cannot be both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ingest": "scarce.ingest",
     "IngestError": "scarce.ingest",
     "inspect_database": "scarce.store",
     "SampleStore": "scarce.store",
@@ -34,7 +35,6 @@ _EXPORTS = {
     "SegmentationLoss": "scarce.losses",
     "derive_target": "scarce.targets",
     "Trainer": "scarce.train",
-    "train": "scarce.train",
     "load_model": "scarce.checkpoint",
     "sliding_window_logits": "scarce.tiling",
     "predict_image": "scarce.predict",
