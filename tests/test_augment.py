@@ -107,6 +107,10 @@ def test_reflection_far_outside_small_image():
         np.testing.assert_array_equal(mask[clear], labels[ry, rx][clear])
 
 
+def _fold(i: np.ndarray, n: int) -> np.ndarray:
+    return np.zeros_like(i, dtype=int) if n == 1 else reflect101(i, n).astype(int)
+
+
 def keys_cubic_reflect101(plane: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
     """Reference: Keys bicubic (a = -0.75, OpenCV's) of a REFLECT_101-extended (H, W) plane."""
 
@@ -116,27 +120,39 @@ def keys_cubic_reflect101(plane: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> 
         return np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
                         a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a)
 
-    def fold(i, n):
-        return np.zeros_like(i, dtype=int) if n == 1 else reflect101(i, n).astype(int)
-
     y0, x0 = np.floor(gy), np.floor(gx)
     wy, wx = weights(gy - y0), weights(gx - x0)
     out = np.zeros(gy.shape)
     for i in range(4):
         for j in range(4):
-            taps = plane[fold(y0 + i - 1, plane.shape[0]), fold(x0 + j - 1, plane.shape[1])]
+            taps = plane[_fold(y0 + i - 1, plane.shape[0]), _fold(x0 + j - 1, plane.shape[1])]
             out += wy[i] * wx[j] * taps
     return out
 
 
-@pytest.mark.parametrize("shape", [(40, 30), (1, 9)])
-def test_cubic_reflection_far_outside_small_image(shape):
-    """Beyond one reflection OpenCV 5.0.0's cubic remap misreads (and hangs on a 1-pixel axis):
-    augment_patch pads such axes by reflection first."""
+def bilinear_reflect101(plane: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Reference: bilinear interpolation of a REFLECT_101-extended (H, W) plane."""
+    y0, x0 = np.floor(gy), np.floor(gx)
+    ty, tx = gy - y0, gx - x0
+    out = np.zeros(gy.shape)
+    for i, wy in ((0, 1 - ty), (1, ty)):
+        for j, wx in ((0, 1 - tx), (1, tx)):
+            out += wy * wx * plane[_fold(y0 + i, plane.shape[0]), _fold(x0 + j, plane.shape[1])]
+    return out
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
+@pytest.mark.parametrize("shape", [(40, 30), (1, 9), (7, 1)])
+def test_reflection_far_outside_matches_reference(shape, interpolation):
+    """Patches of tiny images reach several reflections out (and OpenCV 5.0.0's cubic remap
+    misreads beyond one, and hangs on a 1-pixel axis): augment_patch pads the cut region by
+    reflection, so remap reads only inside it; compare with references that fold every tap."""
     rng = np.random.default_rng(14)
-    image = cv2.GaussianBlur(rng.random(shape, dtype=np.float32), (0, 0), 2.0)[None] * 1000
+    image = cv2.GaussianBlur(rng.random(shape, dtype=np.float32), (0, 0), 2.0)
+    image = image.reshape(shape)[None] * 1000
     labels = rng.integers(0, 2**31, shape, dtype=np.int64)
-    cfg = AugmentConfig(interpolation="cubic", **GEOMETRY_ONLY)
+    cfg = AugmentConfig(interpolation=interpolation, **GEOMETRY_ONLY)
+    reference = keys_cubic_reflect101 if interpolation == "cubic" else bilinear_reflect101
     faulthandler.dump_traceback_later(30, exit=True)  # a hang inside OpenCV: fail, loudly
     try:
         for _ in range(5):
@@ -144,14 +160,13 @@ def test_cubic_reflection_far_outside_small_image(shape):
             params = draw_params(cfg, 96, rng)
             patch, mask = augment_patch(image, labels, centre, 96, cfg, rng, params=params)
             gy, gx = sampling_grid(params, 96, centre)
-            assert gx.min() < -shape[1] or gx.max() > 2 * shape[1]  # beyond one reflection
-            err = np.abs(patch[0] - keys_cubic_reflect101(image[0], gy, gx)).max()
-            assert err < 1e-3 * np.ptp(image), err
-            ry = 0 if shape[0] == 1 else reflect101(np.rint(gy), shape[0]).astype(int)
-            rx = reflect101(np.rint(gx), shape[1]).astype(int)
+            assert any(g.min() < -n or g.max() > 2 * n  # beyond one reflection
+                       for g, n in ((gy, shape[0]), (gx, shape[1])))
+            err = np.abs(patch[0] - reference(image[0], gy, gx)).max()
+            assert err < 1e-3 * max(np.ptp(image), 1e-3), err
+            ry, rx = _fold(np.rint(gy), shape[0]), _fold(np.rint(gx), shape[1])
             clear = (np.abs(gy - np.rint(gy)) < 0.49) & (np.abs(gx - np.rint(gx)) < 0.49)
-            want = np.broadcast_to(labels[ry, rx], gy.shape)
-            np.testing.assert_array_equal(mask[clear], want[clear])
+            np.testing.assert_array_equal(mask[clear], labels[ry, rx][clear])
     finally:
         faulthandler.cancel_dump_traceback_later()
 

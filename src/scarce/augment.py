@@ -6,15 +6,17 @@ jitter and the elastic field are composed into one map from output pixels to sou
     source(p) = centre + shift + A @ (p - P // 2) + elastic(p),    A = R(angle) S^-1 F,
 
 (``F`` = flips, ``S`` = diag(scale), ``R`` = rotation, coordinates ``(y, x)``), and the image
-(linear or cubic) and the mask (nearest) are resampled once with ``cv2.remap``, reflecting at
-the image border (``BORDER_REFLECT_101``; with cubic interpolation an axis read beyond one
-reflection is first padded by reflection, because OpenCV 5.0.0's cubic remap misreads there).
-Only the bounding box of the map (plus the interpolation footprint) is cut out and converted
+(linear or cubic) and the mask (nearest) are resampled once with ``cv2.remap``. Only the
+bounding box of the map (plus the interpolation footprint) is cut out; where it leaves the
+image it is padded by reflection (``cv2.copyMakeBorder``, ``BORDER_REFLECT_101``, repeated as
+often as needed), so remap reads only inside the padded region. This is 1.6x (edge) to 2.3x
+(corner) faster than letting remap reflect pixel by pixel, and avoids OpenCV 5.0.0's cubic
+remap, which misreads more than one reflection outside the image. The region is converted
 to float32; normalisation ``(x - offset) / scale`` is applied to the P x P result, which
 equals normalising first because linear and cubic weights sum to one. The photometric
 transforms of :mod:`scarce.photometric` (``Cutout`` and ``apply_photometric`` are re-exported
 here) then act on the image patch only. Every parameter comes from
-:class:`scarce.config.AugmentConfig`. Measured speed (about 1 ms per 256 x 256 patch) and
+:class:`scarce.config.AugmentConfig`. Measured speed (about 0.75 ms per 256 x 256 patch) and
 threading advice: ``docs/augmentations.md``.
 """
 
@@ -31,7 +33,8 @@ from scarce.config import AugmentConfig, ConfigError
 from scarce.io import IMAGE_DTYPES
 from scarce.photometric import Cutout, apply_photometric, draw_photometric
 
-_BORDER = cv2.BORDER_REFLECT_101
+_PAD = cv2.BORDER_REFLECT_101  # the image border: padded before the warp, never by remap
+_INSIDE = cv2.BORDER_CONSTANT  # remap reads only inside the padded region (see _axis_cut)
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 _MARGIN = {"linear": 2, "cubic": 3}  # taps beyond floor(coordinate), plus one for rounding
 
@@ -222,70 +225,49 @@ def sampling_grid(params: AugmentParams, patch_size: int,
     return dy + np.float32(centre[0]), dx + np.float32(centre[1])
 
 
-def _axis_range(lo: float, hi: float, n: int, margin: int) -> tuple[int, int]:
-    """Source index range [start, stop) that the remap reads along one axis, with reflection."""
+def _axis_cut(lo: float, hi: float, n: int, margin: int) -> tuple[int, int, int, int]:
+    """What a warp reads along one axis of length ``n``: cut ``[start, stop)``, then pad.
+
+    The warp reads source indices ``floor(lo) - margin .. floor(hi) + margin``. Returns
+    ``(start, stop, before, after)``: the slice of the image to cut and the pixels to add
+    before and after it by ``REFLECT_101``, so that the padded slice holds every index read.
+    Padding happens only at a true image border (``before > 0`` implies ``start == 0``,
+    ``after > 0`` implies ``stop == n``), and the slice includes every pixel a reflection
+    there copies (the whole axis when both ends reflect, or when reflecting several times).
+    """
     a, b = math.floor(lo) - margin, math.floor(hi) + margin
+    c, d = a, b
     if a < 0:
-        b = max(b, -a)  # REFLECT_101 about 0 reads up to index -a
-    if b > n - 1:
-        a = min(a, 2 * (n - 1) - b)  # reflection about n - 1
-    if a < 0 and b > n - 1:
-        return 0, n  # reflections at both ends (or several): use the whole axis
-    return max(a, 0), min(b, n - 1) + 1
+        d = max(d, -a)  # REFLECT_101 about 0 copies indices 1 .. -a
+    if d > n - 1:
+        c = min(c, 2 * (n - 1) - d)  # reflection about n - 1
+    if c < 0 and d > n - 1:
+        c, d = 0, n - 1  # reflections at both ends (or several): the whole axis
+    return max(c, 0), min(d, n - 1) + 1, max(0, -a), max(0, b - (n - 1))
 
 
-def _unfold_pads(lo: float, hi: float, n: int, margin: int) -> tuple[int, int]:
-    """Pixels to add by reflection before and after a whole axis that is read beyond one fold.
-
-    OpenCV 5.0.0's cubic ``remap`` with ``BORDER_REFLECT_101`` returns wrong values where a
-    coordinate lies more than one reflection outside the image (below ``-n`` or from ``2n``
-    on; linear and nearest are right). Padding the axis first with the same reflection keeps
-    every cubic tap inside the array. Returns ``(0, 0)`` within one fold.
-    """
-    a, b = math.floor(lo) - margin, math.floor(hi) + margin
-    if a >= -(n - 1) and b <= 2 * (n - 1):
-        return 0, 0
-    return max(0, -a), max(0, b - (n - 1))
+def _pad(src: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
+    """``src`` (h, w) or (h, w, k) extended by ``pads`` = (top, bottom, left, right), REFLECT_101."""
+    return cv2.copyMakeBorder(src, *pads, _PAD) if any(pads) else src
 
 
-def _source_region(image: np.ndarray, mask: np.ndarray | None,
-                   bounds: tuple[float, float, float, float], margin: int, unfold: bool):
-    """The part of ``image`` (C, H, W) and ``mask`` (H, W) that a warp reads.
-
-    ``bounds`` = (min y, max y, min x, max x) of the source coordinates, pixels. Returns the
-    region, the mask region (or None) and the source position ``(y, x)`` of the region's
-    first pixel. With ``unfold``, an axis read beyond one reflection is padded by reflection
-    (:func:`_unfold_pads`), so that position can be negative.
-    """
-    y0, y1 = _axis_range(bounds[0], bounds[1], image.shape[1], margin)
-    x0, x1 = _axis_range(bounds[2], bounds[3], image.shape[2], margin)
-    region = image[:, y0:y1, x0:x1]
-    region_mask = None if mask is None else mask[y0:y1, x0:x1]
-    pad_y = _unfold_pads(bounds[0], bounds[1], image.shape[1], margin) if unfold else (0, 0)
-    pad_x = _unfold_pads(bounds[2], bounds[3], image.shape[2], margin) if unfold else (0, 0)
-    if any(pad_y + pad_x):  # the padded axes are whole (y0 or x0 = 0): true image borders
-        region = np.pad(region, ((0, 0), pad_y, pad_x), mode="reflect")  # = REFLECT_101
-        if mask is not None:
-            region_mask = np.pad(region_mask, (pad_y, pad_x), mode="reflect")
-    return region, region_mask, (y0 - pad_y[0], x0 - pad_x[0])
-
-
-def _remap_image(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray,
-                 interpolation: int) -> np.ndarray:
-    """Warp a (C, h, w) region of any dtype to float32 (C, P, P), 4 channels per call."""
+def _remap_image(region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.ndarray,
+                 map_y: np.ndarray, interpolation: int) -> np.ndarray:
+    """Pad and warp a (C, h, w) region of any dtype to float32 (C, P, P), 4 channels per call."""
     if region.shape[0] == 1:
-        src = region[0].astype(np.float32, copy=False)
-        return cv2.remap(src, map_x, map_y, interpolation, borderMode=_BORDER)[None]
+        src = _pad(region[0].astype(np.float32, copy=False), pads)
+        return cv2.remap(src, map_x, map_y, interpolation, borderMode=_INSIDE)[None]
     out = np.empty((region.shape[0],) + map_x.shape, dtype=np.float32)
     for c0 in range(0, region.shape[0], 4):  # cv2 interleaves at most 4 channels portably
         group = np.ascontiguousarray(region[c0:c0 + 4].transpose(1, 2, 0), dtype=np.float32)
-        warped = cv2.remap(group, map_x, map_y, interpolation, borderMode=_BORDER)
+        warped = cv2.remap(_pad(group, pads), map_x, map_y, interpolation, borderMode=_INSIDE)
         out[c0:c0 + 4] = warped.reshape(map_x.shape + (-1,)).transpose(2, 0, 1)
     return out
 
 
-def _remap_mask(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour warp of an integer (h, w) mask, exact for every integer dtype.
+def _remap_mask(region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.ndarray,
+                map_y: np.ndarray) -> np.ndarray:
+    """Pad and nearest-neighbour warp an integer (h, w) mask, exact for every integer dtype.
 
     cv2.remap has no 32/64-bit integer support, so the label bytes are viewed as 1, 2 or 4
     uint16 planes (uint8 for 1-byte labels) and copied, never interpolated.
@@ -295,7 +277,7 @@ def _remap_mask(region: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.
     src = (region if planes == 1 else np.ascontiguousarray(region)).view(plane)
     if planes > 1:
         src = src.reshape(region.shape + (planes,))
-    out = cv2.remap(src, map_x, map_y, cv2.INTER_NEAREST, borderMode=_BORDER)
+    out = cv2.remap(_pad(src, pads), map_x, map_y, cv2.INTER_NEAREST, borderMode=_INSIDE)
     return np.ascontiguousarray(out).reshape(map_x.shape[0], -1).view(region.dtype)
 
 
@@ -452,14 +434,16 @@ def augment_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[floa
         params = draw_params(cfg, patch_size, rng)
     map_y, map_x = _relative_grid(params, patch_size)
     cy, cx = float(centre[0]), float(centre[1])
-    region, region_mask, (oy, ox) = _source_region(
-        image, mask, (cy + map_y.min(), cy + map_y.max(), cx + map_x.min(), cx + map_x.max()),
-        _MARGIN[cfg.interpolation], unfold=cfg.interpolation == "cubic")
-    map_y += np.float32(cy - oy)  # region coordinates
-    map_x += np.float32(cx - ox)
-    patch = _remap_image(region, map_x, map_y, _INTERPOLATION[cfg.interpolation])
+    margin = _MARGIN[cfg.interpolation]
+    y0, y1, top, bottom = _axis_cut(cy + map_y.min(), cy + map_y.max(), image.shape[1], margin)
+    x0, x1, left, right = _axis_cut(cx + map_x.min(), cx + map_x.max(), image.shape[2], margin)
+    pads = (top, bottom, left, right)
+    map_y += np.float32(cy - y0 + top)  # coordinates in the padded region
+    map_x += np.float32(cx - x0 + left)
+    patch = _remap_image(image[:, y0:y1, x0:x1], pads, map_x, map_y,
+                         _INTERPOLATION[cfg.interpolation])
     _normalize_(patch, offset, scale)
-    out_mask = None if mask is None else _remap_mask(region_mask, map_x, map_y)
+    out_mask = None if mask is None else _remap_mask(mask[y0:y1, x0:x1], pads, map_x, map_y)
     return apply_photometric(patch, params, rng), out_mask
 
 
