@@ -44,7 +44,7 @@ import torch
 from scarce.config import DataConfig, TrainConfig, replace
 from scarce.io import list_image_files, read_image, read_mask, stem_of
 from scarce.normalize import normalization_spec
-from scarce.readers import _init_worker, _worker_context, batch_generator, make_train_loader
+from scarce.readers import batch_generator, make_train_loader
 from scarce.store import (
     METADATA_KEY,
     decode_sample,
@@ -53,6 +53,7 @@ from scarce.store import (
     read_metadata,
     sample_key,
 )
+from scarce.workers import init_worker, worker_context
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "nist_rpe"
@@ -199,8 +200,8 @@ def peer_rate(db: Path, workers: int, seconds: float) -> tuple[float, ...]:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
         prefetch_factor=PREFETCH, persistent_workers=True,
-        worker_init_fn=_init_worker,  # same threads and process start as Scarce's workers
-        multiprocessing_context=_worker_context())
+        worker_init_fn=init_worker,  # same threads and process start as Scarce's workers
+        multiprocessing_context=worker_context())
     iterator = iter(loader)
     next(iterator)
     rates = timed(iterator, [w.pid for w in iterator._workers], seconds, 2 * workers)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from scarce import monitor, readers
+from scarce import monitor, readers, workers
 from scarce.config import AugmentConfig, DataConfig, LossConfig, TrainConfig, replace
 from scarce.io import list_image_files, read_image, read_mask, stem_of
 from scarce.normalize import normalization_spec
@@ -287,9 +287,11 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
     assert watch.wait_fraction() < 0.05  # reset
 
 
-def test_readers_re_exports_the_monitor():
+def test_readers_re_exports_the_monitor_and_the_workers():
     for name in ("StarvationMonitor", "benchmark_readers", "format_benchmark"):
         assert getattr(readers, name) is getattr(monitor, name) and name in readers.__all__
+    for name in ("ReaderError", "TrainBatches", "WORKER_TIMEOUT_S"):
+        assert getattr(readers, name) is getattr(workers, name) and name in readers.__all__
 
 
 def test_bad_arguments_are_refused_before_work(nist_lmdb, tmp_path):

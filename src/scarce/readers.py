@@ -9,28 +9,25 @@ parameters cached in the worker, and turn the mask into a class map
 
 Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
 its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
-of workers or on timing, and training resumes the stream exactly from ``start_batch``. A
-worker that dies raises :class:`ReaderError` in the consumer within about 5 s (the
-DataLoader's liveness check); a worker that hangs is killed after ``WORKER_TIMEOUT_S`` and
-raises the same way. :class:`StarvationMonitor`, :func:`benchmark_readers` and
-:func:`format_benchmark` live in :mod:`scarce.monitor` and are re-exported here.
+of workers or on timing, and training resumes the stream exactly from ``start_batch``.
+
+The process machinery (fork server, DataLoader wiring, watchdog, :class:`TrainBatches`,
+:class:`ReaderError`) lives in :mod:`scarce.workers`: a worker that dies raises
+:class:`ReaderError` in the consumer within about 5 s; one that hangs is killed after
+``WORKER_TIMEOUT_S`` seconds without a batch (the value here when :func:`make_train_loader`
+is called) and raises the same way. :class:`StarvationMonitor`, :func:`benchmark_readers`
+and :func:`format_benchmark` live in :mod:`scarce.monitor`. Both are re-exported here.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import multiprocessing
 import os
-import signal
-import threading
-import time
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from scarce.augment import augment_patch
 from scarce.config import TrainConfig
@@ -38,15 +35,11 @@ from scarce.monitor import StarvationMonitor, benchmark_readers, format_benchmar
 from scarce.normalize import normalization_params, normalize
 from scarce.store import decode_sample, open_env, read_metadata, sample_key
 from scarce.targets import border_weight_map, derive_target
+from scarce.workers import WORKER_TIMEOUT_S, ReaderError, TrainBatches
 
 log = logging.getLogger(__name__)
 
-WORKER_TIMEOUT_S = 120.0  # no batch for this long = hung workers: kill them, raise
 _INDEX_CACHE_BYTES = 256 << 20  # per-worker budget for cached class-pixel indices
-
-
-class ReaderError(RuntimeError):
-    """A reader worker died, hung or failed; the message says which and what to check."""
 
 
 def batch_generator(seed: int, rank: int, batch: int) -> np.random.Generator:
@@ -226,141 +219,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
     return tensor.share_memory_() if shared else tensor
 
 
-class _BatchStream(IterableDataset):
-    """Worker ``w`` of ``W`` yields batches ``start + w, start + w + W, ...``.
-
-    The DataLoader asks its workers in round robin and returns their results in order, so
-    the consumer receives ``start, start + 1, ...`` whatever the number of workers.
-    """
-
-    def __init__(self, maker: _BatchMaker, start: int):
-        self.maker, self.start = maker, start
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for b in itertools.count(self.start + worker, workers):
-            yield self.maker.batch(b)
-
-
-def _init_worker(worker_id: int) -> None:
-    """One thread per worker: the workers are the parallelism."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    import cv2  # safe here: the fork server never started OpenCV's thread pool
-
-    cv2.setNumThreads(1)
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Fork workers from a clean server process that has imported Scarce but run nothing.
-
-    Plain ``fork`` copies the parent's thread pools (OpenCV, OpenMP) in whatever state they
-    are in: a worker forked after the parent used ``cv2`` with threads hung in
-    ``cv2.setNumThreads`` (pthread_cond_destroy). ``spawn`` is safe but re-imports torch in
-    every worker (seconds each). The fork server imports this module once, without starting
-    any thread, and forks the workers from it (milliseconds each, after the first start).
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
-
-
-def _watchdog(batches: weakref.ref, stop: threading.Event) -> None:
-    """Turn a hang into a crash: kill the workers after ``timeout_s`` without a batch.
-
-    Holds only a weak reference, so a forgotten stream is still collected (and its workers
-    shut down by the DataLoader iterator's finaliser).
-    """
-    while not stop.wait(1.0):
-        self = batches()
-        if self is None:
-            return
-        since = self._waiting_since
-        if since is not None and time.perf_counter() - since > self.timeout_s:
-            log.error("no batch from the reader workers in %.0f s: killing them (hung)",
-                      self.timeout_s)
-            for pid in self.worker_pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self._waiting_since = None
-        del self
-
-
-class TrainBatches:
-    """Infinite stream of training batches; see :func:`make_train_loader`.
-
-    Iterating yields dicts ``{"image": (N, C, P, P) float32, "target": (N, P, P) int64}``
-    plus ``"weight": (N, P, P) float32`` with border weights. Iterating again continues the
-    same stream. ``next_batch`` is the stream index of the batch the next call returns.
-    Use as a context manager, or call :meth:`close`, to shut the workers down.
-    """
-
-    def __init__(self, maker: _BatchMaker, start_batch: int, reader_count: int, prefetch: int):
-        self.maker, self.reader_count, self.next_batch = maker, reader_count, start_batch
-        self.timeout_s, self._waiting_since, self._stop = WORKER_TIMEOUT_S, None, threading.Event()
-        if reader_count == 0:
-            self._iterator = iter(_BatchStream(maker, start_batch))
-            return
-        loader = DataLoader(  # timeout=0: the loader checks every 5 s that its workers live
-            _BatchStream(maker, start_batch), batch_size=None, num_workers=reader_count,
-            prefetch_factor=max(1, prefetch), persistent_workers=True, timeout=0,
-            worker_init_fn=_init_worker, pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=_worker_context(),
-            generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
-        )
-        self._iterator = iter(loader)
-        threading.Thread(target=_watchdog, args=(weakref.ref(self), self._stop), daemon=True,
-                         name="scarce-reader-watchdog").start()
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """Process ids of the reader workers (empty when reading in-process)."""
-        return [w.pid for w in getattr(self._iterator, "_workers", [])]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._iterator is None:
-            raise ReaderError("this TrainBatches was closed; make a new one to read again")
-        self._waiting_since = time.perf_counter()
-        try:
-            batch = next(self._iterator)
-            batch["target"] = batch["target"].long()  # no copy when already int64
-        except RuntimeError as exc:
-            if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
-                raise
-            raise ReaderError(
-                f"reader worker failed while reading {self.maker.db_path} ({exc}); a killed "
-                "worker often means the machine ran out of memory (lower data.reader_count, "
-                "data.prefetch_batches or data.batch_size); a hung one is killed after "
-                f"{self.timeout_s:.0f} s without a batch"
-            ) from exc
-        finally:
-            self._waiting_since = None
-        self.next_batch += 1
-        return batch
-
-    def close(self) -> None:
-        """Shut the worker processes down (idempotent)."""
-        self._stop.set()
-        iterator, self._iterator = self._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.maker.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def make_train_loader(
     db_path: str | os.PathLike,
     cfg: TrainConfig,
@@ -431,7 +289,8 @@ def make_train_loader(
     if cfg.loss.border_weights and not maker.weights:
         log.warning("loss.border_weights needs instance masks; %s has %s masks, so batches "
                     "carry no weights", db_path, maker.mask_kind)
-    return TrainBatches(maker, start_batch, reader_count, cfg.data.prefetch_batches)
+    return TrainBatches(maker, start_batch, reader_count, cfg.data.prefetch_batches,
+                        timeout_s=WORKER_TIMEOUT_S)
 
 
 def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str = "auto",

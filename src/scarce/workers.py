@@ -1,0 +1,232 @@
+"""Reader worker processes: fork server, DataLoader wiring, watchdog, the batch stream.
+
+:func:`scarce.readers.make_train_loader` builds a batch maker (an object with
+``batch(b) -> dict of tensors``, ``cfg``, ``db_path`` and ``close()``) and hands it to
+:class:`TrainBatches`, which runs it in ``reader_count`` worker processes of a torch
+``DataLoader`` over an ``IterableDataset`` (or in the calling process when 0). Worker ``w``
+of ``W`` builds batches ``start + w, start + w + W, ...``; the DataLoader returns them in
+round-robin order, so the consumer receives ``start, start + 1, ...`` whatever ``W``.
+
+Workers are forked from a clean fork server that has imported :mod:`scarce.readers` but
+started no thread (see :func:`worker_context`), and run one thread each. A worker that dies
+raises :class:`ReaderError` in the consumer within about 5 s (the DataLoader's liveness
+check); a worker that hangs is killed by a watchdog thread after ``timeout_s`` without a
+batch (default :data:`WORKER_TIMEOUT_S`) and raises the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import weakref
+from typing import Protocol
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+WORKER_TIMEOUT_S = 120.0  # no batch for this long = hung workers: kill them, raise
+_PRELOAD = "scarce.readers"  # what the fork server imports once for every worker
+
+
+class ReaderError(RuntimeError):
+    """A reader worker died, hung or failed; the message says which and what to check."""
+
+
+class BatchMaker(Protocol):
+    """What :class:`TrainBatches` runs in its workers (``scarce.readers._BatchMaker``)."""
+
+    cfg: object  # TrainConfig; its ``seed`` seeds the DataLoader's own generator
+    db_path: os.PathLike
+
+    def batch(self, b: int) -> dict[str, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+class _BatchStream(IterableDataset):
+    """Worker ``w`` of ``W`` yields batches ``start + w, start + w + W, ...``.
+
+    The DataLoader asks its workers in round robin and returns their results in order, so
+    the consumer receives ``start, start + 1, ...`` whatever the number of workers.
+    """
+
+    def __init__(self, maker: BatchMaker, start: int):
+        self.maker, self.start = maker, start
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for b in itertools.count(self.start + worker, workers):
+            yield self.maker.batch(b)
+
+
+def init_worker(worker_id: int) -> None:
+    """Give a fresh worker process one thread (the workers are the parallelism).
+
+    Parameters
+    ----------
+    worker_id : int
+        DataLoader worker index (unused: every worker is set up alike).
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import cv2  # safe here: the fork server never started OpenCV's thread pool
+
+    cv2.setNumThreads(1)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Fork workers from a clean server process that has imported Scarce but run nothing.
+
+    Plain ``fork`` copies the parent's thread pools (OpenCV, OpenMP) in whatever state they
+    are in: a worker forked after the parent used ``cv2`` with threads hung in
+    ``cv2.setNumThreads`` (pthread_cond_destroy). ``spawn`` is safe but re-imports torch in
+    every worker (seconds each). The fork server imports :mod:`scarce.readers` once, without
+    starting any thread, and forks the workers from it (milliseconds each, after the first).
+
+    Returns
+    -------
+    multiprocessing.context.BaseContext
+        The ``forkserver`` context (``spawn`` where the platform has no fork server).
+
+    References
+    ----------
+    Python ``multiprocessing`` docs, "Contexts and start methods" (forkserver, preload).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([_PRELOAD])
+    return context
+
+
+def _watchdog(batches: weakref.ref, stop: threading.Event) -> None:
+    """Turn a hang into a crash: kill the workers after ``timeout_s`` without a batch.
+
+    Holds only a weak reference, so a forgotten stream is still collected (and its workers
+    shut down by the DataLoader iterator's finaliser).
+    """
+    while not stop.wait(1.0):
+        self = batches()
+        if self is None:
+            return
+        since = self._waiting_since
+        if since is not None and time.perf_counter() - since > self.timeout_s:
+            log.error("no batch from the reader workers in %.0f s: killing them (hung)",
+                      self.timeout_s)
+            for pid in self.worker_pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._waiting_since = None
+        del self
+
+
+class TrainBatches:
+    """Infinite stream of training batches, built by worker processes.
+
+    Iterating yields the maker's dicts, for Scarce's readers ``{"image": (N, C, P, P)
+    float32, "target": (N, P, P) int64}`` plus ``"weight": (N, P, P) float32`` with border
+    weights (``target`` is widened to int64 here; workers may send it as uint8). Iterating
+    again continues the same stream. ``next_batch`` is the stream index of the batch the
+    next call returns. Use as a context manager, or call :meth:`close`, to shut the workers
+    down. Made by :func:`scarce.readers.make_train_loader`.
+
+    Parameters
+    ----------
+    maker : BatchMaker
+        Builds batch ``b``; pickled to the workers (it must not hold open handles).
+    start_batch : int
+        Stream index of the first batch, >= 0.
+    reader_count : int
+        Worker processes; 0 builds batches in the calling process.
+    prefetch : int
+        Batches each worker prepares ahead (at least 1).
+    timeout_s : float, optional
+        Seconds without a batch after which the workers count as hung and are killed;
+        default :data:`WORKER_TIMEOUT_S` (read when the stream is made).
+
+    Raises
+    ------
+    ReaderError
+        From ``next()``: a worker died, was killed or hung, or the stream was closed.
+
+    References
+    ----------
+    PyTorch ``torch.utils.data.DataLoader`` with an ``IterableDataset`` (worker sharding
+    via ``get_worker_info``, persistent workers, liveness check).
+    """
+
+    def __init__(self, maker: BatchMaker, start_batch: int, reader_count: int, prefetch: int,
+                 *, timeout_s: float | None = None):
+        self.maker, self.reader_count, self.next_batch = maker, reader_count, start_batch
+        self.timeout_s = WORKER_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        self._waiting_since, self._stop = None, threading.Event()
+        if reader_count == 0:
+            self._iterator = iter(_BatchStream(maker, start_batch))
+            return
+        loader = DataLoader(  # timeout=0: the loader checks every 5 s that its workers live
+            _BatchStream(maker, start_batch), batch_size=None, num_workers=reader_count,
+            prefetch_factor=max(1, prefetch), persistent_workers=True, timeout=0,
+            worker_init_fn=init_worker, pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_context(),
+            generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
+        )
+        self._iterator = iter(loader)
+        threading.Thread(target=_watchdog, args=(weakref.ref(self), self._stop), daemon=True,
+                         name="scarce-reader-watchdog").start()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the reader workers (empty when reading in-process)."""
+        return [w.pid for w in getattr(self._iterator, "_workers", [])]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            raise ReaderError("this TrainBatches was closed; make a new one to read again")
+        self._waiting_since = time.perf_counter()
+        try:
+            batch = next(self._iterator)
+            batch["target"] = batch["target"].long()  # no copy when already int64
+        except RuntimeError as exc:
+            if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
+                raise
+            raise ReaderError(
+                f"reader worker failed while reading {self.maker.db_path} ({exc}); a killed "
+                "worker often means the machine ran out of memory (lower data.reader_count, "
+                "data.prefetch_batches or data.batch_size); a hung one is killed after "
+                f"{self.timeout_s:.0f} s without a batch"
+            ) from exc
+        finally:
+            self._waiting_since = None
+        self.next_batch += 1
+        return batch
+
+    def close(self) -> None:
+        """Shut the worker processes down (idempotent)."""
+        self._stop.set()
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.maker.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["BatchMaker", "ReaderError", "TrainBatches", "WORKER_TIMEOUT_S", "init_worker",
+           "worker_context"]
