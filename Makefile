@@ -13,11 +13,11 @@ export NO_ALBUMENTATIONS_UPDATE ?= 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,onnx]'
 	touch $(STAMP)
 
 test: setup
@@ -34,7 +34,7 @@ demo: setup
 	$(BIN)/scarce demo --data $(DATA) --out $(OUT) --minutes $(MINUTES)
 
 bench-setup: setup
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench,onnx]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,onnx,bench]'
 
 bench: bench-setup
 	$(BIN)/python benchmarks/ingest.py
