@@ -365,6 +365,10 @@ def conclusion(summary: dict, loads: list[float], bf16_instructions: list[str]) 
             f"{ratio[best]:.2f}x the 1 x 2 eager baseline of the same round." if ratio[best] > 1.1
             else "No configuration beat 1 process x 2 threads eager by more than 10 % (best: "
             f"{LABELS[best]}, {ratio[best]:.2f}x).")
+    ties = [f"{LABELS[n]} ({ratio[n]:.2f}x)" for n in ratio
+            if n != best and ratio[n] > 1.1 and ratio[n] * 1.1 >= ratio[best]]
+    if ties:
+        text += " Within 10 % of it (a tie here): " + "; ".join(ties) + "."
     if "bf16" in ratio and ratio["bf16"] > 1.1:
         text += (f" bf16 autocast (`--amp bf16`) ran {ratio['bf16']:.2f}x eager; it relies on "
                  f"this CPU's bf16 instructions ({', '.join(bf16_instructions) or 'none'}), so "
@@ -373,8 +377,12 @@ def conclusion(summary: dict, loads: list[float], bf16_instructions: list[str]) 
         verdict = ("faster: on a CPU-only machine, train with `scarce train --nproc <cores>` "
                    "(torchrun, one intra-op thread per process)" if ratio["ddp"] > 1.1 else
                    "slower: keep one process" if ratio["ddp"] < 0.9 else "no clear difference")
+        busy = summary["eager"]["median_samples_per_s"] / (
+            2 * summary["eager"]["median_samples_per_cpu_s"])
         text += (f" 2 DDP processes x 1 thread ran at {ratio['ddp']:.2f}x the speed of 1 process"
-                 f" x 2 threads ({verdict}).")
+                 f" x 2 threads ({verdict}). The eager baseline's 2 threads ran {100 * busy:.0f} %"
+                 " of the wall time (samples/s / (2 x samples per CPU-second)); on an idle "
+                 "machine the rest is all that more processes could win back.")
     if "monai" in summary:
         m, e = summary["monai"], summary["eager"]
         text += (f" MONAI's BasicUNet (a smaller network) trained {m['median_ratio_to_eager']:.2f}"
