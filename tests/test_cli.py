@@ -67,3 +67,65 @@ def test_ingest_bad_input_exits_nonzero_and_names_files(tmp_path, capsys):
     assert code == 2
     assert "a.tif" in err and "b.tif" in err
     assert not (tmp_path / "db").exists()
+
+
+def _write_split(path, train, test):
+    path.write_text(json.dumps({"train": train, "test": test}))
+    return str(path)
+
+
+def test_cli_isbi2012_slices_and_bbbc039_instances(shared_data, tmp_path):
+    """ingest -> train -> predict -> evaluate from the CLI on isbi2012 (train on slices 00-23,
+    test on 24-29) and on bbbc039 (instance masks, boundary target, object metrics)."""
+    isbi = shared_data / "isbi2012"
+    split = _write_split(tmp_path / "isbi_split.json", [f"{i:02d}" for i in range(24)],
+                         [f"{i:02d}" for i in range(24, 30)])
+    tiny = ["--max-steps", "2", "--test-every-n-steps", "2", "--patch-size", "64",
+            "--batch-size", "2", "--reader-count", "0", "--set", "model.width=4",
+            "--set", "model.depth=2", "--set", "data.test_tile_size=512"]
+    assert main(["ingest", "--images", str(isbi / "images"), "--masks", str(isbi / "masks"),
+                 "--out", str(tmp_path / "isbi_db"), "--split", split]) == 0
+    assert main(["train", "--train-db", str(tmp_path / "isbi_db" / "train.lmdb"),
+                 "--out", str(tmp_path / "isbi_run"), *tiny]) == 0
+    test_images = tmp_path / "isbi_test"
+    test_images.mkdir()
+    for i in range(24, 30):
+        (test_images / f"{i:02d}.png").symlink_to(isbi / "images" / f"{i:02d}.png")
+    assert main(["predict", "--model", str(tmp_path / "isbi_run"), "--images", str(test_images),
+                 "--out", str(tmp_path / "isbi_pred")]) == 0
+    truth = tmp_path / "isbi_truth"
+    truth.mkdir()
+    for i in range(24, 30):
+        (truth / f"{i:02d}.png").symlink_to(isbi / "masks" / f"{i:02d}.png")
+    assert main(["evaluate", "--pred", str(tmp_path / "isbi_pred"), "--truth", str(truth),
+                 "--out", str(tmp_path / "isbi_report")]) == 0
+    metrics = json.loads((tmp_path / "isbi_report" / "metrics.json").read_text())
+    assert metrics["num_images"] == 6 and 0.0 <= metrics["rand_error"] <= 1.0
+
+    bbbc = shared_data / "bbbc039"
+    stems = sorted(p.stem for p in (bbbc / "images").iterdir())[:4]
+    data = tmp_path / "bbbc"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+        for s in stems:
+            (data / sub / f"{s}.png").symlink_to(bbbc / sub / f"{s}.png")
+    split = _write_split(tmp_path / "bbbc_split.json", stems[:3], stems[3:])
+    assert main(["ingest", "--images", str(data / "images"), "--masks", str(data / "masks"),
+                 "--out", str(tmp_path / "bbbc_db"), "--split", split,
+                 "--mask-kind", "instance"]) == 0
+    assert main(["train", "--train-db", str(tmp_path / "bbbc_db" / "train.lmdb"),
+                 "--out", str(tmp_path / "bbbc_run"), *tiny,
+                 "--set", "data.target=boundary"]) == 0
+    one = data / "images" / f"{stems[3]}.png"
+    assert main(["predict", "--model", str(tmp_path / "bbbc_run"), "--images", str(one),
+                 "--out", str(tmp_path / "bbbc_pred"), "--instances"]) == 0
+    assert (tmp_path / "bbbc_pred" / f"{stems[3]}_instances.tif").is_file()
+    truth = tmp_path / "bbbc_truth"
+    truth.mkdir()
+    (truth / f"{stems[3]}.png").symlink_to(bbbc / "masks" / f"{stems[3]}.png")
+    assert main(["evaluate", "--pred", str(tmp_path / "bbbc_pred"), "--truth", str(truth),
+                 "--instances", "--out", str(tmp_path / "bbbc_report")]) == 0
+    metrics = json.loads((tmp_path / "bbbc_report" / "metrics.json").read_text())
+    assert set(metrics["objects"]["0.50"]) >= {"tp", "fp", "fn", "precision", "recall", "f1",
+                                               "ap"}
+    assert metrics["objects"]["0.50"]["tp"] + metrics["objects"]["0.50"]["fn"] > 50  # nuclei
