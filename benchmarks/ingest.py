@@ -52,8 +52,12 @@ def raw_write(samples: list[store.Sample], db: Path) -> tuple[float, float]:
     """Write pre-decoded samples as ingest does, without checks; return (wall, CPU) seconds."""
     pixel_bytes = sum(s.image.nbytes + s.mask.nbytes for s in samples)
     start, cpu = time.perf_counter(), time.process_time()
-    env = store.open_env(db, write=True, writemap=True,
-                         map_size=int(pixel_bytes * 1.1) + len(samples) * 8192 + (64 << 20))
+    env = store.open_env(
+        db,
+        write=True,
+        writemap=True,
+        map_size=int(pixel_bytes * 1.1) + len(samples) * 8192 + (64 << 20),
+    )
     txn, pending = env.begin(write=True), 0
     for i, s in enumerate(samples):
         record = store.encode_sample(s.name, s.source, s.origin, s.image, s.mask, list(s.classes))
@@ -77,8 +81,14 @@ def timed_ingest(data: Path, out: Path, cache_bytes: int) -> tuple[tuple[float, 
     ingest_module.CACHE_BYTES = cache_bytes
     try:
         start, cpu = time.perf_counter(), time.process_time()
-        summary = ingest(data / "images", data / "masks", out, mask_kind="instance",
-                         overwrite=True, progress=False)
+        summary = ingest(
+            data / "images",
+            data / "masks",
+            out,
+            mask_kind="instance",
+            overwrite=True,
+            progress=False,
+        )
         return (time.perf_counter() - start, time.process_time() - cpu), summary
     finally:
         ingest_module.CACHE_BYTES = saved
@@ -102,15 +112,22 @@ def phases(data: Path, summary: dict, db: Path) -> dict[str, float]:
     transactions, fsync and trim at the end).
     """
     pairs, _ = ingest_module.pair_files(data / "images", data / "masks")
-    plan = ingest_module.StoragePlan(summary["mask_kind"], summary["channels"],
-                                     np.dtype(summary["image_dtype"]),
-                                     np.dtype(summary["mask_dtype"]))
-    stats = ingest_records.IntensityStats(plan.channels, plan.image_dtype, 1,
-                                          np.random.default_rng(0))
-    env = store.open_env(db, write=True, writemap=True,
-                         map_size=int(summary["raw_bytes"] * 1.1) + (256 << 20))
-    spent = dict.fromkeys(["decode_image", "decode_mask", "label_counts", "statistics",
-                           "tile_encode", "lmdb_write"], 0.0)
+    plan = ingest_module.StoragePlan(
+        summary["mask_kind"],
+        summary["channels"],
+        np.dtype(summary["image_dtype"]),
+        np.dtype(summary["mask_dtype"]),
+    )
+    stats = ingest_records.IntensityStats(
+        plan.channels, plan.image_dtype, 1, np.random.default_rng(0)
+    )
+    env = store.open_env(
+        db, write=True, writemap=True, map_size=int(summary["raw_bytes"] * 1.1) + (256 << 20)
+    )
+    spent = dict.fromkeys(
+        ["decode_image", "decode_mask", "label_counts", "statistics", "tile_encode", "lmdb_write"],
+        0.0,
+    )
     txn, pending, index = env.begin(write=True), 0, 0
 
     def timed(step, function, *args):
@@ -124,10 +141,20 @@ def phases(data: Path, summary: dict, db: Path) -> dict[str, float]:
         mask = timed("decode_mask", io.read_mask, mask_path).astype(plan.mask_dtype)
         labels, counts = timed("label_counts", ingest_records.label_counts, mask)
         timed("statistics", stats.add, image)
-        source = ingest_module.Source(stem, image_path, mask_path, mask.shape, len(image),
-                                      image.dtype, mask.dtype, labels, counts)
-        samples = timed("tile_encode", ingest_module.encode_source, source, image, mask, plan,
-                        (None, None))
+        source = ingest_module.Source(
+            stem,
+            image_path,
+            mask_path,
+            mask.shape,
+            len(image),
+            image.dtype,
+            mask.dtype,
+            labels,
+            counts,
+        )
+        samples = timed(
+            "tile_encode", ingest_module.encode_source, source, image, mask, plan, (None, None)
+        )
         start = time.process_time()
         for _, record in samples:
             txn.put(store.sample_key(index), record, append=True)
@@ -145,10 +172,21 @@ def phases(data: Path, summary: dict, db: Path) -> dict[str, float]:
 
 def machine() -> dict:
     """Where the numbers were taken."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": np.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
 
 
 def run(data: Path, repeats: int, tmp_root: str | None) -> dict:
@@ -163,8 +201,12 @@ def run(data: Path, repeats: int, tmp_root: str | None) -> dict:
                 samples += [db[i] for i in range(len(db))]
         raw_bytes = summary["raw_bytes"]
         assert raw_bytes == sum(s.image.nbytes + s.mask.nbytes for s in samples)
-        runs: dict[str, list] = {"ingest": [], "ingest_two_pass": [], "raw_lmdb": [],
-                                 "decode_only": []}
+        runs: dict[str, list] = {
+            "ingest": [],
+            "ingest_two_pass": [],
+            "raw_lmdb": [],
+            "decode_only": [],
+        }
         for i in range(repeats):
             runs["decode_only"].append(decode_only(data))
             runs["ingest"].append(timed_ingest(data, tmp / "db", ingest_module.CACHE_BYTES)[0])
@@ -178,17 +220,25 @@ def run(data: Path, repeats: int, tmp_root: str | None) -> dict:
     mbps = {k: raw_bytes / 1e6 / t for k, t in median.items()}
     return {
         "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/ingest.py "
-                   + shlex.join(sys.argv[1:]),
-        "dataset": str(data), "files": 2 * (summary["train_sources"] + summary["test_sources"]),
-        "samples": summary["train"] + summary["test"], "raw_bytes": raw_bytes,
-        "repeats": repeats, "seconds": times, "median_seconds": median, "mb_per_s": mbps,
+        + shlex.join(sys.argv[1:]),
+        "dataset": str(data),
+        "files": 2 * (summary["train_sources"] + summary["test_sources"]),
+        "samples": summary["train"] + summary["test"],
+        "raw_bytes": raw_bytes,
+        "repeats": repeats,
+        "seconds": times,
+        "median_seconds": median,
+        "mb_per_s": mbps,
         "median_cpu_seconds": cpu,
         "ratio_ingest_to_raw": mbps["ingest"] / mbps["raw_lmdb"],
         "ratio_two_pass_to_raw": mbps["ingest_two_pass"] / mbps["raw_lmdb"],
         "cpu_ratio_raw_to_ingest": cpu["raw_lmdb"] / cpu["ingest"],
         "phase_cpu_seconds": steps,
-        "machine": {**machine(), "load_average_at_start": load_at_start,
-                    "load_average_at_end": list(os.getloadavg())},
+        "machine": {
+            **machine(),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": list(os.getloadavg()),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -196,41 +246,46 @@ def run(data: Path, repeats: int, tmp_root: str | None) -> dict:
 def markdown(result: dict) -> str:
     """The markdown report."""
     m, mb, cpu = result["machine"], result["mb_per_s"], result["median_cpu_seconds"]
-    rows = [("ingest (validate + write, decoded arrays cached)", "ingest"),
-            ("ingest, two passes (decode again to write)", "ingest_two_pass"),
-            ("raw LMDB write of the same records", "raw_lmdb"),
-            ("decoding alone, one thread (no checks, no writing)", "decode_only")]
-    table = "\n".join(f"| {label} | {result['median_seconds'][k]:.2f} | {mb[k]:.0f} | "
-                      f"{result['median_cpu_seconds'][k]:.2f} | "
-                      f"{', '.join(f'{t:.2f}' for t in result['seconds'][k])} |"
-                      for label, k in rows)
+    rows = [
+        ("ingest (validate + write, decoded arrays cached)", "ingest"),
+        ("ingest, two passes (decode again to write)", "ingest_two_pass"),
+        ("raw LMDB write of the same records", "raw_lmdb"),
+        ("decoding alone, one thread (no checks, no writing)", "decode_only"),
+    ]
+    table = "\n".join(
+        f"| {label} | {result['median_seconds'][k]:.2f} | {mb[k]:.0f} | "
+        f"{result['median_cpu_seconds'][k]:.2f} | "
+        f"{', '.join(f'{t:.2f}' for t in result['seconds'][k])} |"
+        for label, k in rows
+    )
     step = result["phase_cpu_seconds"]
     total = sum(step.values())
     steps = "\n".join(f"| {k} | {v:.2f} | {100 * v / total:.0f} % |" for k, v in step.items())
     n = m["nproc"]
-    ideal = ((step["decode_image"] + step["decode_mask"] + step["label_counts"]) / n
-             + max(step["statistics"] + step["lmdb_write"], step["tile_encode"] / n))
+    ideal = (step["decode_image"] + step["decode_mask"] + step["label_counts"]) / n + max(
+        step["statistics"] + step["lmdb_write"], step["tile_encode"] / n
+    )
     load = ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])
     load_end = ", ".join(f"{x:.2f}" for x in m["load_average_at_end"])
     return f"""# Ingest benchmark: dsb2018
 
-Command (from the repository root): `{result['command']}`
+Command (from the repository root): `{result["command"]}`
 
-Machine: {n} CPU(s), {m['cpu']}, {m['platform']}, Python {m['python']},
+Machine: {n} CPU(s), {m["cpu"]}, {m["platform"]}, Python {m["python"]},
 load average (1, 5, 15 min) {load} at start and {load_end} at the end (the machine is shared
 with other jobs; see the spread of the runs).
 
-Data: {result['dataset']}, {result['files']} files, {result['samples']} samples,
-{result['raw_bytes'] / 1e6:.1f} MB of image + mask bytes as stored.
+Data: {result["dataset"]}, {result["files"]} files, {result["samples"]} samples,
+{result["raw_bytes"] / 1e6:.1f} MB of image + mask bytes as stored.
 
 | what | median wall s | MB/s | median CPU s | runs (wall), s |
 | --- | ---: | ---: | ---: | --- |
 {table}
 
-**Ingest / raw LMDB write: {result['ratio_ingest_to_raw']:.2f}** (target >= 0.5); two-pass
-ingest / raw: {result['ratio_two_pass_to_raw']:.2f}. In CPU time (all threads of the process,
+**Ingest / raw LMDB write: {result["ratio_ingest_to_raw"]:.2f}** (target >= 0.5); two-pass
+ingest / raw: {result["ratio_two_pass_to_raw"]:.2f}. In CPU time (all threads of the process,
 less sensitive to the other jobs on the machine), raw / ingest =
-{result['cpu_ratio_raw_to_ingest']:.2f}.
+{result["cpu_ratio_raw_to_ingest"]:.2f}.
 
 ## Where the time goes
 
@@ -241,14 +296,14 @@ script; the raw LMDB write above does only the last two steps):
 | --- | ---: | ---: |
 {steps}
 
-Decoding the PNG files is {100 * (step['decode_image'] + step['decode_mask']) / total:.0f} % of
+Decoding the PNG files is {100 * (step["decode_image"] + step["decode_mask"]) / total:.0f} % of
 the work. Ingest runs in two passes: every file is decoded and checked (on min(8, cores)
 threads; Pillow and OpenCV release the GIL) before anything is written, then worker threads
 tile and encode the next images (decoding again those beyond the 2 GiB cache) while the main
 thread folds in the statistics and puts the records into LMDB. With these step costs and
 perfect use of {n} core(s), ingest would take at least (decode + label counts) / cores +
 max(statistics + LMDB write, tile/encode / cores) = {ideal:.2f} s, i.e. reach at most
-{cpu['raw_lmdb'] / ideal:.2f} of the raw write speed measured in CPU terms; the ratio grows
+{cpu["raw_lmdb"] / ideal:.2f} of the raw write speed measured in CPU terms; the ratio grows
 with the core count, as decoding is the part that parallelises.
 """
 

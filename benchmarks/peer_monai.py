@@ -48,12 +48,16 @@ def _check_pairs(train_pairs: Sequence, num_classes: int) -> int:
     for i, (image, label) in enumerate(train_pairs):
         image, label = np.asarray(image), np.asarray(label)
         if image.ndim != 3 or label.shape != image.shape[1:]:
-            raise ValueError(f"pair {i}: expected image (C, H, W) and label (H, W) of the same "
-                             f"H, W; got {image.shape} and {label.shape}")
+            raise ValueError(
+                f"pair {i}: expected image (C, H, W) and label (H, W) of the same "
+                f"H, W; got {image.shape} and {label.shape}"
+            )
         if label.dtype.kind not in "biu" or label.min() < 0 or label.max() >= num_classes:
-            raise ValueError(f"pair {i}: labels must be integers in 0..{num_classes - 1}, got "
-                             f"dtype {label.dtype}, range {label.min()}..{label.max()}; map "
-                             "instance masks to mask > 0 first")
+            raise ValueError(
+                f"pair {i}: labels must be integers in 0..{num_classes - 1}, got "
+                f"dtype {label.dtype}, range {label.min()}..{label.max()}; map "
+                "instance masks to mask > 0 first"
+            )
         if channels not in (None, image.shape[0]):
             raise ValueError(f"pair {i}: {image.shape[0]} channels, earlier images had {channels}")
         channels = image.shape[0]
@@ -82,23 +86,40 @@ def monai_transforms(patch: int):
     from monai import transforms as T
 
     size = (patch, patch)
-    return T.Compose([
-        T.NormalizeIntensityd(keys="image"),
-        T.SpatialPadd(keys=("image", "label"), spatial_size=size, mode="reflect"),
-        T.RandSpatialCropd(keys=("image", "label"), roi_size=size, random_size=False),
-        T.RandFlipd(keys=("image", "label"), prob=AUG_P, spatial_axis=0),
-        T.RandFlipd(keys=("image", "label"), prob=AUG_P, spatial_axis=1),
-        T.RandRotate90d(keys=("image", "label"), prob=AUG_P, max_k=3),
-        T.RandAffined(keys=("image", "label"), prob=AUG_P, rotate_range=np.pi,
-                      scale_range=(0.1, 0.1), translate_range=(0.1 * patch, 0.1 * patch),
-                      mode=("bilinear", "nearest"), padding_mode="reflection"),
-        T.RandGaussianNoised(keys="image", prob=AUG_P, std=NOISE_STD),
-        T.EnsureTyped(keys=("image", "label"), track_meta=False),
-    ])
+    return T.Compose(
+        [
+            T.NormalizeIntensityd(keys="image"),
+            T.SpatialPadd(keys=("image", "label"), spatial_size=size, mode="reflect"),
+            T.RandSpatialCropd(keys=("image", "label"), roi_size=size, random_size=False),
+            T.RandFlipd(keys=("image", "label"), prob=AUG_P, spatial_axis=0),
+            T.RandFlipd(keys=("image", "label"), prob=AUG_P, spatial_axis=1),
+            T.RandRotate90d(keys=("image", "label"), prob=AUG_P, max_k=3),
+            T.RandAffined(
+                keys=("image", "label"),
+                prob=AUG_P,
+                rotate_range=np.pi,
+                scale_range=(0.1, 0.1),
+                translate_range=(0.1 * patch, 0.1 * patch),
+                mode=("bilinear", "nearest"),
+                padding_mode="reflection",
+            ),
+            T.RandGaussianNoised(keys="image", prob=AUG_P, std=NOISE_STD),
+            T.EnsureTyped(keys=("image", "label"), track_meta=False),
+        ]
+    )
 
 
-def train_monai(train_pairs: Sequence, steps: int, patch: int, batch: int, lr: float = 1e-3,
-                seed: int = 0, *, num_classes: int = 2, threads: int | None = None):
+def train_monai(
+    train_pairs: Sequence,
+    steps: int,
+    patch: int,
+    batch: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    *,
+    num_classes: int = 2,
+    threads: int | None = None,
+):
     """Train the peer recipe for exactly ``steps`` Adam steps on CPU.
 
     Parameters
@@ -143,21 +164,33 @@ def train_monai(train_pairs: Sequence, steps: int, patch: int, batch: int, lr: f
     from monai.networks.nets import BasicUNet
 
     if steps < 1 or batch < 1 or patch < 16 or patch % 16:
-        raise ValueError(f"need steps >= 1, batch >= 1 and patch a multiple of 16; got "
-                         f"steps={steps}, batch={batch}, patch={patch}")
+        raise ValueError(
+            f"need steps >= 1, batch >= 1 and patch a multiple of 16; got "
+            f"steps={steps}, batch={batch}, patch={patch}"
+        )
     channels = _check_pairs(train_pairs, num_classes)
     if threads:
         torch.set_num_threads(threads)
     seeds = np.random.SeedSequence(seed).generate_state(3)
-    data = [{"image": np.asarray(im, dtype=np.float32), "label": np.asarray(lb)[None].astype(
-        np.int64)} for im, lb in train_pairs]
+    data = [
+        {"image": np.asarray(im, dtype=np.float32), "label": np.asarray(lb)[None].astype(np.int64)}
+        for im, lb in train_pairs
+    ]
     transform = monai_transforms(patch)
     transform.set_random_state(seed=int(seeds[0]))
     sampler = torch.utils.data.RandomSampler(
-        data, replacement=True, num_samples=steps * batch,
-        generator=torch.Generator().manual_seed(int(seeds[1])))
-    loader = DataLoader(Dataset(data, transform), batch_size=batch, sampler=sampler,
-                        num_workers=1, persistent_workers=False)
+        data,
+        replacement=True,
+        num_samples=steps * batch,
+        generator=torch.Generator().manual_seed(int(seeds[1])),
+    )
+    loader = DataLoader(
+        Dataset(data, transform),
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=1,
+        persistent_workers=False,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(int(seeds[2]))
         model = BasicUNet(spatial_dims=2, in_channels=channels, out_channels=num_classes)
@@ -211,8 +244,14 @@ def predict_monai(model, image, patch: int = 256, overlap: float = 0.25) -> np.n
         raise ValueError(f"image must be (C, H, W), got shape {image.shape}")
     x = NormalizeIntensity()(torch.from_numpy(image.astype(np.float32)))
     x = torch.as_tensor(x).float()[None]  # (1, C, H, W)
-    logits = sliding_window_inference(x, roi_size=(patch, patch), sw_batch_size=4,
-                                      predictor=model, overlap=overlap, mode="gaussian")
+    logits = sliding_window_inference(
+        x,
+        roi_size=(patch, patch),
+        sw_batch_size=4,
+        predictor=model,
+        overlap=overlap,
+        mode="gaussian",
+    )
     return torch.as_tensor(logits)[0].argmax(0).numpy().astype(np.uint8)
 
 
@@ -224,8 +263,11 @@ def _smoke(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2]
-                        / "shared" / "data" / "nist_rpe")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_rpe",
+    )
     args = parser.parse_args(argv)
     files = list_image_files(args.data / "images")
     pairs = [(stem_of(f), read_image(f), read_mask(args.data / "masks" / f.name)) for f in files]
@@ -234,8 +276,10 @@ def _smoke(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model = train_monai(train, args.steps, 256, 4, threads=2)
     print(f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s")
-    metrics, _ = evaluate_arrays([(n, (m > 0).astype(np.uint8), predict_monai(model, im))
-                                  for n, im, m in test], num_classes=2)
+    metrics, _ = evaluate_arrays(
+        [(n, (m > 0).astype(np.uint8), predict_monai(model, im)) for n, im, m in test],
+        num_classes=2,
+    )
     print(f"test foreground Dice (pooled) {metrics['mean_dice']:.4f}")
     return 0
 

@@ -73,17 +73,35 @@ def build_db(folder: Path, count: int) -> Path:
             for c in classes:
                 counts[c] = counts.get(c, 0) + int((mask == c).sum())
             stats.append((image.mean(), image.std()))
-            txn.put(sample_key(i), encode_sample(stem_of(file), stem_of(file), (0, 0), image,
-                                                 mask, classes))
-            samples.append({"name": stem_of(file), "source": stem_of(file), "origin": [0, 0],
-                            "shape": list(mask.shape), "classes": classes})
+            txn.put(
+                sample_key(i),
+                encode_sample(stem_of(file), stem_of(file), (0, 0), image, mask, classes),
+            )
+            samples.append(
+                {
+                    "name": stem_of(file),
+                    "source": stem_of(file),
+                    "origin": [0, 0],
+                    "shape": list(mask.shape),
+                    "classes": classes,
+                }
+            )
         mean = float(np.mean([m for m, _ in stats]))
-        meta = {"format_version": 1, "num_samples": len(samples), "channels": 1,
-                "mask_kind": "class", "class_ids": sorted(counts),
-                "class_pixel_counts": {str(k): v for k, v in sorted(counts.items())},
-                "intensity": {"mean": [mean], "std": [float(np.mean([s for _, s in stats]))],
-                              "p1": [0.0], "p99": [0.0]},
-                "samples": samples}
+        meta = {
+            "format_version": 1,
+            "num_samples": len(samples),
+            "channels": 1,
+            "mask_kind": "class",
+            "class_ids": sorted(counts),
+            "class_pixel_counts": {str(k): v for k, v in sorted(counts.items())},
+            "intensity": {
+                "mean": [mean],
+                "std": [float(np.mean([s for _, s in stats]))],
+                "p1": [0.0],
+                "p99": [0.0],
+            },
+            "samples": samples,
+        }
         txn.put(METADATA_KEY, json.dumps(meta).encode())
     env.close()
     return path
@@ -141,16 +159,19 @@ def peer_transform():
     import cv2
 
     reflect = cv2.BORDER_REFLECT_101
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.Affine(rotate=(0, 360), scale=(0.9, 1.1), translate_percent=0.1, border_mode=reflect,
-                 p=1.0),
-        A.GaussNoise(std_range=(0.0, 0.1), p=0.5),
-        A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=0.5),
-        A.PadIfNeeded(PATCH, PATCH, border_mode=reflect),
-        A.RandomCrop(PATCH, PATCH),
-    ])
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(
+                rotate=(0, 360), scale=(0.9, 1.1), translate_percent=0.1, border_mode=reflect, p=1.0
+            ),
+            A.GaussNoise(std_range=(0.0, 0.1), p=0.5),
+            A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 2.0), p=0.5),
+            A.PadIfNeeded(PATCH, PATCH, border_mode=reflect),
+            A.RandomCrop(PATCH, PATCH),
+        ]
+    )
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -195,13 +216,19 @@ def scarce_rate(db: Path, cfg: TrainConfig, workers: int, seconds: float) -> tup
 def peer_rate(db: Path, workers: int, seconds: float) -> tuple[float, ...]:
     """albumentations rates (see :func:`timed`) with ``workers`` workers."""
     dataset = PeerDataset(db, length=10**9)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
-                                             generator=torch.Generator().manual_seed(0))
+    sampler = torch.utils.data.RandomSampler(
+        dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(0)
+    )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
-        prefetch_factor=PREFETCH, persistent_workers=True,
+        dataset,
+        batch_size=BATCH,
+        sampler=sampler,
+        num_workers=workers,
+        prefetch_factor=PREFETCH,
+        persistent_workers=True,
         worker_init_fn=init_worker,  # same threads and process start as Scarce's workers
-        multiprocessing_context=worker_context())
+        multiprocessing_context=worker_context(),
+    )
     iterator = iter(loader)
     next(iterator)
     rates = timed(iterator, [w.pid for w in iterator._workers], seconds, 2 * workers)
@@ -224,8 +251,7 @@ def breakdown(db: Path, cfg: TrainConfig, patches: int = 400) -> dict:
     torch.set_num_threads(1)
     spec = normalization_spec("zscore", cfg.data.percentiles, read_metadata(db))
     env, rng, clock = open_env(db), batch_generator(0, 0, 0), time.process_time
-    times = dict.fromkeys(("decode", "normalization_params", "augment_patch", "derive_target"),
-                          0.0)
+    times = dict.fromkeys(("decode", "normalization_params", "augment_patch", "derive_target"), 0.0)
     with env.begin(buffers=True) as txn:
         for i in range(patches):
             t0 = clock()
@@ -234,8 +260,16 @@ def breakdown(db: Path, cfg: TrainConfig, patches: int = 400) -> dict:
             offset, scale = normalization_params(sample.image, spec)
             t2 = clock()
             centre = (float(rng.integers(256)), float(rng.integers(256)))  # as the readers
-            _, mask = augment_patch(sample.image, sample.mask, centre, PATCH, cfg.augment, rng,
-                                    offset=offset, scale=scale)
+            _, mask = augment_patch(
+                sample.image,
+                sample.mask,
+                centre,
+                PATCH,
+                cfg.augment,
+                rng,
+                offset=offset,
+                scale=scale,
+            )
             t3 = clock()
             derive_target(mask, "class", "auto", 2)
             t4 = clock()
@@ -257,13 +291,25 @@ def breakdown(db: Path, cfg: TrainConfig, patches: int = 400) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import albumentations
 
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__,
-            "albumentations": albumentations.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "albumentations": albumentations.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         print(f"{DATA} is absent; see /work/shared/data/nist_rpe/README.md", file=sys.stderr)
         return 1
-    cfg = TrainConfig(data=DataConfig(patch_size=PATCH, batch_size=BATCH, reader_count=0,
-                                      prefetch_batches=PREFETCH))
+    cfg = TrainConfig(
+        data=DataConfig(
+            patch_size=PATCH, batch_size=BATCH, reader_count=0, prefetch_batches=PREFETCH
+        )
+    )
     runs = {"raw_lmdb_reads": lambda db: (raw_reads(db, args.seconds), math.nan, math.nan)}
     for w in (1, 2):
         runs[f"scarce_{w}w"] = lambda db, w=w: scarce_rate(db, cfg, w, args.seconds)
@@ -297,39 +346,54 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_rates[name].append(per_cpu)
                     consumer[name].append(own)
                 load.append(os.getloadavg()[0])
-                print(f"round {r + 1}: {name:20s} {wall:9.1f} /s  {per_cpu:7.1f} per worker-CPU-s",
-                      flush=True)
+                print(
+                    f"round {r + 1}: {name:20s} {wall:9.1f} /s  {per_cpu:7.1f} per worker-CPU-s",
+                    flush=True,
+                )
     write_results(args, rates, cpu_rates, consumer, parts, load)
     return 0
 
 
 def median_ratios(rates: dict) -> dict:
     """Median over rounds of the per-round ratio Scarce / albumentations, per worker count."""
-    return {f"{w}w": statistics.median(s / p for s, p in zip(rates[f"scarce_{w}w"],
-                                                            rates[f"albumentations_{w}w"]))
-            for w in (1, 2)}
+    return {
+        f"{w}w": statistics.median(
+            s / p for s, p in zip(rates[f"scarce_{w}w"], rates[f"albumentations_{w}w"])
+        )
+        for w in (1, 2)
+    }
 
 
 def table(rates: dict, rounds: int, digits: int = 0) -> list[str]:
-    lines = ["| run | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | median |",
-             "|---" * (rounds + 2) + "|"]
+    lines = [
+        "| run | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | median |",
+        "|---" * (rounds + 2) + "|",
+    ]
     for name, values in rates.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.{digits}f}" for v in values)
-                     + f" | {statistics.median(values):.{digits}f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{v:.{digits}f}" for v in values)
+            + f" | {statistics.median(values):.{digits}f} |"
+        )
     return lines
 
 
-def write_results(args, rates: dict, cpu_rates: dict, consumer: dict, parts: dict,
-                  load: list[float]) -> None:
+def write_results(
+    args, rates: dict, cpu_rates: dict, consumer: dict, parts: dict, load: list[float]
+) -> None:
     """Write ``readers.json`` and ``readers.md`` under ``args.out``."""
     ratio, cpu_ratio = median_ratios(rates), median_ratios(cpu_rates)
-    idle_2w = {name: 2 * statistics.median(cpu_rates[f"{name}_2w"])
-               for name in ("scarce", "albumentations")}
+    idle_2w = {
+        name: 2 * statistics.median(cpu_rates[f"{name}_2w"])
+        for name in ("scarce", "albumentations")
+    }
     result = {
         "command": "OMP_WAIT_POLICY=PASSIVE NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python "
-                   f"benchmarks/readers.py --seconds {args.seconds:g} --rounds {args.rounds} "
-                   f"--images {args.images}",
-        "machine": machine(), "patch_size": PATCH, "batch_size": BATCH,
+        f"benchmarks/readers.py --seconds {args.seconds:g} --rounds {args.rounds} "
+        f"--images {args.images}",
+        "machine": machine(),
+        "patch_size": PATCH,
+        "batch_size": BATCH,
         "units": "raw_lmdb_reads: records/s; others: augmented 256x256 patches/s",
         "wall_rates_per_round": rates,
         "wall_median": {k: statistics.median(v) for k, v in rates.items()},
@@ -338,37 +402,56 @@ def write_results(args, rates: dict, cpu_rates: dict, consumer: dict, parts: dic
         "median_ratio_scarce_over_albumentations_per_cpu": cpu_ratio,
         "consumer_cpu_ms_per_batch_per_round": consumer,
         "projected_2w_patches_per_second_one_core_per_worker": idle_2w,
-        "cpu_ms_per_patch_in_process": parts, "load_average_1min": load,
+        "cpu_ms_per_patch_in_process": parts,
+        "load_average_1min": load,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "readers.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# Reader throughput (`benchmarks/readers.py`)", "",
-             f"Command: `{result['command']}`", "",
-             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared "
-             f"with other jobs (1-min load average during the runs {min(load):.1f} to "
-             f"{max(load):.1f}); torch {torch.__version__}, albumentations "
-             f"{result['machine']['albumentations']}. Runs alternate within each round.", "",
-             "## Wall-clock rate (records/s for raw reads, augmented 256x256 patches/s else)",
-             "", *table(rates, args.rounds), "",
-             "Median per-round ratio Scarce / albumentations: "
-             + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items()) + ".", "",
-             "## Patches per worker-CPU-second (independent of the machine's load)", "",
-             *table(cpu_rates, args.rounds), "",
-             "Median per-round ratio Scarce / albumentations: "
-             + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ratio.items()) + ". With one free "
-             "core per worker, 2 workers would deliver about "
-             + ", ".join(f"{k} {v:.0f}" for k, v in idle_2w.items()) + " patches/s.", "",
-             f"Goal (at least the peer's rate, at least 800 patches/s with 2 workers): "
-             f"Scarce / peer {ratio['2w']:.2f} (wall) and {cpu_ratio['2w']:.2f} (per CPU) with "
-             f"2 workers; 2 workers delivered a median "
-             f"{statistics.median(rates['scarce_2w']):.0f} patches/s wall-clock on this shared "
-             f"machine and would deliver about {idle_2w['scarce']:.0f} with two free cores.", "",
-             "Consumer (main process) CPU ms per batch of 8, median: "
-             + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in consumer.items()) + ".",
-             "",
-             "## Where a Scarce patch's time goes (in-process CPU ms per patch, one thread)",
-             "", "| stage | ms |", "|---|---|",
-             *(f"| {k} | {v:.3f} |" for k, v in parts.items())]
+    lines = [
+        "# Reader throughput (`benchmarks/readers.py`)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores shared "
+        f"with other jobs (1-min load average during the runs {min(load):.1f} to "
+        f"{max(load):.1f}); torch {torch.__version__}, albumentations "
+        f"{result['machine']['albumentations']}. Runs alternate within each round.",
+        "",
+        "## Wall-clock rate (records/s for raw reads, augmented 256x256 patches/s else)",
+        "",
+        *table(rates, args.rounds),
+        "",
+        "Median per-round ratio Scarce / albumentations: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items())
+        + ".",
+        "",
+        "## Patches per worker-CPU-second (independent of the machine's load)",
+        "",
+        *table(cpu_rates, args.rounds),
+        "",
+        "Median per-round ratio Scarce / albumentations: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu_ratio.items())
+        + ". With one free "
+        "core per worker, 2 workers would deliver about "
+        + ", ".join(f"{k} {v:.0f}" for k, v in idle_2w.items())
+        + " patches/s.",
+        "",
+        f"Goal (at least the peer's rate, at least 800 patches/s with 2 workers): "
+        f"Scarce / peer {ratio['2w']:.2f} (wall) and {cpu_ratio['2w']:.2f} (per CPU) with "
+        f"2 workers; 2 workers delivered a median "
+        f"{statistics.median(rates['scarce_2w']):.0f} patches/s wall-clock on this shared "
+        f"machine and would deliver about {idle_2w['scarce']:.0f} with two free cores.",
+        "",
+        "Consumer (main process) CPU ms per batch of 8, median: "
+        + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in consumer.items())
+        + ".",
+        "",
+        "## Where a Scarce patch's time goes (in-process CPU ms per patch, one thread)",
+        "",
+        "| stage | ms |",
+        "|---|---|",
+        *(f"| {k} | {v:.3f} |" for k, v in parts.items()),
+    ]
     (args.out / "readers.md").write_text("\n".join(lines) + "\n")
 
 

@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> Path:
         If ``--data`` has no ``images/`` and ``masks/`` folder with a matching pair.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bbbc039"),
-                        help="dataset folder with images/ and masks/ (bbbc039 or nist_rpe)")
+    parser.add_argument(
+        "--data",
+        default=str(ROOT.parent / "shared" / "data" / "bbbc039"),
+        help="dataset folder with images/ and masks/ (bbbc039 or nist_rpe)",
+    )
     parser.add_argument("--index", type=int, default=0, help="which image (sorted order)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     parser.add_argument("--patch", type=int, default=256, help="patch side, pixels")
@@ -87,11 +90,14 @@ def main(argv: list[str] | None = None) -> Path:
     show(axes[0, 0], patch, patch_mask, "original")
     for ax in axes.flat[1:]:
         params = draw_params(cfg, args.patch, rng)
-        patch, patch_mask = augment_patch(image, mask, centre, args.patch, cfg, rng,
-                                          offset=offset, scale=scale, params=params)
+        patch, patch_mask = augment_patch(
+            image, mask, centre, args.patch, cfg, rng, offset=offset, scale=scale, params=params
+        )
         show(ax, patch, patch_mask, describe(params))
-    fig.suptitle(f"{data.name}: {image_path.stem[:40]}  (config {Path(args.config).name}, "
-                 "elastic on)", fontsize=9)
+    fig.suptitle(
+        f"{data.name}: {image_path.stem[:40]}  (config {Path(args.config).name}, elastic on)",
+        fontsize=9,
+    )
     out = Path(args.out)
     fig.savefig(out, dpi=80)
     plt.close(fig)

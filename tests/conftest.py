@@ -38,8 +38,13 @@ def nist_db(shared_data, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("nist")
     data = _subset(shared_data / "nist_rpe", root / "data", 10)
-    ingest(data / "images", data / "masks", root / "db", split=every_nth_split(data / "images"),
-           progress=False)
+    ingest(
+        data / "images",
+        data / "masks",
+        root / "db",
+        split=every_nth_split(data / "images"),
+        progress=False,
+    )
     return root / "db"
 
 
@@ -51,6 +56,12 @@ def bbbc_db(shared_data, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bbbc")
     data = _subset(shared_data / "bbbc039", root / "data", 5)
-    ingest(data / "images", data / "masks", root / "db", split=every_nth_split(data / "images"),
-           mask_kind="instance", progress=False)
+    ingest(
+        data / "images",
+        data / "masks",
+        root / "db",
+        split=every_nth_split(data / "images"),
+        mask_kind="instance",
+        progress=False,
+    )
     return root / "db"

@@ -41,8 +41,9 @@ def reflect101(coords: np.ndarray, n: int) -> np.ndarray:
 
 
 def geometry_only(params: AugmentParams) -> AugmentParams:
-    return AugmentParams(params.flip_x, params.flip_y, params.angle, params.shift, params.scale,
-                         params.elastic)
+    return AugmentParams(
+        params.flip_x, params.flip_y, params.angle, params.shift, params.scale, params.elastic
+    )
 
 
 def test_coordinate_image_follows_grid_and_mask_moves_identically():
@@ -117,8 +118,9 @@ def keys_cubic_reflect101(plane: np.ndarray, gy: np.ndarray, gx: np.ndarray) -> 
     def weights(t):  # taps at floor - 1, floor, floor + 1, floor + 2
         d = np.abs(np.stack([t + 1, t, 1 - t, 2 - t]).astype(np.float64))
         a = -0.75
-        return np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
-                        a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a)
+        return np.where(
+            d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
+        )
 
     y0, x0 = np.floor(gy), np.floor(gx)
     wy, wx = weights(gy - y0), weights(gx - x0)
@@ -160,8 +162,10 @@ def test_reflection_far_outside_matches_reference(shape, interpolation):
             params = draw_params(cfg, 96, rng)
             patch, mask = augment_patch(image, labels, centre, 96, cfg, rng, params=params)
             gy, gx = sampling_grid(params, 96, centre)
-            assert any(g.min() < -n or g.max() > 2 * n  # beyond one reflection
-                       for g, n in ((gy, shape[0]), (gx, shape[1])))
+            assert any(
+                g.min() < -n or g.max() > 2 * n  # beyond one reflection
+                for g, n in ((gy, shape[0]), (gx, shape[1]))
+            )
             err = np.abs(patch[0] - reference(image[0], gy, gx)).max()
             assert err < 1e-3 * max(np.ptp(image), 1e-3), err
             ry, rx = _fold(np.rint(gy), shape[0]), _fold(np.rint(gx), shape[1])
@@ -181,20 +185,28 @@ def test_region_remap_equals_whole_image_remap(interpolation):
     offset, scale = np.array([10, 2000, 0], np.float32), np.array([300, 50, 1], np.float32)
     cfg = AugmentConfig(elastic=True, interpolation=interpolation, **GEOMETRY_ONLY)
     whole = (image.astype(np.float32) - offset[:, None, None]) / scale[:, None, None]
-    centres = [(0.0, 0.0), (199.0, 259.0), (100.0, 5.0), (190.0, 130.0), (100.2, 130.7),
-               (-30.0, 280.0)]
+    centres = [
+        (0.0, 0.0),
+        (199.0, 259.0),
+        (100.0, 5.0),
+        (190.0, 130.0),
+        (100.2, 130.7),
+        (-30.0, 280.0),
+    ]
     for centre in centres:
         params = draw_params(cfg, P, rng)
-        patch, mask = augment_patch(image, labels, centre, P, cfg, rng, offset=offset,
-                                    scale=scale, params=params)
+        patch, mask = augment_patch(
+            image, labels, centre, P, cfg, rng, offset=offset, scale=scale, params=params
+        )
         gy, gx = sampling_grid(params, P, centre)
         flag = cv2.INTER_LINEAR if interpolation == "linear" else cv2.INTER_CUBIC
         for c in range(3):
             ref = cv2.remap(whole[c], gx, gy, flag, borderMode=cv2.BORDER_REFLECT_101)
             err = np.abs(patch[c] - ref).max() / np.ptp(whole[c])
             assert err < 1e-4, (centre, c)  # of the channel's range (measured ~2e-6)
-        ref_mask = labels[reflect101(np.rint(gy), 200).astype(int),
-                          reflect101(np.rint(gx), 260).astype(int)]
+        ref_mask = labels[
+            reflect101(np.rint(gy), 200).astype(int), reflect101(np.rint(gx), 260).astype(int)
+        ]
         clear = (np.abs(gy - np.rint(gy)) < 0.49) & (np.abs(gx - np.rint(gx)) < 0.49)
         np.testing.assert_array_equal(mask[clear], ref_mask[clear])
 
@@ -207,7 +219,7 @@ def test_labels_never_gain_values(dtype):
     values = rng.integers(0, high, 6, dtype=np.int64).astype(dtype)
     for shape in [(150, 170), (30, 50)]:
         blocks = values[rng.integers(0, 6, (shape[0] // 5 + 1, shape[1] // 5 + 1))]
-        labels = np.repeat(np.repeat(blocks, 5, 0), 5, 1)[:shape[0], :shape[1]]
+        labels = np.repeat(np.repeat(blocks, 5, 0), 5, 1)[: shape[0], : shape[1]]
         image = rng.random((1, *shape), dtype=np.float32)
         for _ in range(30):
             centre = (rng.uniform(-20, shape[0] + 20), rng.uniform(-20, shape[1] + 20))
@@ -217,11 +229,24 @@ def test_labels_never_gain_values(dtype):
 
 
 def test_parameters_stay_within_limits_over_1000_draws():
-    cfg = AugmentConfig(rotation_degrees=(-30.0, 45.0), jitter_fraction=0.2, scale_fraction=0.25,
-                        elastic=True, elastic_grid=4, blur_max_sigma=1.5, noise_p=0.3,
-                        intensity=True, intensity_fraction=0.1, gamma=True, gamma_p=0.6,
-                        cutout_missing=True, cutout_contrast=True, cutout_noise=True,
-                        cutout_p=0.4, cutout_max_fraction=0.2)
+    cfg = AugmentConfig(
+        rotation_degrees=(-30.0, 45.0),
+        jitter_fraction=0.2,
+        scale_fraction=0.25,
+        elastic=True,
+        elastic_grid=4,
+        blur_max_sigma=1.5,
+        noise_p=0.3,
+        intensity=True,
+        intensity_fraction=0.1,
+        gamma=True,
+        gamma_p=0.6,
+        cutout_missing=True,
+        cutout_contrast=True,
+        cutout_noise=True,
+        cutout_p=0.4,
+        cutout_max_fraction=0.2,
+    )
     rng = np.random.default_rng(5)
     draws = [draw_params(cfg, 128, rng) for _ in range(1000)]
     angles = np.array([d.angle for d in draws])
@@ -239,11 +264,13 @@ def test_parameters_stay_within_limits_over_1000_draws():
     gammas = [d.gamma for d in draws if d.gamma is not None]
     assert 0.7 <= min(gammas) and max(gammas) <= 1.5
     cuts = [c for d in draws for c in d.cutouts]
-    assert all(1 <= c.h <= 26 and 1 <= c.w <= 26 and c.y0 + c.h <= 128 and c.x0 + c.w <= 128
-               for c in cuts)
+    assert all(
+        1 <= c.h <= 26 and 1 <= c.w <= 26 and c.y0 + c.h <= 128 and c.x0 + c.w <= 128 for c in cuts
+    )
     assert all(0.5 <= c.value <= 2.0 for c in cuts if c.kind == "contrast")
     rates = [  # observed frequency vs configured probability (binomial sd <= 0.016)
-        (0.5, [d.flip_x for d in draws]), (0.5, [d.flip_y for d in draws]),
+        (0.5, [d.flip_x for d in draws]),
+        (0.5, [d.flip_y for d in draws]),
         (0.3, [d.noise_sigma is not None for d in draws]),
         (0.6, [d.gamma is not None for d in draws]),
     ]
@@ -254,13 +281,25 @@ def test_parameters_stay_within_limits_over_1000_draws():
 
 
 def test_switches_off_give_identity_values():
-    cfg = AugmentConfig(flip_x_p=0.0, flip_y_p=0.0, rotation=False, jitter=False, scale=False,
-                        noise=False, blur=False)
+    cfg = AugmentConfig(
+        flip_x_p=0.0,
+        flip_y_p=0.0,
+        rotation=False,
+        jitter=False,
+        scale=False,
+        noise=False,
+        blur=False,
+    )
     rng = np.random.default_rng(6)
     for _ in range(50):
         d = draw_params(cfg, 64, rng)
-        assert (d.flip_x, d.flip_y, d.angle, d.shift, d.scale) == (False, False, 0.0, (0, 0),
-                                                                     (1, 1))
+        assert (d.flip_x, d.flip_y, d.angle, d.shift, d.scale) == (
+            False,
+            False,
+            0.0,
+            (0, 0),
+            (1, 1),
+        )
         assert d.elastic is d.noise_sigma is d.blur_sigma is d.intensity is d.gamma is None
         assert d.cutouts == ()
 
@@ -275,16 +314,26 @@ def test_n_channel_uint16_and_float32_agree():
     for interpolation in ("linear", "cubic"):
         cfg = AugmentConfig(elastic=True, interpolation=interpolation, **GEOMETRY_ONLY)
         params = draw_params(cfg, P, rng)
-        a, _ = augment_patch(image16, None, (60, 65), P, cfg, rng, offset=offset, scale=scale,
-                             params=params)
-        b, _ = augment_patch(image32, None, (60, 65), P, cfg, rng, offset=offset, scale=scale,
-                             params=params)
+        a, _ = augment_patch(
+            image16, None, (60, 65), P, cfg, rng, offset=offset, scale=scale, params=params
+        )
+        b, _ = augment_patch(
+            image32, None, (60, 65), P, cfg, rng, offset=offset, scale=scale, params=params
+        )
         assert a.shape == (5, P, P) and a.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
         for c in (0, 4):  # channel groups of 4 and 1 warp like a single channel
-            single, _ = augment_patch(image16[c:c + 1], None, (60, 65), P, cfg, rng,
-                                      offset=offset[c:c + 1], scale=scale[c:c + 1],
-                                      params=params)
+            single, _ = augment_patch(
+                image16[c : c + 1],
+                None,
+                (60, 65),
+                P,
+                cfg,
+                rng,
+                offset=offset[c : c + 1],
+                scale=scale[c : c + 1],
+                params=params,
+            )
             np.testing.assert_allclose(a[c], single[0], rtol=1e-5, atol=1e-4)
 
 
@@ -315,8 +364,10 @@ def test_disabled_is_exact_crop_with_reflection():
     for centre in [(0.0, 0.0), (69.4, 3.0), (-50.0, 130.0)]:  # 0.4 rounds down
         patch, mask = crop_patch(image, labels, centre, 64)
         y0, x0 = int(np.floor(centre[0] + 0.5)) - 32 + 100, int(np.floor(centre[1] + 0.5)) + 68
-        np.testing.assert_array_equal(patch, padded[:, y0:y0 + 64, x0:x0 + 64].astype(np.float32))
-        np.testing.assert_array_equal(mask, padded_labels[y0:y0 + 64, x0:x0 + 64])
+        np.testing.assert_array_equal(
+            patch, padded[:, y0 : y0 + 64, x0 : x0 + 64].astype(np.float32)
+        )
+        np.testing.assert_array_equal(mask, padded_labels[y0 : y0 + 64, x0 : x0 + 64])
 
 
 def test_identity_warp_at_integer_centre_equals_crop():
@@ -335,8 +386,15 @@ def test_photometric_touches_image_only_and_keeps_channels_apart():
     image, labels = coordinate_image(120, 120)
     rng = np.random.default_rng(10)
     geometric = draw_params(ELASTIC, P, rng)
-    full = AugmentParams(**{**geometric.__dict__, "noise_sigma": 0.05, "blur_sigma": 2.0,
-                            "gamma": 1.3, "cutouts": (Cutout("missing", 5, 5, 20, 20, 0.0),)})
+    full = AugmentParams(
+        **{
+            **geometric.__dict__,
+            "noise_sigma": 0.05,
+            "blur_sigma": 2.0,
+            "gamma": 1.3,
+            "cutouts": (Cutout("missing", 5, 5, 20, 20, 0.0),),
+        }
+    )
     _, mask_a = augment_patch(image, labels, (60, 60), P, ELASTIC, rng, params=geometric)
     _, mask_b = augment_patch(image, labels, (60, 60), P, ELASTIC, rng, params=full)
     np.testing.assert_array_equal(mask_a, mask_b)
@@ -387,8 +445,9 @@ def test_real_nuclei_stay_under_their_mask():
     contrasts = []
     for _ in range(20):
         centre = (rng.uniform(0, image.shape[1]), rng.uniform(0, image.shape[2]))
-        patch, mask = augment_patch(image, labels, centre, 128, cfg, rng, offset=offset,
-                                    scale=scale)
+        patch, mask = augment_patch(
+            image, labels, centre, 128, cfg, rng, offset=offset, scale=scale
+        )
         assert set(np.unique(mask)) <= set(np.unique(labels))
         if 0.05 < (mask > 0).mean() < 0.95:
             inner = cv2.erode((mask > 0).astype(np.uint8), np.ones((3, 3))) > 0

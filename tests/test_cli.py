@@ -10,12 +10,29 @@ from scarce.history import collect_runs, config_diff, format_history
 
 def test_ingest_inspect_train_history_predict_evaluate(nist_db, tmp_path, capsys, shared_data):
     db = nist_db
-    common = ["--train-db", str(db / "train.lmdb"), "--max-steps", "4",
-              "--test-every-n-steps", "2", "--patch-size", "64", "--batch-size", "2",
-              "--reader-count", "0", "--set", "model.width=4", "--set", "model.depth=2"]
+    common = [
+        "--train-db",
+        str(db / "train.lmdb"),
+        "--max-steps",
+        "4",
+        "--test-every-n-steps",
+        "2",
+        "--patch-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--reader-count",
+        "0",
+        "--set",
+        "model.width=4",
+        "--set",
+        "model.depth=2",
+    ]
     assert main(["train", *common, "--out", str(tmp_path / "runs" / "a")]) == 0
-    assert main(["train", *common, "--out", str(tmp_path / "runs" / "b"),
-                 "--learning-rate", "0.01"]) == 0
+    assert (
+        main(["train", *common, "--out", str(tmp_path / "runs" / "b"), "--learning-rate", "0.01"])
+        == 0
+    )
     # an existing run folder is refused with a clear message and exit code 2
     assert main(["train", *common, "--out", str(tmp_path / "runs" / "a")]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -36,13 +53,37 @@ def test_ingest_inspect_train_history_predict_evaluate(nist_db, tmp_path, capsys
     images = shared_data / "nist_rpe" / "images"
     test_stems = json.loads((db / "split.json").read_text())["test"]
     one = next(p for p in images.iterdir() if p.stem == test_stems[0])
-    assert main(["predict", "--model", str(tmp_path / "runs" / "a"), "--images", str(one),
-                 "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "runs" / "a"),
+                "--images",
+                str(one),
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
     truth = tmp_path / "truth"
     truth.mkdir()
     (truth / f"{one.stem}.tif").symlink_to(shared_data / "nist_rpe" / "masks" / one.name)
-    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(truth),
-                 "--out", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--truth",
+                str(truth),
+                "--out",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert 0.0 <= metrics["pixel_accuracy"] <= 1.0
 
@@ -61,8 +102,17 @@ def test_ingest_bad_input_exits_nonzero_and_names_files(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "images" / "a.tif", np.zeros((32, 32), np.uint16))
     tifffile.imwrite(tmp_path / "masks" / "a.tif", np.zeros((16, 32), np.uint8))
     tifffile.imwrite(tmp_path / "images" / "b.tif", np.zeros((32, 32), np.uint16))
-    code = main(["ingest", "--images", str(tmp_path / "images"), "--masks",
-                 str(tmp_path / "masks"), "--out", str(tmp_path / "db")])
+    code = main(
+        [
+            "ingest",
+            "--images",
+            str(tmp_path / "images"),
+            "--masks",
+            str(tmp_path / "masks"),
+            "--out",
+            str(tmp_path / "db"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "a.tif" in err and "b.tif" in err
@@ -78,27 +128,94 @@ def test_cli_isbi2012_slices_and_bbbc039_instances(shared_data, tmp_path):
     """ingest -> train -> predict -> evaluate from the CLI on isbi2012 (train on slices 00-23,
     test on 24-29) and on bbbc039 (instance masks, boundary target, object metrics)."""
     isbi = shared_data / "isbi2012"
-    split = _write_split(tmp_path / "isbi_split.json", [f"{i:02d}" for i in range(24)],
-                         [f"{i:02d}" for i in range(24, 30)])
-    tiny = ["--max-steps", "2", "--test-every-n-steps", "2", "--patch-size", "64",
-            "--batch-size", "2", "--reader-count", "0", "--set", "model.width=4",
-            "--set", "model.depth=2", "--set", "data.test_tile_size=512"]
-    assert main(["ingest", "--images", str(isbi / "images"), "--masks", str(isbi / "masks"),
-                 "--out", str(tmp_path / "isbi_db"), "--split", split]) == 0
-    assert main(["train", "--train-db", str(tmp_path / "isbi_db" / "train.lmdb"),
-                 "--out", str(tmp_path / "isbi_run"), *tiny]) == 0
+    split = _write_split(
+        tmp_path / "isbi_split.json",
+        [f"{i:02d}" for i in range(24)],
+        [f"{i:02d}" for i in range(24, 30)],
+    )
+    tiny = [
+        "--max-steps",
+        "2",
+        "--test-every-n-steps",
+        "2",
+        "--patch-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--reader-count",
+        "0",
+        "--set",
+        "model.width=4",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "data.test_tile_size=512",
+    ]
+    assert (
+        main(
+            [
+                "ingest",
+                "--images",
+                str(isbi / "images"),
+                "--masks",
+                str(isbi / "masks"),
+                "--out",
+                str(tmp_path / "isbi_db"),
+                "--split",
+                split,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--train-db",
+                str(tmp_path / "isbi_db" / "train.lmdb"),
+                "--out",
+                str(tmp_path / "isbi_run"),
+                *tiny,
+            ]
+        )
+        == 0
+    )
     test_images = tmp_path / "isbi_test"
     test_images.mkdir()
     for i in range(24, 30):
         (test_images / f"{i:02d}.png").symlink_to(isbi / "images" / f"{i:02d}.png")
-    assert main(["predict", "--model", str(tmp_path / "isbi_run"), "--images", str(test_images),
-                 "--out", str(tmp_path / "isbi_pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "isbi_run"),
+                "--images",
+                str(test_images),
+                "--out",
+                str(tmp_path / "isbi_pred"),
+            ]
+        )
+        == 0
+    )
     truth = tmp_path / "isbi_truth"
     truth.mkdir()
     for i in range(24, 30):
         (truth / f"{i:02d}.png").symlink_to(isbi / "masks" / f"{i:02d}.png")
-    assert main(["evaluate", "--pred", str(tmp_path / "isbi_pred"), "--truth", str(truth),
-                 "--out", str(tmp_path / "isbi_report")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "isbi_pred"),
+                "--truth",
+                str(truth),
+                "--out",
+                str(tmp_path / "isbi_report"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "isbi_report" / "metrics.json").read_text())
     assert metrics["num_images"] == 6 and 0.0 <= metrics["rand_error"] <= 1.0
 
@@ -110,22 +227,74 @@ def test_cli_isbi2012_slices_and_bbbc039_instances(shared_data, tmp_path):
         for s in stems:
             (data / sub / f"{s}.png").symlink_to(bbbc / sub / f"{s}.png")
     split = _write_split(tmp_path / "bbbc_split.json", stems[:3], stems[3:])
-    assert main(["ingest", "--images", str(data / "images"), "--masks", str(data / "masks"),
-                 "--out", str(tmp_path / "bbbc_db"), "--split", split,
-                 "--mask-kind", "instance"]) == 0
-    assert main(["train", "--train-db", str(tmp_path / "bbbc_db" / "train.lmdb"),
-                 "--out", str(tmp_path / "bbbc_run"), *tiny,
-                 "--set", "data.target=boundary"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "--images",
+                str(data / "images"),
+                "--masks",
+                str(data / "masks"),
+                "--out",
+                str(tmp_path / "bbbc_db"),
+                "--split",
+                split,
+                "--mask-kind",
+                "instance",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--train-db",
+                str(tmp_path / "bbbc_db" / "train.lmdb"),
+                "--out",
+                str(tmp_path / "bbbc_run"),
+                *tiny,
+                "--set",
+                "data.target=boundary",
+            ]
+        )
+        == 0
+    )
     one = data / "images" / f"{stems[3]}.png"
-    assert main(["predict", "--model", str(tmp_path / "bbbc_run"), "--images", str(one),
-                 "--out", str(tmp_path / "bbbc_pred"), "--instances"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "bbbc_run"),
+                "--images",
+                str(one),
+                "--out",
+                str(tmp_path / "bbbc_pred"),
+                "--instances",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "bbbc_pred" / f"{stems[3]}_instances.tif").is_file()
     truth = tmp_path / "bbbc_truth"
     truth.mkdir()
     (truth / f"{stems[3]}.png").symlink_to(bbbc / "masks" / f"{stems[3]}.png")
-    assert main(["evaluate", "--pred", str(tmp_path / "bbbc_pred"), "--truth", str(truth),
-                 "--instances", "--out", str(tmp_path / "bbbc_report")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "bbbc_pred"),
+                "--truth",
+                str(truth),
+                "--instances",
+                "--out",
+                str(tmp_path / "bbbc_report"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "bbbc_report" / "metrics.json").read_text())
-    assert set(metrics["objects"]["0.50"]) >= {"tp", "fp", "fn", "precision", "recall", "f1",
-                                               "ap"}
+    assert set(metrics["objects"]["0.50"]) >= {"tp", "fp", "fn", "precision", "recall", "f1", "ap"}
     assert metrics["objects"]["0.50"]["tp"] + metrics["objects"]["0.50"]["fn"] > 50  # nuclei

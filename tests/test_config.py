@@ -20,8 +20,9 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = override(TrainConfig(), {"data.percentiles": [2, 98], "augment.elastic": True,
-                                   "max_minutes": 3})
+    cfg = override(
+        TrainConfig(), {"data.percentiles": [2, 98], "augment.elastic": True, "max_minutes": 3}
+    )
     save_config(cfg, tmp_path / "c.yaml")
     back = load_config(tmp_path / "c.yaml")
     assert back == cfg and back.data.percentiles == (2.0, 98.0)
@@ -35,10 +36,15 @@ def test_unknown_key_names_the_file_and_valid_keys(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize(("key", "value"), [("data.batch_size", "four"),
-                                            ("model.norm", "layer"),
-                                            ("augment.elastic", "3"),
-                                            ("predict.overlap", "1.5")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("data.batch_size", "four"),
+        ("model.norm", "layer"),
+        ("augment.elastic", "3"),
+        ("predict.overlap", "1.5"),
+    ],
+)
 def test_bad_values_are_refused(key, value):
     with pytest.raises(ConfigError):
         override(TrainConfig(), {key: value})
@@ -52,4 +58,4 @@ def test_override_unknown_key():
 @pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_load(preset):
     cfg = load_config(preset)
-    assert cfg.data.patch_size % 2 ** cfg.model.depth == 0
+    assert cfg.data.patch_size % 2**cfg.model.depth == 0

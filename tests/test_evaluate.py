@@ -33,8 +33,16 @@ def square(shape=(30, 30), top=5, left=5, side=10, value=1):
 
 
 def test_metric_functions_are_re_exported():
-    names = ["DEFAULT_THRESHOLDS", "confusion_matrix", "pixel_metrics", "label_components",
-             "rand_error", "match_instances", "sum_counts", "object_metrics"]
+    names = [
+        "DEFAULT_THRESHOLDS",
+        "confusion_matrix",
+        "pixel_metrics",
+        "label_components",
+        "rand_error",
+        "match_instances",
+        "sum_counts",
+        "object_metrics",
+    ]
     for name in names:
         assert getattr(evaluate, name) is getattr(metrics, name), name
         assert name in evaluate.__all__
@@ -63,8 +71,9 @@ def test_evaluate_arrays_class_maps_ignore_and_inferred_classes():
     truth[0, :] = 255
     pred = square(left=7, value=2)
     pred[0, :] = 1  # wrong, but inside ignored pixels
-    metrics, rows = evaluate_arrays([("a", truth, pred), ("b", square(), square())],
-                                    ignore_label=255)
+    metrics, rows = evaluate_arrays(
+        [("a", truth, pred), ("b", square(), square())], ignore_label=255
+    )
     assert metrics["num_classes"] == 3 and metrics["num_images"] == 2
     conf = confusion_matrix(truth, pred, 3, 255) + confusion_matrix(square(), square(), 3)
     assert metrics["per_class"][2]["iou"] == pytest.approx(80 / 120)
@@ -84,9 +93,17 @@ def test_evaluate_arrays_instances_and_summary():
     metrics, rows = evaluate_arrays([("x", truth, (truth > 0).astype(np.uint8))], instances=True)
     assert metrics["num_classes"] == 2 and metrics["pixel_accuracy"] == 1.0
     assert metrics["objects"]["0.95"]["tp"] == 2 and metrics["mean_ap"] == 1.0
-    assert rows[0] == {"image": "x", "pixel_accuracy": 1.0, "mean_iou": 1.0, "mean_dice": 1.0,
-                       "rand_error": 0.0, "matched": 2, "truth_objects": 2,
-                       "predicted_objects": 2, "f1_0.50": 1.0}
+    assert rows[0] == {
+        "image": "x",
+        "pixel_accuracy": 1.0,
+        "mean_iou": 1.0,
+        "mean_dice": 1.0,
+        "rand_error": 0.0,
+        "matched": 2,
+        "truth_objects": 2,
+        "predicted_objects": 2,
+        "f1_0.50": 1.0,
+    }
     text = format_summary(metrics)
     assert "pixel accuracy 1.0000" in text and "0.95" in text and "class 1: IoU 1.0000" in text
 
@@ -108,13 +125,15 @@ def write_folder(folder: Path, masks) -> Path:
 def test_evaluate_folders_bbbc039_perfect_and_eroded(tmp_path):
     masks = bbbc039_masks()
     truth_dir = write_folder(tmp_path / "truth", masks)
-    perfect = evaluate_folders(write_folder(tmp_path / "same", masks), truth_dir,
-                               tmp_path / "out_same", instances=True)
+    perfect = evaluate_folders(
+        write_folder(tmp_path / "same", masks), truth_dir, tmp_path / "out_same", instances=True
+    )
     assert perfect["objects"]["0.95"]["f1"] == 1.0 and perfect["rand_error"] == 0.0
     eroded = [(s, np.where(find_boundaries(m, mode="inner"), 0, m)) for s, m in masks]
     out = tmp_path / "out"
-    metrics = evaluate_folders(write_folder(tmp_path / "eroded", eroded), truth_dir, out,
-                               instances=True)
+    metrics = evaluate_folders(
+        write_folder(tmp_path / "eroded", eroded), truth_dir, out, instances=True
+    )
     # Expected independently: an eroded nucleus is inside its original, so IoU = kept / area.
     expected_tp = {0.5: 0, 0.95: 0}
     for (_, m), (_, e) in zip(masks, eroded):
@@ -126,8 +145,17 @@ def test_evaluate_folders_bbbc039_perfect_and_eroded(tmp_path):
     assert metrics["objects"]["0.95"]["tp"] == expected_tp[0.95]
     assert metrics["objects"]["0.95"]["f1"] < 0.2
     on_disk = json.loads((out / "metrics.json").read_text())
-    for key in ("pixel_accuracy", "pixel_error", "rand_error", "mean_iou", "mean_dice",
-                "per_class", "objects", "num_images", "num_classes"):
+    for key in (
+        "pixel_accuracy",
+        "pixel_error",
+        "rand_error",
+        "mean_iou",
+        "mean_dice",
+        "per_class",
+        "objects",
+        "num_images",
+        "num_classes",
+    ):
         assert on_disk[key] == metrics[key]
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))

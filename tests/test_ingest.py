@@ -45,8 +45,11 @@ def _dsb_stems() -> list[str]:
     """Three dsb2018 images: two grayscale of different sizes and one RGB."""
     rows = (_dataset("dsb2018") / "metadata.csv").read_text().splitlines()[1:]
     meta = [r.split(",") for r in rows]
-    wanted = [("fluorescence", "256", "256"), ("fluorescence", "520", "696"),
-              ("histology_stained", "256", "320")]
+    wanted = [
+        ("fluorescence", "256", "256"),
+        ("fluorescence", "520", "696"),
+        ("histology_stained", "256", "320"),
+    ]
     return [next(r[0] for r in meta if (r[1], r[2], r[3]) == w) for w in wanted]
 
 
@@ -68,12 +71,11 @@ def _assert_round_trip(out: Path, images: Path, masks: Path, channels: int) -> i
             image = io.read_image(files[sample.source])
             mask = io.read_mask(mask_files[sample.source])
             (y, x), (h, w) = sample.origin, sample.mask.shape
-            expected = np.broadcast_to(image, (channels, *image.shape[1:]))[:, y:y + h, x:x + w]
+            expected = np.broadcast_to(image, (channels, *image.shape[1:]))[:, y : y + h, x : x + w]
             np.testing.assert_array_equal(sample.image, expected)
-            np.testing.assert_array_equal(sample.mask, mask[y:y + h, x:x + w])
+            np.testing.assert_array_equal(sample.mask, mask[y : y + h, x : x + w])
             assert list(sample.classes) == entry["classes"]
-            assert (entry["name"], entry["origin"], entry["shape"]) == (
-                sample.name, [y, x], [h, w])
+            assert (entry["name"], entry["origin"], entry["shape"]) == (sample.name, [y, x], [h, w])
             count += 1
     return count
 
@@ -87,8 +89,11 @@ def test_round_trip_nist_rpe_class_masks(tmp_path):
     split = json.loads((tmp_path / "db" / "split.json").read_text())
     assert sorted(split["train"] + split["test"]) == sorted(stems)
     meta = store.read_metadata(tmp_path / "db" / "train.lmdb")
-    assert (meta["image_dtype"], meta["mask_dtype"], meta["mask_kind"]) == ("uint16", "uint8",
-                                                                             "class")
+    assert (meta["image_dtype"], meta["mask_dtype"], meta["mask_kind"]) == (
+        "uint16",
+        "uint8",
+        "class",
+    )
     assert meta["sources"] == split["train"] and meta["class_ids"] == [0, 1]
     pixels = sum(int(v) for v in meta["class_pixel_counts"].values())
     assert pixels == 4 * 256 * 256
@@ -116,8 +121,9 @@ def test_round_trip_dsb2018_mixed_sizes_rgb_and_gray(tmp_path):
     files = {p.stem: p for p in io.list_image_files(images)}
     for meta in metas:  # statistics of the stored (gray -> RGB) pixels, per channel
         stored = [io.read_image(files[s]) for s in meta["sources"]]
-        pixels = np.concatenate([np.broadcast_to(a, (3, *a.shape[1:])).reshape(3, -1)
-                                 for a in stored], axis=1)
+        pixels = np.concatenate(
+            [np.broadcast_to(a, (3, *a.shape[1:])).reshape(3, -1) for a in stored], axis=1
+        )
         np.testing.assert_allclose(meta["intensity"]["mean"], pixels.mean(axis=1))
         np.testing.assert_allclose(meta["intensity"]["p1"], np.percentile(pixels, 1, axis=1))
 
@@ -130,16 +136,17 @@ def test_files_beyond_the_cache_are_decoded_again(tmp_path, monkeypatch):
     ingest(images, masks, tmp_path / "db", tile_size=128, workers=3, progress=False)
     assert _assert_round_trip(tmp_path / "db", images, masks, channels=1) == 16
     for split in ("train", "test"):  # same records whatever the threads and the cache did
-        with store.SampleStore(tmp_path / "cached" / f"{split}.lmdb") as a, \
-                store.SampleStore(tmp_path / "db" / f"{split}.lmdb") as b:
+        with (
+            store.SampleStore(tmp_path / "cached" / f"{split}.lmdb") as a,
+            store.SampleStore(tmp_path / "db" / f"{split}.lmdb") as b,
+        ):
             assert [a.read_raw(i) for i in range(len(a))] == [b.read_raw(i) for i in range(len(b))]
 
 
 def test_instance_masks_stored_exactly_bbbc039(tmp_path):
     stems = [p.stem for p in io.list_image_files(_dataset("bbbc039") / "masks")[:2]]
     images, masks = _subset(tmp_path, "bbbc039", stems)
-    ingest(images, masks, tmp_path / "db", mask_kind="instance", train_fraction=1.0,
-           progress=False)
+    ingest(images, masks, tmp_path / "db", mask_kind="instance", train_fraction=1.0, progress=False)
     assert not (tmp_path / "db" / "test.lmdb").exists()
     for sample in _all_samples(tmp_path / "db" / "train.lmdb"):
         source = io.read_mask(masks / f"{sample.source}.png")
@@ -156,8 +163,9 @@ def _float_images(root: Path) -> np.ndarray:
     pixels = []
     for i, (h, w) in enumerate([(20, 30), (25, 25), (10, 40)]):
         image = rng.random((2, h, w), dtype=np.float32) * [[[1.0]], [[100.0]]]
-        tifffile.imwrite(root / "images" / f"f{i}.tif", image.astype(np.float32),
-                         photometric="minisblack")
+        tifffile.imwrite(
+            root / "images" / f"f{i}.tif", image.astype(np.float32), photometric="minisblack"
+        )
         tifffile.imwrite(root / "masks" / f"f{i}.tif", (image[0] > 0.5).astype(np.uint8))
         pixels.append(image.astype(np.float32).reshape(2, -1))
     return np.concatenate(pixels, axis=1).astype(np.float64)
@@ -181,8 +189,9 @@ def test_float_intensity_statistics_exact_and_subsampled(tmp_path, monkeypatch):
     scale = np.array([1.0, 100.0])  # channel ranges
     for q in ("p1", "p99"):
         assert estimates[0][q] != exact[q]
-        np.testing.assert_allclose(np.divide(estimates[0][q], scale),
-                                   np.divide(exact[q], scale), atol=0.03)
+        np.testing.assert_allclose(
+            np.divide(estimates[0][q], scale), np.divide(exact[q], scale), atol=0.03
+        )
 
 
 def test_tile_origins_edges_shift_inside():
@@ -209,20 +218,29 @@ def test_tiling_covers_every_pixel_and_keeps_sources_in_one_split(tmp_path):
             grid = covered.setdefault(entry["source"], np.zeros((512, 512), bool))
             (y, x), (h, w) = entry["origin"], entry["shape"]
             assert (h, w) == (200, 200) and y + h <= 512 and x + w <= 512
-            grid[y:y + h, x:x + w] = True
+            grid[y : y + h, x : x + w] = True
         assert all(grid.all() for grid in covered.values())
     assert sorted(seen) == stems
 
 
 def test_images_smaller_than_a_tile_kept_whole(tmp_path):
     images, masks = _subset(tmp_path, "dsb2018", _dsb_stems())
-    ingest(images, masks, tmp_path / "db", tile_size=300, mask_kind="instance",
-           train_fraction=1.0, progress=False)
+    ingest(
+        images,
+        masks,
+        tmp_path / "db",
+        tile_size=300,
+        mask_kind="instance",
+        train_fraction=1.0,
+        progress=False,
+    )
     entries = store.read_metadata(tmp_path / "db" / "train.lmdb")["samples"]
     shapes = sorted((tuple(e["shape"]), tuple(e["origin"])) for e in entries)
     assert ((256, 256), (0, 0)) in shapes  # whole image
-    assert [s for s in shapes if s[0] == (256, 300)] == [((256, 300), (0, 0)),
-                                                         ((256, 300), (0, 20))]
+    assert [s for s in shapes if s[0] == (256, 300)] == [
+        ((256, 300), (0, 0)),
+        ((256, 300), (0, 20)),
+    ]
 
 
 def test_split_rule_small_datasets_and_reproducibility():
@@ -242,9 +260,12 @@ def test_split_reuse_and_given_split_errors(tmp_path):
     stems = [p.stem for p in io.list_image_files(_dataset("nist_rpe") / "images")[:4]]
     images, masks = _subset(tmp_path, "nist_rpe", stems)
     ingest(images, masks, tmp_path / "a", seed=5, progress=False)
-    ingest(images, masks, tmp_path / "b", split=tmp_path / "a" / "split.json", seed=9,
-           progress=False)
-    assert (tmp_path / "a" / "split.json").read_text() == (tmp_path / "b" / "split.json").read_text()
+    ingest(
+        images, masks, tmp_path / "b", split=tmp_path / "a" / "split.json", seed=9, progress=False
+    )
+    assert (tmp_path / "a" / "split.json").read_text() == (
+        tmp_path / "b" / "split.json"
+    ).read_text()
     bad = {"train": stems[:2] + ["ghost"], "test": [stems[2]]}
     with pytest.raises(IngestError) as err:
         ingest(images, masks, tmp_path / "c", split=bad, progress=False)
@@ -268,8 +289,21 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 255, (16, 20), dtype=np.uint8)
     labels = rng.integers(0, 3, (16, 20), dtype=np.uint8)
-    for stem in ("ok1", "ok2", "ok3", "size", "float", "rgb", "neg", "i64", "trunc", "nan",
-                 "ch2", "ch3", "jpgmask"):
+    for stem in (
+        "ok1",
+        "ok2",
+        "ok3",
+        "size",
+        "float",
+        "rgb",
+        "neg",
+        "i64",
+        "trunc",
+        "nan",
+        "ch2",
+        "ch3",
+        "jpgmask",
+    ):
         iio.imwrite(images / f"{stem}.png", gray)
         if stem != "jpgmask":
             iio.imwrite(masks / f"{stem}.png", labels)
@@ -292,13 +326,21 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     iio.imwrite(images / "ch3.png", np.stack([gray] * 3, -1))
     iio.imwrite(masks / "jpgmask.jpg", labels * 100)
     (images / "dataset.yaml").write_text("class_names: [bg, fg, other]\ncolour: red\n")
-    return {"nomask.png": "no mask with stem", "noimage.png": "no image with stem",
-            "size.png": "mask is 10x20 (HxW) but image size.png is 16x20",
-            "float.tif": "non-integral", "rgb.png": "single-channel",
-            "neg.tif": "negative labels", "i64.tif": "unsupported image dtype int64",
-            "trunc.png": "unreadable or truncated", "nan.tif": "NaN/inf",
-            "ch2.tif": "has channel count 2", "ch3.png": "has channel count 3",
-            "jpgmask.jpg": "JPEG masks are refused", "dataset.yaml": "unknown key 'colour'"}
+    return {
+        "nomask.png": "no mask with stem",
+        "noimage.png": "no image with stem",
+        "size.png": "mask is 10x20 (HxW) but image size.png is 16x20",
+        "float.tif": "non-integral",
+        "rgb.png": "single-channel",
+        "neg.tif": "negative labels",
+        "i64.tif": "unsupported image dtype int64",
+        "trunc.png": "unreadable or truncated",
+        "nan.tif": "NaN/inf",
+        "ch2.tif": "has channel count 2",
+        "ch3.png": "has channel count 3",
+        "jpgmask.jpg": "JPEG masks are refused",
+        "dataset.yaml": "unknown key 'colour'",
+    }
 
 
 def test_bad_inputs_all_reported_together_nothing_written(tmp_path):
@@ -317,8 +359,10 @@ def test_empty_folders_reported(tmp_path):
     (tmp_path / "masks").mkdir()
     with pytest.raises(IngestError) as err:
         ingest(tmp_path / "images", tmp_path / "masks", tmp_path / "db", progress=False)
-    assert [p.split(":")[0] for p in err.value.problems] == [str(tmp_path / "images"),
-                                                             str(tmp_path / "masks")]
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        str(tmp_path / "images"),
+        str(tmp_path / "masks"),
+    ]
     assert all("no image files" in p or "no mask files" in p for p in err.value.problems)
     assert not (tmp_path / "db").exists()
 
@@ -335,7 +379,8 @@ def test_multichannel_tiff_axes_and_dataset_yaml(tmp_path):
         tifffile.imwrite(masks / f"{stem}.tif", (array[0] > 2000).astype(np.uint8))
     (images / "dataset.yaml").write_text(
         "class_names: [background, cell]\nchannel_names: [dapi, gfp, rfp, bf]\n"
-        "pixel_size_um: 0.65\ndescription: test set\nmask_kind: instance\n")
+        "pixel_size_um: 0.65\ndescription: test set\nmask_kind: instance\n"
+    )
     ingest(images, masks, tmp_path / "db", train_fraction=1.0, progress=False)
     for sample in _all_samples(tmp_path / "db" / "train.lmdb"):
         np.testing.assert_array_equal(sample.image, arrays[sample.source])
@@ -410,7 +455,9 @@ def test_ingest_all_four_datasets(tmp_path):
         if kind == "instance":
             assert info["train"]["num_instances"] + info["test"]["num_instances"] == facts
         else:
-            counts = [{k: int(v) for k, v in d["class_pixel_counts"].items()} for d in info.values()]
+            counts = [
+                {k: int(v) for k, v in d["class_pixel_counts"].items()} for d in info.values()
+            ]
             total = {k: counts[0].get(k, 0) + counts[1].get(k, 0) for k in facts}
             for k, fraction in facts.items():
                 assert total[k] / sum(total.values()) == pytest.approx(fraction, abs=1e-3)

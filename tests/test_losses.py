@@ -100,6 +100,5 @@ def test_loss_errors():
 
 
 def test_target_functions_are_re_exported_from_losses():
-    for name in ("derive_target", "border_weight_map", "num_target_classes",
-                 "instances_to_target"):
+    for name in ("derive_target", "border_weight_map", "num_target_classes", "instances_to_target"):
         assert getattr(losses, name) is getattr(targets, name)

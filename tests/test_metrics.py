@@ -41,8 +41,9 @@ def test_confusion_matrix_counts_rows_truth_columns_pred_numpy_and_torch():
 def test_confusion_matrix_skips_ignore_label_and_rejects_bad_labels():
     truth = np.array([[0, 255, 1], [255, 1, 1]], dtype=np.uint8)
     pred = np.array([[0, 1, 1], [0, 0, 1]], dtype=np.uint8)
-    np.testing.assert_array_equal(confusion_matrix(truth, pred, 2, ignore_label=255),
-                                  [[1, 0], [1, 2]])
+    np.testing.assert_array_equal(
+        confusion_matrix(truth, pred, 2, ignore_label=255), [[1, 0], [1, 2]]
+    )
     with pytest.raises(ValueError, match="truth labels must lie in 0..1"):
         confusion_matrix(truth, pred, 2)
     with pytest.raises(ValueError, match="pred labels must lie in 0..1"):
@@ -94,8 +95,9 @@ def test_perfect_prediction():
     truth = square() + square(top=18, left=18, side=6, value=2)
     counts = match_instances(truth, truth)
     metrics = object_metrics(counts)
-    assert all(v["f1"] == 1.0 and v["tp"] == 2 and v["fp"] == v["fn"] == 0
-               for v in metrics.values())
+    assert all(
+        v["f1"] == 1.0 and v["tp"] == 2 and v["fp"] == v["fn"] == 0 for v in metrics.values()
+    )
     assert rand_error(truth, truth) == 0.0
     assert pixel_metrics(confusion_matrix(truth, truth, 3))["mean_iou"] == 1.0
 
@@ -103,12 +105,24 @@ def test_perfect_prediction():
 def test_empty_truth_and_prediction_are_defined():
     empty = np.zeros((8, 8), int)
     both = object_metrics(match_instances(empty, empty, (0.5,)))[0.5]
-    assert both == {"tp": 0, "fp": 0, "fn": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
-                    "ap": 1.0, "mean_matched_iou": None}
+    assert both == {
+        "tp": 0,
+        "fp": 0,
+        "fn": 0,
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "ap": 1.0,
+        "mean_matched_iou": None,
+    }
     assert rand_error(empty, empty) == 0.0
     spurious = object_metrics(match_instances(empty, square((8, 8), 1, 1, 3), (0.5,)))[0.5]
     assert (spurious["fp"], spurious["precision"], spurious["recall"], spurious["ap"]) == (
-        1, 0.0, 0.0, 0.0)
+        1,
+        0.0,
+        0.0,
+        0.0,
+    )
     assert rand_error(empty, square((8, 8), 1, 1, 3)) == 1.0
     missed = object_metrics(match_instances(square((8, 8), 1, 1, 3), empty, (0.5,)))[0.5]
     assert (missed["fn"], missed["precision"], missed["recall"], missed["f1"]) == (1, 0.0, 0.0, 0.0)

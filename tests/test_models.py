@@ -41,8 +41,9 @@ def test_segnet_output_shape(norm, depth):
 
 def test_segnet_follows_vgg_stages():
     model = SegNet(1, 2, depth=5, width=64)
-    convs = [[m for m in stage.modules() if isinstance(m, torch.nn.Conv2d)]
-             for stage in model.encoder]
+    convs = [
+        [m for m in stage.modules() if isinstance(m, torch.nn.Conv2d)] for stage in model.encoder
+    ]
     assert [len(c) for c in convs] == [2, 2, 3, 3, 3]
     assert [c[-1].out_channels for c in convs] == [64, 128, 256, 512, 512]
 
@@ -159,12 +160,17 @@ def _nist_patches(count: int, size: int = 64):
         image = read_image(path).astype(np.float32)
         mask = read_mask(root / "masks" / path.name)
         image = (image - image.mean()) / (image.std() + 1e-6)  # per-image z-score
-        corners = [(r, c) for r in range(0, mask.shape[0] - size + 1, 32)
-                   for c in range(0, mask.shape[1] - size + 1, 32)]
-        r, c = min(corners, key=lambda rc: abs(mask[rc[0]:rc[0] + size,
-                                                    rc[1]:rc[1] + size].mean() - 0.5))
-        images.append(image[:, r:r + size, c:c + size])
-        masks.append(mask[r:r + size, c:c + size].astype(np.int64))
+        corners = [
+            (r, c)
+            for r in range(0, mask.shape[0] - size + 1, 32)
+            for c in range(0, mask.shape[1] - size + 1, 32)
+        ]
+        r, c = min(
+            corners,
+            key=lambda rc: abs(mask[rc[0] : rc[0] + size, rc[1] : rc[1] + size].mean() - 0.5),
+        )
+        images.append(image[:, r : r + size, c : c + size])
+        masks.append(mask[r : r + size, c : c + size].astype(np.int64))
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks))
 
 

@@ -58,8 +58,13 @@ def test_percentile_on_real_fluorescence_image():
 
 def test_channels_are_normalised_independently():
     rng = np.random.default_rng(0)
-    image = np.stack([rng.normal(10, 2, (64, 64)), rng.normal(-5000, 300, (64, 64)),
-                      rng.normal(0, 1e-3, (64, 64))]).astype(np.float32)
+    image = np.stack(
+        [
+            rng.normal(10, 2, (64, 64)),
+            rng.normal(-5000, 300, (64, 64)),
+            rng.normal(0, 1e-3, (64, 64)),
+        ]
+    ).astype(np.float32)
     out = normalize(image, normalization_spec("zscore"))
     np.testing.assert_allclose(out.mean(axis=(1, 2)), 0, atol=1e-3)
     np.testing.assert_allclose(out.std(axis=(1, 2)), 1, rtol=1e-3)

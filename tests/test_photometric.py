@@ -12,11 +12,26 @@ from scarce.augment import AugmentParams, draw_params
 from scarce.config import AugmentConfig
 from scarce.photometric import Cutout, apply_photometric, draw_photometric
 
-ALL_ON = AugmentConfig(elastic=True, intensity=True, gamma=True, gamma_p=0.6, noise_p=0.5,
-                       cutout_missing=True, cutout_contrast=True, cutout_noise=True,
-                       cutout_p=0.5)
-PHOTOMETRIC_OFF = dict(noise=False, blur=False, intensity=False, gamma=False,
-                       cutout_missing=False, cutout_contrast=False, cutout_noise=False)
+ALL_ON = AugmentConfig(
+    elastic=True,
+    intensity=True,
+    gamma=True,
+    gamma_p=0.6,
+    noise_p=0.5,
+    cutout_missing=True,
+    cutout_contrast=True,
+    cutout_noise=True,
+    cutout_p=0.5,
+)
+PHOTOMETRIC_OFF = dict(
+    noise=False,
+    blur=False,
+    intensity=False,
+    gamma=False,
+    cutout_missing=False,
+    cutout_contrast=False,
+    cutout_noise=False,
+)
 
 
 def test_noise_gamma_intensity_and_cutouts_follow_the_dynamic_range():
@@ -28,8 +43,11 @@ def test_noise_gamma_intensity_and_cutouts_follow_the_dynamic_range():
     np.testing.assert_allclose(gamma, 100 + 200 * ((ramp - 100) / 200) ** 2, rtol=1e-5)
     bright = apply_photometric(ramp.copy(), AugmentParams(intensity=(0.05, 1.1)), rng)
     np.testing.assert_allclose(bright, 100 + 200 * (1.1 * (ramp - 100) / 200 + 0.05), rtol=1e-5)
-    cuts = (Cutout("missing", 0, 0, 10, 10, 0.0), Cutout("contrast", 50, 50, 10, 10, 0.5),
-            Cutout("noise", 100, 100, 30, 30, 1.0))
+    cuts = (
+        Cutout("missing", 0, 0, 10, 10, 0.0),
+        Cutout("contrast", 50, 50, 10, 10, 0.5),
+        Cutout("noise", 100, 100, 30, 30, 1.0),
+    )
     out = apply_photometric(ramp.copy(), AugmentParams(cutouts=cuts), rng)
     assert np.all(out[0, :10, :10] == 100.0)
     np.testing.assert_allclose(out[0, 50:60, 50:60], 100 + 0.5 * (ramp[0, 50:60, 50:60] - 100))

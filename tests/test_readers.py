@@ -50,15 +50,31 @@ def write_db(path: Path, pairs: list[tuple[str, np.ndarray, np.ndarray]], mask_k
             for v, k in zip(classes, n):
                 counts[v] = counts.get(v, 0) + int(k)
             txn.put(b"%08d" % i, encode_sample(name, name, (0, 0), image, mask, classes))
-            samples.append({"name": name, "source": name, "origin": [0, 0],
-                            "shape": list(mask.shape), "classes": classes})
+            samples.append(
+                {
+                    "name": name,
+                    "source": name,
+                    "origin": [0, 0],
+                    "shape": list(mask.shape),
+                    "classes": classes,
+                }
+            )
         pixels = np.concatenate([img.ravel() for _, img, _ in pairs]).astype(np.float64)
-        meta = {"format_version": 1, "num_samples": len(pairs), "channels": pairs[0][1].shape[0],
-                "mask_kind": mask_kind, "class_ids": sorted(counts),
-                "class_pixel_counts": {str(k): v for k, v in sorted(counts.items())},
-                "intensity": {"mean": [pixels.mean()], "std": [pixels.std()],
-                              "p1": [np.percentile(pixels, 1)], "p99": [np.percentile(pixels, 99)]},
-                "samples": samples}
+        meta = {
+            "format_version": 1,
+            "num_samples": len(pairs),
+            "channels": pairs[0][1].shape[0],
+            "mask_kind": mask_kind,
+            "class_ids": sorted(counts),
+            "class_pixel_counts": {str(k): v for k, v in sorted(counts.items())},
+            "intensity": {
+                "mean": [pixels.mean()],
+                "std": [pixels.std()],
+                "p1": [np.percentile(pixels, 1)],
+                "p99": [np.percentile(pixels, 99)],
+            },
+            "samples": samples,
+        }
         txn.put(METADATA_KEY, json.dumps(meta).encode())
     env.close()
     return path
@@ -76,15 +92,17 @@ def real_pairs(name: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]
 @pytest.fixture(scope="module")
 def nist_lmdb(tmp_path_factory) -> Path:
     """20 nist_rpe images (256 x 256 uint16, classes 0/1)."""
-    return write_db(tmp_path_factory.mktemp("nist") / "train.lmdb", real_pairs("nist_rpe", 20),
-                    "class")
+    return write_db(
+        tmp_path_factory.mktemp("nist") / "train.lmdb", real_pairs("nist_rpe", 20), "class"
+    )
 
 
 @pytest.fixture(scope="module")
 def bbbc_lmdb(tmp_path_factory) -> Path:
     """3 bbbc039 images (520 x 696 uint16) with instance masks."""
-    return write_db(tmp_path_factory.mktemp("bbbc") / "train.lmdb", real_pairs("bbbc039", 3),
-                    "instance")
+    return write_db(
+        tmp_path_factory.mktemp("bbbc") / "train.lmdb", real_pairs("bbbc039", 3), "instance"
+    )
 
 
 def small_cfg(**data) -> TrainConfig:
@@ -173,8 +191,9 @@ def test_balance_classes_raises_the_rare_class_fraction(nist_lmdb):
         targets = torch.cat([b["target"] for b in first_batches(nist_lmdb, cfg, 20)])
         pixels[balance] = (targets == rare).float().mean().item()
         # without augmentation the patch centre is the drawn pixel: half are rare if balanced
-        plain = replace(small_cfg(batch_size=16, balance_classes=balance),
-                        augment=AugmentConfig(enabled=False))
+        plain = replace(
+            small_cfg(batch_size=16, balance_classes=balance), augment=AugmentConfig(enabled=False)
+        )
         targets = torch.cat([b["target"] for b in first_batches(nist_lmdb, plain, 25)])
         centres[balance] = (targets[:, 32, 32] == rare).float().mean().item()
     assert pixels[True] > pixels[False] + 0.1, pixels  # measured 0.25 -> 0.42
@@ -278,8 +297,11 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
     messages = [r.getMessage() for r in caplog.records]
     starving = [m for m in messages if m.startswith("Input queue starvation:")]
     assert len(starving) == 1, messages
-    match = re.fullmatch(r"Input queue starvation: waited (\d+) ms for batch 2 \((\d+)% of step "
-                         r"time\)", starving[0])
+    match = re.fullmatch(
+        r"Input queue starvation: waited (\d+) ms for batch 2 \((\d+)% of step "
+        r"time\)",
+        starving[0],
+    )
     assert match and 100 <= int(match[1]) < 400 and 50 <= int(match[2]) <= 95, starving[0]
     assert messages.count("Input queue starvation over") == 1
     fraction = watch.wait_fraction()

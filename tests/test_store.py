@@ -22,18 +22,28 @@ def _write(path, samples, meta=None, **open_kw):
 @pytest.fixture
 def samples():
     rng = np.random.default_rng(3)
-    return [(rng.integers(0, 65535, (2, 31, 17), dtype=np.uint16),
-             rng.integers(0, 5, (31, 17), dtype=np.uint8)),
-            (rng.random((3, 8, 40), dtype=np.float32),
-             rng.integers(0, 70000, (8, 40)).astype(np.int32))]
+    return [
+        (
+            rng.integers(0, 65535, (2, 31, 17), dtype=np.uint16),
+            rng.integers(0, 5, (31, 17), dtype=np.uint8),
+        ),
+        (
+            rng.random((3, 8, 40), dtype=np.float32),
+            rng.integers(0, 70000, (8, 40)).astype(np.int32),
+        ),
+    ]
 
 
 def test_encode_decode_round_trip_without_copy(samples):
     image, mask = samples[0]
     record = store.encode_sample("a@3,4", "a", (3, 4), image, mask, [0, 2, 4])
     sample = store.decode_sample(memoryview(record))
-    assert (sample.name, sample.source, sample.origin, sample.classes) == ("a@3,4", "a", (3, 4),
-                                                                           (0, 2, 4))
+    assert (sample.name, sample.source, sample.origin, sample.classes) == (
+        "a@3,4",
+        "a",
+        (3, 4),
+        (0, 2, 4),
+    )
     np.testing.assert_array_equal(sample.image, image)
     np.testing.assert_array_equal(sample.mask, mask)
     assert sample.image.dtype == image.dtype and sample.mask.dtype == mask.dtype

@@ -80,7 +80,7 @@ def test_border_weights_peak_between_close_objects():
     labels[10:20, 22:32] = 2  # 2-pixel gap: columns 20 and 21
     weights = border_weight_map(labels, w0=10.0, sigma=5.0, class_weights=[1.0, 2.0])
     assert weights.dtype == np.float32 and weights.shape == labels.shape
-    gap = 1.0 + 10.0 * np.exp(-(1.0 + 2.0) ** 2 / 50.0)  # d1 = 1, d2 = 2
+    gap = 1.0 + 10.0 * np.exp(-((1.0 + 2.0) ** 2) / 50.0)  # d1 = 1, d2 = 2
     assert weights[15, 20] == pytest.approx(gap, rel=1e-5)
     assert weights[15, 20] == weights[labels == 0].max()
     assert weights[60, 60] == pytest.approx(1.0, abs=1e-3)  # far from both: w_c
@@ -91,7 +91,7 @@ def test_border_weights_match_brute_force_on_real_nuclei():
     labels = bbbc039_crop()
     ids = [i for i in np.unique(labels) if i]
     dist = np.sort(np.stack([ndimage.distance_transform_edt(labels != i) for i in ids]), axis=0)
-    expected = 1.0 + np.where(labels == 0, 10.0 * np.exp(-(dist[0] + dist[1]) ** 2 / 50.0), 0)
+    expected = 1.0 + np.where(labels == 0, 10.0 * np.exp(-((dist[0] + dist[1]) ** 2) / 50.0), 0)
     weights = border_weight_map(labels)
     assert np.abs(weights - expected).max() < 10.0 * np.exp(-8.0)
 

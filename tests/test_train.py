@@ -15,10 +15,19 @@ from scarce.config import TrainConfig, override
 from scarce.train import RunDirExistsError, Trainer, learning_rate, train
 
 TINY = {
-    "data.patch_size": 64, "data.batch_size": 2, "data.reader_count": 0,
-    "data.test_tile_size": 256, "model.width": 4, "model.depth": 2,
-    "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.learning_rate": 0.003,
-    "test_every_n_steps": 5, "max_steps": 10, "plot_test_images": 1, "log_every_n_steps": 5,
+    "data.patch_size": 64,
+    "data.batch_size": 2,
+    "data.reader_count": 0,
+    "data.test_tile_size": 256,
+    "model.width": 4,
+    "model.depth": 2,
+    "optim.warmup_steps": 0,
+    "optim.schedule": "constant",
+    "optim.learning_rate": 0.003,
+    "test_every_n_steps": 5,
+    "max_steps": 10,
+    "plot_test_images": 1,
+    "log_every_n_steps": 5,
 }
 
 
@@ -37,23 +46,36 @@ def test_run_writes_outputs_and_resume_is_exact(nist_db, tmp_path):
     assert full["steps"] == 20 and full["stop_reason"] == "max_steps"
     half = tmp_path / "half"
     train(db / "train.lmdb", db / "test.lmdb", half, tiny_config(max_steps=10))
-    resumed = train(db / "train.lmdb", db / "test.lmdb", half, tiny_config(max_steps=20),
-                    resume=True)
+    resumed = train(
+        db / "train.lmdb", db / "test.lmdb", half, tiny_config(max_steps=20), resume=True
+    )
     assert resumed["steps"] == 20
     a, b = state_of(tmp_path / "full"), state_of(half)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     run = tmp_path / "full"
-    for name in ("config.yaml", "log.txt", "metrics.csv", "summary.json", "plots/loss.png",
-                 "plots/step_00020.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+    for name in (
+        "config.yaml",
+        "log.txt",
+        "metrics.csv",
+        "summary.json",
+        "plots/loss.png",
+        "plots/step_00020.png",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
     assert {"test_loss", "iou_class1", "dice_class1", "lr", "data_wait_pct"} <= set(rows[0])
     # resumed metrics.csv continues the first run's rows
-    assert [int(r["step"]) for r in csv.DictReader((half / "metrics.csv").open())] == [5, 10, 15,
-                                                                                       20]
+    assert [int(r["step"]) for r in csv.DictReader((half / "metrics.csv").open())] == [
+        5,
+        10,
+        15,
+        20,
+    ]
 
 
 def test_existing_run_dir_is_refused(nist_db, tmp_path):
@@ -62,15 +84,21 @@ def test_existing_run_dir_is_refused(nist_db, tmp_path):
     (run / "something.txt").write_text("x")
     with pytest.raises(RunDirExistsError, match="--resume.*--overwrite"):
         Trainer(nist_db / "train.lmdb", nist_db / "test.lmdb", run, tiny_config())
-    summary = train(nist_db / "train.lmdb", nist_db / "test.lmdb", run,
-                    tiny_config(max_steps=2, test_every_n_steps=2), overwrite=True)
+    summary = train(
+        nist_db / "train.lmdb",
+        nist_db / "test.lmdb",
+        run,
+        tiny_config(max_steps=2, test_every_n_steps=2),
+        overwrite=True,
+    )
     assert summary["steps"] == 2 and not (run / "something.txt").exists()
 
 
 def test_early_stopping_triggers_and_says_why(nist_db, tmp_path, caplog):
     # a learning rate of 0 never improves the test loss after the first evaluation
-    cfg = tiny_config(max_steps=200, test_every_n_steps=2, early_stopping=2,
-                      **{"optim.learning_rate": 0.0})
+    cfg = tiny_config(
+        max_steps=200, test_every_n_steps=2, early_stopping=2, **{"optim.learning_rate": 0.0}
+    )
     with caplog.at_level(logging.WARNING, logger="scarce"):
         summary = train(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "r", cfg)
     assert summary["stop_reason"] == "early_stopping"
@@ -101,16 +129,28 @@ def test_segnet_trains_and_checkpoint_rebuilds(nist_db, tmp_path):
 
 def test_fine_tune_from_another_run(nist_db, tmp_path):
     train(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "a", tiny_config(max_steps=2))
-    trainer = Trainer(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "b",
-                      tiny_config(max_steps=0), init_from=tmp_path / "a")
+    trainer = Trainer(
+        nist_db / "train.lmdb",
+        nist_db / "test.lmdb",
+        tmp_path / "b",
+        tiny_config(max_steps=0),
+        init_from=tmp_path / "a",
+    )
     trainer.fit()
     a, b = state_of(tmp_path / "a"), state_of(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_learning_rate_schedule():
-    cfg = override(TrainConfig(), {"max_steps": 100, "optim.warmup_steps": 10,
-                                   "optim.learning_rate": 1.0, "optim.min_lr_fraction": 0.0})
+    cfg = override(
+        TrainConfig(),
+        {
+            "max_steps": 100,
+            "optim.warmup_steps": 10,
+            "optim.learning_rate": 1.0,
+            "optim.min_lr_fraction": 0.0,
+        },
+    )
     assert learning_rate(0, cfg) == pytest.approx(0.1)
     assert learning_rate(9, cfg) == pytest.approx(1.0)
     assert learning_rate(55, cfg) == pytest.approx(0.5)
@@ -124,20 +164,35 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank, world, port, db, run, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
-    trainer = Trainer(db / "train.lmdb", db / "test.lmdb", run, tiny_config(max_steps=4,
-                      test_every_n_steps=4, device="cpu"))
+    trainer = Trainer(
+        db / "train.lmdb",
+        db / "test.lmdb",
+        run,
+        tiny_config(max_steps=4, test_every_n_steps=4, device="cpu"),
+    )
     trainer.fit()
-    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-               out / f"rank{rank}.pt")
+    torch.save(
+        {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        out / f"rank{rank}.pt",
+    )
 
 
 def test_ddp_two_processes_keep_parameters_equal(nist_db, tmp_path):
     world = 2
-    torch.multiprocessing.spawn(_ddp_worker, args=(world, _free_port(), nist_db, tmp_path / "run",
-                                                   tmp_path), nprocs=world, join=True)
+    torch.multiprocessing.spawn(
+        _ddp_worker,
+        args=(world, _free_port(), nist_db, tmp_path / "run", tmp_path),
+        nprocs=world,
+        join=True,
+    )
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in s0:

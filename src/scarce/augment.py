@@ -89,10 +89,23 @@ def check_augment_config(cfg: AugmentConfig) -> AugmentConfig:
     ConfigError
         Naming every ``augment.<key>`` outside its valid range, and that range.
     """
-    problems = [f"augment.{k}_p = {getattr(cfg, k + '_p')} must be in [0, 1]"
-                for k in ("flip_x", "flip_y", "rotation", "jitter", "scale", "elastic", "noise",
-                          "blur", "intensity", "gamma", "cutout")
-                if not 0.0 <= getattr(cfg, k + "_p") <= 1.0]
+    problems = [
+        f"augment.{k}_p = {getattr(cfg, k + '_p')} must be in [0, 1]"
+        for k in (
+            "flip_x",
+            "flip_y",
+            "rotation",
+            "jitter",
+            "scale",
+            "elastic",
+            "noise",
+            "blur",
+            "intensity",
+            "gamma",
+            "cutout",
+        )
+        if not 0.0 <= getattr(cfg, k + "_p") <= 1.0
+    ]
     lo, hi = cfg.rotation_degrees
     g_lo, g_hi = cfg.gamma_range
     checks = [
@@ -167,8 +180,9 @@ def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -
         g = cfg.elastic_grid
         elastic = rng.normal(0.0, cfg.elastic_sigma, (g, g, 2)).astype(np.float32)
     # photometric draws come after all geometric ones (same seed, same parameters)
-    return AugmentParams(flip_x, flip_y, angle, shift, scale, elastic,
-                         **draw_photometric(cfg, patch_size, rng))
+    return AugmentParams(
+        flip_x, flip_y, angle, shift, scale, elastic, **draw_photometric(cfg, patch_size, rng)
+    )
 
 
 def affine_matrix(params: AugmentParams) -> np.ndarray:
@@ -189,20 +203,26 @@ def _relative_grid(params: AugmentParams, size: int) -> tuple[np.ndarray, np.nda
     """Source offsets from ``centre`` of every output pixel, float32 (P, P) each."""
     a = affine_matrix(params)
     q = np.arange(size, dtype=np.float64) - size // 2
-    dy = np.add.outer((a[0, 0] * q + params.shift[0]).astype(np.float32),
-                      (a[0, 1] * q).astype(np.float32))
-    dx = np.add.outer((a[1, 0] * q + params.shift[1]).astype(np.float32),
-                      (a[1, 1] * q).astype(np.float32))
+    dy = np.add.outer(
+        (a[0, 0] * q + params.shift[0]).astype(np.float32), (a[0, 1] * q).astype(np.float32)
+    )
+    dx = np.add.outer(
+        (a[1, 0] * q + params.shift[1]).astype(np.float32), (a[1, 1] * q).astype(np.float32)
+    )
     if params.elastic is not None:
-        field = cv2.resize(np.asarray(params.elastic, dtype=np.float32), (size, size),
-                           interpolation=cv2.INTER_CUBIC)
+        field = cv2.resize(
+            np.asarray(params.elastic, dtype=np.float32),
+            (size, size),
+            interpolation=cv2.INTER_CUBIC,
+        )
         dy += field[..., 0]
         dx += field[..., 1]
     return dy, dx
 
 
-def sampling_grid(params: AugmentParams, patch_size: int,
-                  centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def sampling_grid(
+    params: AugmentParams, patch_size: int, centre: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Source coordinates sampled by every output pixel (the single composed warp).
 
     Output pixel ``(P // 2, P // 2)`` samples ``centre + shift``; the elastic field is
@@ -251,22 +271,28 @@ def _pad(src: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
     return cv2.copyMakeBorder(src, *pads, _PAD) if any(pads) else src
 
 
-def _remap_image(region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.ndarray,
-                 map_y: np.ndarray, interpolation: int) -> np.ndarray:
+def _remap_image(
+    region: np.ndarray,
+    pads: tuple[int, int, int, int],
+    map_x: np.ndarray,
+    map_y: np.ndarray,
+    interpolation: int,
+) -> np.ndarray:
     """Pad and warp a (C, h, w) region of any dtype to float32 (C, P, P), 4 channels per call."""
     if region.shape[0] == 1:
         src = _pad(region[0].astype(np.float32, copy=False), pads)
         return cv2.remap(src, map_x, map_y, interpolation, borderMode=_INSIDE)[None]
     out = np.empty((region.shape[0],) + map_x.shape, dtype=np.float32)
     for c0 in range(0, region.shape[0], 4):  # cv2 interleaves at most 4 channels portably
-        group = np.ascontiguousarray(region[c0:c0 + 4].transpose(1, 2, 0), dtype=np.float32)
+        group = np.ascontiguousarray(region[c0 : c0 + 4].transpose(1, 2, 0), dtype=np.float32)
         warped = cv2.remap(_pad(group, pads), map_x, map_y, interpolation, borderMode=_INSIDE)
-        out[c0:c0 + 4] = warped.reshape(map_x.shape + (-1,)).transpose(2, 0, 1)
+        out[c0 : c0 + 4] = warped.reshape(map_x.shape + (-1,)).transpose(2, 0, 1)
     return out
 
 
-def _remap_mask(region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.ndarray,
-                map_y: np.ndarray) -> np.ndarray:
+def _remap_mask(
+    region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.ndarray, map_y: np.ndarray
+) -> np.ndarray:
     """Pad and nearest-neighbour warp an integer (h, w) mask, exact for every integer dtype.
 
     cv2.remap has no 32/64-bit integer support, so the label bytes are viewed as 1, 2 or 4
@@ -282,24 +308,36 @@ def _remap_mask(region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.n
 
 
 def _check_patch_size(patch_size) -> None:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer) \
-            or patch_size < 1:
+    if (
+        isinstance(patch_size, bool)
+        or not isinstance(patch_size, int | np.integer)
+        or patch_size < 1
+    ):
         raise ValueError(f"patch_size must be a positive integer (pixels), got {patch_size!r}")
 
 
 def _check_inputs(image, mask, centre, patch_size, offset, scale):
     """Validate arguments of crop_patch/augment_patch; return offset, scale as float32 (C,)."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or 0 in image.shape:
-        raise ValueError(f"image must be a non-empty (C, H, W) array, got "
-                         f"{getattr(image, 'shape', type(image))}; scarce.io.read_image "
-                         "returns this layout")
+        raise ValueError(
+            f"image must be a non-empty (C, H, W) array, got "
+            f"{getattr(image, 'shape', type(image))}; scarce.io.read_image "
+            "returns this layout"
+        )
     if image.dtype.name not in IMAGE_DTYPES:
-        raise TypeError(f"image dtype {image.dtype} is not supported; expected one of "
-                        f"{IMAGE_DTYPES} (convert, e.g. float64 -> float32)")
-    if mask is not None and (not isinstance(mask, np.ndarray) or mask.shape != image.shape[1:]
-                             or mask.dtype.kind not in "biu"):
-        raise ValueError(f"mask must be an integer (H, W) = {image.shape[1:]} array, got "
-                         f"{getattr(mask, 'shape', type(mask))} {getattr(mask, 'dtype', '')}")
+        raise TypeError(
+            f"image dtype {image.dtype} is not supported; expected one of "
+            f"{IMAGE_DTYPES} (convert, e.g. float64 -> float32)"
+        )
+    if mask is not None and (
+        not isinstance(mask, np.ndarray)
+        or mask.shape != image.shape[1:]
+        or mask.dtype.kind not in "biu"
+    ):
+        raise ValueError(
+            f"mask must be an integer (H, W) = {image.shape[1:]} array, got "
+            f"{getattr(mask, 'shape', type(mask))} {getattr(mask, 'dtype', '')}"
+        )
     _check_patch_size(patch_size)
     if len(centre) != 2 or not all(math.isfinite(float(v)) for v in centre):
         raise ValueError(f"centre must be a finite (y, x) pair in pixels, got {centre!r}")
@@ -308,11 +346,15 @@ def _check_inputs(image, mask, centre, patch_size, offset, scale):
         if values is not None:
             values = np.asarray(values, dtype=np.float32).reshape(-1)
             if values.shape != (image.shape[0],) or not np.all(np.isfinite(values)):
-                raise ValueError(f"{name} must hold {image.shape[0]} finite values (one per "
-                                 f"channel), got {values.tolist()}")
+                raise ValueError(
+                    f"{name} must hold {image.shape[0]} finite values (one per "
+                    f"channel), got {values.tolist()}"
+                )
             if name == "scale" and np.any(values <= 0):
-                raise ValueError(f"scale must be > 0 per channel, got {values.tolist()}; "
-                                 "scarce.normalize.normalization_params floors it")
+                raise ValueError(
+                    f"scale must be > 0 per channel, got {values.tolist()}; "
+                    "scarce.normalize.normalization_params floors it"
+                )
         checked.append(values)
     return checked
 
@@ -335,8 +377,15 @@ def _reflect_indices(start: int, size: int, n: int) -> slice | np.ndarray:
     return np.where(idx > n - 1, period - idx, idx)
 
 
-def crop_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[float, float],
-               patch_size: int, *, offset=None, scale=None) -> tuple[np.ndarray, np.ndarray]:
+def crop_patch(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    centre: tuple[float, float],
+    patch_size: int,
+    *,
+    offset=None,
+    scale=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Cut a P x P patch without interpolation (the no-augmentation path).
 
     Source pixel ``round(centre)`` (halves up) lands at output pixel ``(P // 2, P // 2)``,
@@ -369,17 +418,27 @@ def crop_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[float, 
     """
     offset, scale = _check_inputs(image, mask, centre, patch_size, offset, scale)
     half = patch_size // 2
-    rows, cols = (_reflect_indices(math.floor(float(c) + 0.5) - half, patch_size, n)
-                  for c, n in zip(centre, image.shape[1:]))
+    rows, cols = (
+        _reflect_indices(math.floor(float(c) + 0.5) - half, patch_size, n)
+        for c, n in zip(centre, image.shape[1:])
+    )
     patch = image[:, rows][:, :, cols].astype(np.float32)
     _normalize_(patch, offset, scale)
     return patch, (None if mask is None else np.array(mask[rows][:, cols]))
 
 
-def augment_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[float, float],
-                  patch_size: int, cfg: AugmentConfig, rng: np.random.Generator, *,
-                  offset=None, scale=None,
-                  params: AugmentParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+def augment_patch(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    centre: tuple[float, float],
+    patch_size: int,
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+    *,
+    offset=None,
+    scale=None,
+    params: AugmentParams | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample one augmented P x P patch (and its mask) from a whole source image.
 
     All geometry is one ``cv2.remap`` of the grid from :func:`sampling_grid` (image: linear or
@@ -440,12 +499,22 @@ def augment_patch(image: np.ndarray, mask: np.ndarray | None, centre: tuple[floa
     pads = (top, bottom, left, right)
     map_y += np.float32(cy - y0 + top)  # coordinates in the padded region
     map_x += np.float32(cx - x0 + left)
-    patch = _remap_image(image[:, y0:y1, x0:x1], pads, map_x, map_y,
-                         _INTERPOLATION[cfg.interpolation])
+    patch = _remap_image(
+        image[:, y0:y1, x0:x1], pads, map_x, map_y, _INTERPOLATION[cfg.interpolation]
+    )
     _normalize_(patch, offset, scale)
     out_mask = None if mask is None else _remap_mask(mask[y0:y1, x0:x1], pads, map_x, map_y)
     return apply_photometric(patch, params, rng), out_mask
 
 
-__all__ = ["AugmentParams", "Cutout", "affine_matrix", "apply_photometric", "augment_patch",
-           "check_augment_config", "crop_patch", "draw_params", "sampling_grid"]
+__all__ = [
+    "AugmentParams",
+    "Cutout",
+    "affine_matrix",
+    "apply_photometric",
+    "augment_patch",
+    "check_augment_config",
+    "crop_patch",
+    "draw_params",
+    "sampling_grid",
+]

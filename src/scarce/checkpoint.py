@@ -38,8 +38,11 @@ def versions() -> dict:
     """Versions of scarce, torch and python, recorded in every checkpoint."""
     from scarce import __version__
 
-    return {"scarce": __version__, "torch": str(torch.__version__),
-            "python": platform.python_version()}
+    return {
+        "scarce": __version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -92,8 +95,10 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
             candidate = path / "checkpoints" / name
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this "
-                              "run folder; is it a `scarce train` output folder?")
+        raise CheckpointError(
+            f"{path}: no checkpoints/best.pt or checkpoints/last.pt in this "
+            "run folder; is it a `scarce train` output folder?"
+        )
     raise CheckpointError(f"{path}: no such checkpoint file or run folder")
 
 
@@ -130,8 +135,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a Scarce checkpoint (no format marker)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{file}: checkpoint format {ckpt['format_version']} is newer than "
-                              f"this Scarce understands ({FORMAT_VERSION}); upgrade Scarce")
+        raise CheckpointError(
+            f"{file}: checkpoint format {ckpt['format_version']} is newer than "
+            f"this Scarce understands ({FORMAT_VERSION}); upgrade Scarce"
+        )
     ckpt["path"] = str(file)
     return ckpt
 
@@ -151,8 +158,10 @@ def build_model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") 
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: weights do not match the "
-                              f"stored architecture {spec}: {exc}") from exc
+        raise CheckpointError(
+            f"{ckpt.get('path', 'checkpoint')}: weights do not match the "
+            f"stored architecture {spec}: {exc}"
+        ) from exc
     return model.to(device).eval()
 
 

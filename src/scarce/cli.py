@@ -25,11 +25,14 @@ def _add_ingest(sub) -> None:
     p.add_argument("--out", required=True, help="database folder to create (DB_DIR)")
     p.add_argument("--train-fraction", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", help="split.json to reuse: {\"train\": [stems], \"test\": [stems]}")
+    p.add_argument("--split", help='split.json to reuse: {"train": [stems], "test": [stems]}')
     p.add_argument("--tile-size", type=int, help="cut images into tiles of this side, pixels")
     p.add_argument("--tile-stride", type=int, help="tile stride, pixels (default: tile size)")
-    p.add_argument("--mask-kind", choices=("class", "instance"),
-                   help="default: mask_kind in dataset.yaml, else class")
+    p.add_argument(
+        "--mask-kind",
+        choices=("class", "instance"),
+        help="default: mask_kind in dataset.yaml, else class",
+    )
     p.add_argument("--metadata", help="dataset.yaml (default: IMAGES/dataset.yaml if present)")
     p.add_argument("--channel-axis", type=int, choices=(0, -1), help="channel axis of 3D files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DB_DIR")
@@ -46,24 +49,38 @@ def _add_train(sub) -> None:
     p.add_argument("--patch-size", type=int, dest="data.patch_size")
     p.add_argument("--learning-rate", type=float, dest="optim.learning_rate")
     p.add_argument("--test-every-n-steps", type=int, dest="test_every_n_steps")
-    p.add_argument("--early-stopping", type=int, dest="early_stopping",
-                   help="stop after N evaluations without a better test loss (0 = off)")
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        dest="early_stopping",
+        help="stop after N evaluations without a better test loss (0 = off)",
+    )
     p.add_argument("--max-steps", type=int, dest="max_steps")
     p.add_argument("--max-minutes", type=float, dest="max_minutes")
-    p.add_argument("--balance-classes", action="store_const", const=True,
-                   dest="data.balance_classes")
+    p.add_argument(
+        "--balance-classes", action="store_const", const=True, dest="data.balance_classes"
+    )
     p.add_argument("--no-augment", action="store_const", const=False, dest="augment.enabled")
     p.add_argument("--reader-count", type=int, dest="data.reader_count")
     p.add_argument("--seed", type=int, dest="seed")
     p.add_argument("--amp", choices=("bf16", "fp16", "off"), dest="amp")
     p.add_argument("--device", dest="device", help="auto | cpu | cuda")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config value, e.g. --set model.width=16 --set augment.elastic=true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config value, e.g. --set model.width=16 --set augment.elastic=true",
+    )
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from last.pt")
     p.add_argument("--init-from", help="checkpoint or run folder to fine-tune from")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel processes on this machine (runs torchrun for you)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (runs torchrun for you)",
+    )
 
 
 def _add_predict(sub) -> None:
@@ -110,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     p.add_argument("--out", required=True)
     p = sub.add_parser("demo", help="ingest, train, predict and evaluate on a real dataset")
-    p.add_argument("--data", default="../shared/data/nist_rpe",
-                   help="folder with images/ and masks/")
+    p.add_argument(
+        "--data", default="../shared/data/nist_rpe", help="folder with images/ and masks/"
+    )
     p.add_argument("--out", default="demo-out")
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--config", help="YAML config (default: configs/quick-cpu.yaml settings)")
@@ -142,9 +160,21 @@ def _train_config(args):
     from scarce.config import load_config, override
 
     cfg = load_config(args.config)
-    values = {k: v for k, v in vars(args).items() if "." in k or k in (
-        "test_every_n_steps", "early_stopping", "max_steps", "max_minutes", "seed", "amp",
-        "device")}
+    values = {
+        k: v
+        for k, v in vars(args).items()
+        if "." in k
+        or k
+        in (
+            "test_every_n_steps",
+            "early_stopping",
+            "max_steps",
+            "max_minutes",
+            "seed",
+            "amp",
+            "device",
+        )
+    }
     values = {k: v for k, v in values.items() if v is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -173,11 +203,20 @@ def cmd_train(args) -> int:
     from scarce.train import train
 
     train_db, test_db = _train_db_paths(args)
-    summary = train(train_db, test_db, args.out, _train_config(args), resume=args.resume,
-                    init_from=args.init_from, overwrite=args.overwrite)
+    summary = train(
+        train_db,
+        test_db,
+        args.out,
+        _train_config(args),
+        resume=args.resume,
+        init_from=args.init_from,
+        overwrite=args.overwrite,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run folder: {args.out} ({summary['stop_reason']} at step {summary['steps']}, "
-              f"best test loss {summary['best_test_loss']:.4f} at step {summary['best_step']})")
+        print(
+            f"run folder: {args.out} ({summary['stop_reason']} at step {summary['steps']}, "
+            f"best test loss {summary['best_test_loss']:.4f} at step {summary['best_step']})"
+        )
     return 0
 
 
@@ -185,10 +224,20 @@ def cmd_ingest(args) -> int:
     """``scarce ingest``."""
     from scarce.ingest import format_inspection, ingest, inspect_database
 
-    ingest(args.images, args.masks, args.out, train_fraction=args.train_fraction, seed=args.seed,
-           split=args.split, tile_size=args.tile_size, tile_stride=args.tile_stride,
-           mask_kind=args.mask_kind, metadata=args.metadata, overwrite=args.overwrite,
-           channel_axis=args.channel_axis)
+    ingest(
+        args.images,
+        args.masks,
+        args.out,
+        train_fraction=args.train_fraction,
+        seed=args.seed,
+        split=args.split,
+        tile_size=args.tile_size,
+        tile_stride=args.tile_stride,
+        mask_kind=args.mask_kind,
+        metadata=args.metadata,
+        overwrite=args.overwrite,
+        channel_axis=args.channel_axis,
+    )
     print(format_inspection(inspect_database(args.out)))
     return 0
 
@@ -206,10 +255,20 @@ def cmd_predict(args) -> int:
     """``scarce predict``."""
     from scarce.predict import predict_files
 
-    written = predict_files(args.model, args.images, args.out, tile_size=args.tile_size,
-                            overlap=args.overlap, blend=args.blend, tta=args.tta,
-                            probabilities=args.probabilities, instances=args.instances,
-                            batch_size=args.batch_size, device=args.device, fmt=args.format)
+    written = predict_files(
+        args.model,
+        args.images,
+        args.out,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        blend=args.blend,
+        tta=args.tta,
+        probabilities=args.probabilities,
+        instances=args.instances,
+        batch_size=args.batch_size,
+        device=args.device,
+        fmt=args.format,
+    )
     print(f"wrote predictions for {len(written)} image(s) into {args.out}")
     return 0
 
@@ -221,9 +280,15 @@ def cmd_evaluate(args) -> int:
     thresholds = DEFAULT_THRESHOLDS
     if args.iou_thresholds:
         thresholds = tuple(float(t) for t in args.iou_thresholds.split(","))
-    metrics = evaluate_folders(args.pred, args.truth, args.out, num_classes=args.num_classes,
-                               instances=args.instances, iou_thresholds=thresholds,
-                               ignore_label=args.ignore_label)
+    metrics = evaluate_folders(
+        args.pred,
+        args.truth,
+        args.out,
+        num_classes=args.num_classes,
+        instances=args.instances,
+        iou_thresholds=thresholds,
+        ignore_label=args.ignore_label,
+    )
     print(format_summary(metrics))
     if args.out:
         print(f"report: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'per_image.csv'}")
@@ -277,25 +342,42 @@ def cmd_benchmark_readers(args) -> int:
     return 0
 
 
-COMMANDS = {"ingest": cmd_ingest, "inspect": cmd_inspect, "train": cmd_train,
-            "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
-            "demo": cmd_demo, "history": cmd_history, "benchmark-readers": cmd_benchmark_readers}
+COMMANDS = {
+    "ingest": cmd_ingest,
+    "inspect": cmd_inspect,
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+    "demo": cmd_demo,
+    "history": cmd_history,
+    "benchmark-readers": cmd_benchmark_readers,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scarce`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else (
-        logging.INFO if rank == 0 else logging.WARNING),
-        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from scarce.checkpoint import CheckpointError
     from scarce.config import ConfigError
     from scarce.io import ImageFileError
     from scarce.store import StoreError
 
-    user_errors = (ConfigError, ImageFileError, StoreError, CheckpointError, FileNotFoundError,
-                   FileExistsError, ValueError)
+    user_errors = (
+        ConfigError,
+        ImageFileError,
+        StoreError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    )
     try:
         return COMMANDS[args.verb](args)
     except user_errors as exc:

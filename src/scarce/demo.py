@@ -28,8 +28,10 @@ def every_nth_split(images_dir: str | os.PathLike, n: int = 5) -> dict:
         ``{"train": [stems], "test": [stems]}``.
     """
     stems = [stem_of(p) for p in list_image_files(images_dir)]
-    return {"train": [s for i, s in enumerate(stems) if i % n != n - 1],
-            "test": [s for i, s in enumerate(stems) if i % n == n - 1]}
+    return {
+        "train": [s for i, s in enumerate(stems) if i % n != n - 1],
+        "test": [s for i, s in enumerate(stems) if i % n == n - 1],
+    }
 
 
 def _link_split(src: Path, stems: set[str], dst: Path) -> None:
@@ -61,8 +63,13 @@ def save_overlays(images: Path, truth: Path, pred: Path, out: Path, limit: int =
         plt.imsave(out / f"{stem_of(f)}.png", rgb)
 
 
-def run_demo(data: str | os.PathLike, out: str | os.PathLike, *, minutes: float = 4.0,
-             config: str | os.PathLike | None = None) -> dict:
+def run_demo(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    minutes: float = 4.0,
+    config: str | os.PathLike | None = None,
+) -> dict:
     """Ingest ``data`` (``images/`` + ``masks/``), train, predict, evaluate; return the metrics.
 
     Raises
@@ -79,7 +86,8 @@ def run_demo(data: str | os.PathLike, out: str | os.PathLike, *, minutes: float 
     if not (data / "images").is_dir() or not (data / "masks").is_dir():
         raise FileNotFoundError(
             f"{data}: expected a folder with images/ and masks/ inside; pass one with "
-            "`scarce demo --data DIR` (or `make demo DATA=DIR`), e.g. ../shared/data/nist_rpe")
+            "`scarce demo --data DIR` (or `make demo DATA=DIR`), e.g. ../shared/data/nist_rpe"
+        )
     preset = Path(config) if config else PRESETS / "quick-cpu.yaml"
     cfg = override(load_config(preset), {"max_minutes": minutes, "max_steps": 100000})
     split = every_nth_split(data / "images")
@@ -96,8 +104,10 @@ def run_demo(data: str | os.PathLike, out: str | os.PathLike, *, minutes: float 
     metrics = evaluate_folders(pred, test_masks, report)
     save_overlays(test_images, test_masks, pred, out / "overlays")
     print(format_summary(metrics))
-    print(f"\nTrained {summary['steps']} steps ({summary['stop_reason']}).\n"
-          f"run folder:  {run}  (log.txt, metrics.csv, plots/, checkpoints/best.pt)\n"
-          f"predictions: {pred}\noverlays:    {out / 'overlays'} and {run / 'plots'}\n"
-          f"metrics:     {report / 'metrics.json'}")
+    print(
+        f"\nTrained {summary['steps']} steps ({summary['stop_reason']}).\n"
+        f"run folder:  {run}  (log.txt, metrics.csv, plots/, checkpoints/best.pt)\n"
+        f"predictions: {pred}\noverlays:    {out / 'overlays'} and {run / 'plots'}\n"
+        f"metrics:     {report / 'metrics.json'}"
+    )
     return metrics

@@ -64,8 +64,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here; "
-                               "use --device cpu")
+            raise RuntimeError(
+                f"device {name!r} asked for, but CUDA is not available here; use --device cpu"
+            )
         if name == "cuda":
             name = f"cuda:{local_rank}"
     return torch.device(name)
@@ -91,8 +92,9 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -133,6 +135,14 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "scarce", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "scarce",
+        *argv,
+    ]
     return subprocess.call(cmd, env=env)

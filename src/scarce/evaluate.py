@@ -34,10 +34,21 @@ from scarce.metrics import (
 )
 
 __all__ = [
-    "COMPANION_SUFFIXES", "DEFAULT_THRESHOLDS", "LABEL_KINDS", "EvaluationError",
-    "confusion_matrix", "evaluate_arrays", "evaluate_folders", "format_summary",
-    "label_components", "match_instances", "object_metrics", "pixel_metrics", "rand_error",
-    "sum_counts", "to_instances",
+    "COMPANION_SUFFIXES",
+    "DEFAULT_THRESHOLDS",
+    "LABEL_KINDS",
+    "EvaluationError",
+    "confusion_matrix",
+    "evaluate_arrays",
+    "evaluate_folders",
+    "format_summary",
+    "label_components",
+    "match_instances",
+    "object_metrics",
+    "pixel_metrics",
+    "rand_error",
+    "sum_counts",
+    "to_instances",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,18 +132,34 @@ def _evaluate_one(name, truth, pred, num_classes, instances, thresholds, ignore_
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     pm = pixel_metrics(conf)
-    row = {"image": name, "pixel_accuracy": pm["pixel_accuracy"], "mean_iou": pm["mean_iou"],
-           "mean_dice": pm["mean_dice"], "rand_error": rand_error(t_obj, p_obj)}
+    row = {
+        "image": name,
+        "pixel_accuracy": pm["pixel_accuracy"],
+        "mean_iou": pm["mean_iou"],
+        "mean_dice": pm["mean_dice"],
+        "rand_error": rand_error(t_obj, p_obj),
+    }
     if instances:
         first = object_metrics(counts)[thresholds[0]]
-        row.update(matched=first["tp"], truth_objects=first["tp"] + first["fn"],
-                   predicted_objects=first["tp"] + first["fp"])
+        row.update(
+            matched=first["tp"],
+            truth_objects=first["tp"] + first["fn"],
+            predicted_objects=first["tp"] + first["fp"],
+        )
         row[f"f1_{thresholds[0]:.2f}"] = first["f1"]
     return row, conf, counts
 
 
-def evaluate_arrays(pairs, num_classes=None, instances=False, iou_thresholds=DEFAULT_THRESHOLDS,
-                    ignore_label=None, *, pred_kind="auto", truth_kind="auto"):
+def evaluate_arrays(
+    pairs,
+    num_classes=None,
+    instances=False,
+    iou_thresholds=DEFAULT_THRESHOLDS,
+    ignore_label=None,
+    *,
+    pred_kind="auto",
+    truth_kind="auto",
+):
     """Pixel metrics, Rand error and (optionally) object metrics of many images.
 
     Parameters
@@ -179,13 +206,15 @@ def evaluate_arrays(pairs, num_classes=None, instances=False, iou_thresholds=DEF
     """
     thresholds = _check_options(iou_thresholds, num_classes, (pred_kind, truth_kind))
     if instances and num_classes not in (None, 2):
-        log.warning("num_classes=%s ignored: instance pixel metrics are foreground/background",
-                    num_classes)
+        log.warning(
+            "num_classes=%s ignored: instance pixel metrics are foreground/background", num_classes
+        )
     k_fixed = None if instances else num_classes
     rows, confusions, counts = [], [], []
     for name, truth, pred in pairs:
-        row, conf, cnt = _evaluate_one(name, truth, pred, k_fixed, instances, thresholds,
-                                       ignore_label, (truth_kind, pred_kind))
+        row, conf, cnt = _evaluate_one(
+            name, truth, pred, k_fixed, instances, thresholds, ignore_label, (truth_kind, pred_kind)
+        )
         rows.append(row)
         confusions.append(conf)
         counts.append(cnt)
@@ -195,8 +224,12 @@ def evaluate_arrays(pairs, num_classes=None, instances=False, iou_thresholds=DEF
     total = np.zeros((k, k), dtype=np.int64)
     for c in confusions:
         total[: c.shape[0], : c.shape[1]] += c
-    metrics = {"num_images": len(rows), "num_classes": k, **pixel_metrics(total),
-               "rand_error": float(np.mean([r["rand_error"] for r in rows]))}
+    metrics = {
+        "num_images": len(rows),
+        "num_classes": k,
+        **pixel_metrics(total),
+        "rand_error": float(np.mean([r["rand_error"] for r in rows])),
+    }
     if instances:
         objects = object_metrics(counts)  # summed over images first
         metrics["objects"] = {f"{thr:.2f}": v for thr, v in objects.items()}
@@ -216,8 +249,10 @@ def _index_folder(folder, what: str, problems: list[str]) -> dict[str, Path]:
     by_stem: dict[str, Path] = {}
     for f in files:
         if stem_of(f) in by_stem:
-            problems.append(f"{f}: {what} file with the same stem as {by_stem[stem_of(f)].name}; "
-                            "keep one of them")
+            problems.append(
+                f"{f}: {what} file with the same stem as {by_stem[stem_of(f)].name}; "
+                "keep one of them"
+            )
         else:
             by_stem[stem_of(f)] = f
     return by_stem
@@ -257,8 +292,10 @@ def _load_pairs(pred_dir, truth_dir, num_classes, ignore_label, instances) -> li
             continue
         t, p = arrays
         if t.shape != p.shape:
-            problems.append(f"{preds[stem]}: size {p.shape} (H, W) differs from the truth "
-                            f"{truths[stem].name} {t.shape}; predict at the truth's size")
+            problems.append(
+                f"{preds[stem]}: size {p.shape} (H, W) differs from the truth "
+                f"{truths[stem].name} {t.shape}; predict at the truth's size"
+            )
             continue
         if num_classes is not None:
             scored = t if ignore_label is None else np.where(t == ignore_label, 0, t)
@@ -288,14 +325,27 @@ def _write_outputs(out_dir, metrics: dict, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if v is None else round(v, 6) if isinstance(v, float) else v
-                         for k, v in row.items()})
+        writer.writerow(
+            {
+                k: "" if v is None else round(v, 6) if isinstance(v, float) else v
+                for k, v in row.items()
+            }
+        )
     _write_atomic(out / "per_image.csv", buf.getvalue())
 
 
-def evaluate_folders(pred_dir, truth_dir, out_dir=None, *, num_classes=None, instances=False,
-                     iou_thresholds=DEFAULT_THRESHOLDS, ignore_label=None, pred_kind="auto",
-                     truth_kind="auto") -> dict:
+def evaluate_folders(
+    pred_dir,
+    truth_dir,
+    out_dir=None,
+    *,
+    num_classes=None,
+    instances=False,
+    iou_thresholds=DEFAULT_THRESHOLDS,
+    ignore_label=None,
+    pred_kind="auto",
+    truth_kind="auto",
+) -> dict:
     """Evaluate a folder of predicted masks against a folder of true masks.
 
     Files pair by stem (``img_01.tif`` with ``img_01.png``); both folders are read with
@@ -328,10 +378,18 @@ def evaluate_folders(pred_dir, truth_dir, out_dir=None, *, num_classes=None, ins
         Bad arguments (thresholds, kinds, ``num_classes``).
     """
     _check_options(iou_thresholds, num_classes, (pred_kind, truth_kind))
-    pairs = _load_pairs(pred_dir, truth_dir, None if instances else num_classes, ignore_label,
-                        instances)
-    metrics, rows = evaluate_arrays(pairs, num_classes, instances, iou_thresholds, ignore_label,
-                                    pred_kind=pred_kind, truth_kind=truth_kind)
+    pairs = _load_pairs(
+        pred_dir, truth_dir, None if instances else num_classes, ignore_label, instances
+    )
+    metrics, rows = evaluate_arrays(
+        pairs,
+        num_classes,
+        instances,
+        iou_thresholds,
+        ignore_label,
+        pred_kind=pred_kind,
+        truth_kind=truth_kind,
+    )
     if out_dir is not None:
         _write_outputs(out_dir, metrics, rows)
     return metrics
@@ -369,15 +427,21 @@ def format_summary(metrics: dict) -> str:
         f"mean IoU {_fmt(metrics['mean_iou'])},  mean Dice {_fmt(metrics['mean_dice'])}"
         "  (foreground classes)",
     ]
-    lines += [f"  class {e['class']}: IoU {_fmt(e['iou'])}  Dice {_fmt(e['dice'])}"
-              for e in metrics["per_class"]]
+    lines += [
+        f"  class {e['class']}: IoU {_fmt(e['iou'])}  Dice {_fmt(e['dice'])}"
+        for e in metrics["per_class"]
+    ]
     if "objects" in metrics:
         lines.append("objects (one-to-one, IoU >= threshold, counts summed over images):")
-        lines.append(f"  {'IoU':>4} {'TP':>7} {'FP':>7} {'FN':>7} {'prec':>6} {'recall':>6} "
-                     f"{'F1':>6} {'AP':>6}")
+        lines.append(
+            f"  {'IoU':>4} {'TP':>7} {'FP':>7} {'FN':>7} {'prec':>6} {'recall':>6} "
+            f"{'F1':>6} {'AP':>6}"
+        )
         for thr, o in metrics["objects"].items():
-            lines.append(f"  {thr:>4} {o['tp']:>7} {o['fp']:>7} {o['fn']:>7} "
-                         f"{_fmt(o['precision'], '.3f'):>6} {_fmt(o['recall'], '.3f'):>6} "
-                         f"{_fmt(o['f1'], '.3f'):>6} {_fmt(o['ap'], '.3f'):>6}")
+            lines.append(
+                f"  {thr:>4} {o['tp']:>7} {o['fp']:>7} {o['fn']:>7} "
+                f"{_fmt(o['precision'], '.3f'):>6} {_fmt(o['recall'], '.3f'):>6} "
+                f"{_fmt(o['f1'], '.3f'):>6} {_fmt(o['ap'], '.3f'):>6}"
+            )
         lines.append(f"mean AP over thresholds: {_fmt(metrics.get('mean_ap'))}")
     return "\n".join(lines)

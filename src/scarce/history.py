@@ -50,9 +50,13 @@ def run_row(run: Path) -> dict:
     best_dice = max(dice_rows, key=lambda r: r["mean_dice"]) if dice_rows else None
     steps = summary.get("steps", int(rows[-1]["step"]) if rows else 0)
     return {
-        "run": str(run), "model": cfg["model"]["name"], "width": cfg["model"]["width"],
-        "patch": cfg["data"]["patch_size"], "batch": cfg["data"]["batch_size"],
-        "steps": steps, "wall_time_s": summary.get("wall_time_s"),
+        "run": str(run),
+        "model": cfg["model"]["name"],
+        "width": cfg["model"]["width"],
+        "patch": cfg["data"]["patch_size"],
+        "batch": cfg["data"]["batch_size"],
+        "steps": steps,
+        "wall_time_s": summary.get("wall_time_s"),
         "best_test_loss": best_loss["test_loss"] if best_loss else None,
         "best_loss_step": int(best_loss["step"]) if best_loss else None,
         "best_mean_dice": best_dice["mean_dice"] if best_dice else None,
@@ -77,10 +81,34 @@ def _cell(v) -> str:
 
 def format_history(runs: list[dict]) -> str:
     """A fixed-width table, one row per run."""
-    head = ["run", "model", "width", "patch", "batch", "steps", "wall s", "best test loss",
-            "@step", "best Dice", "@step", "ended by"]
-    keys = ["run", "model", "width", "patch", "batch", "steps", "wall_time_s", "best_test_loss",
-            "best_loss_step", "best_mean_dice", "best_dice_step", "stop_reason"]
+    head = [
+        "run",
+        "model",
+        "width",
+        "patch",
+        "batch",
+        "steps",
+        "wall s",
+        "best test loss",
+        "@step",
+        "best Dice",
+        "@step",
+        "ended by",
+    ]
+    keys = [
+        "run",
+        "model",
+        "width",
+        "patch",
+        "batch",
+        "steps",
+        "wall_time_s",
+        "best_test_loss",
+        "best_loss_step",
+        "best_mean_dice",
+        "best_dice_step",
+        "stop_reason",
+    ]
     table = [head] + [[_cell(r[k]) for k in keys] for r in runs]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
@@ -100,7 +128,9 @@ def config_diff(runs: list[dict]) -> dict[str, list]:
     """Config keys (dotted) whose values differ between runs -> the value of each run."""
     flat = [_flatten(r["config"]) for r in runs]
     keys = sorted(set().union(*flat))
-    return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1}
+    return {
+        k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1
+    }
 
 
 def format_diff(runs: list[dict]) -> str:
@@ -111,5 +141,7 @@ def format_diff(runs: list[dict]) -> str:
     if not diff:
         return "configs are identical"
     names = " | ".join(Path(r["run"]).name for r in runs)
-    return "\n".join([f"config differences ({names}):"] +
-                     [f"  {k}: " + " | ".join(_cell(v) for v in vals) for k, vals in diff.items()])
+    return "\n".join(
+        [f"config differences ({names}):"]
+        + [f"  {k}: " + " | ".join(_cell(v) for v in vals) for k, vals in diff.items()]
+    )

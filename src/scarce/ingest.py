@@ -86,10 +86,23 @@ from scarce.ingest_records import (
 )
 from scarce.store import format_inspection, inspect_database
 
-__all__ = ["DATASET_KEYS", "IngestError", "Source", "StoragePlan", "check_dataset",
-           "encode_source", "format_inspection", "ingest", "inspect_database", "load_split",
-           "pair_files", "read_dataset_metadata", "split_stems", "tile_origins",
-           "validate_folders"]
+__all__ = [
+    "DATASET_KEYS",
+    "IngestError",
+    "Source",
+    "StoragePlan",
+    "check_dataset",
+    "encode_source",
+    "format_inspection",
+    "ingest",
+    "inspect_database",
+    "load_split",
+    "pair_files",
+    "read_dataset_metadata",
+    "split_stems",
+    "tile_origins",
+    "validate_folders",
+]
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +174,29 @@ def load_split(split, stems: list[str]) -> tuple[dict[str, list[str]], list[str]
             split = json.loads(Path(split).read_text())
         except (OSError, ValueError) as exc:
             return empty, [f"{name}: cannot read the split ({type(exc).__name__}: {exc})"]
-    if (not isinstance(split, dict) or set(split) != {"train", "test"}
-            or not all(isinstance(v, list) and all(isinstance(s, str) for s in v)
-                       for v in split.values())):
-        return empty, [f"{name}: expected {{\"train\": [stems], \"test\": [stems]}} "
-                       "with exactly these two keys"]
+    if (
+        not isinstance(split, dict)
+        or set(split) != {"train", "test"}
+        or not all(
+            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in split.values()
+        )
+    ):
+        return empty, [
+            f'{name}: expected {{"train": [stems], "test": [stems]}} with exactly these two keys'
+        ]
     train, test, known = set(split["train"]), set(split["test"]), set(stems)
     problems = []
     if unknown := sorted((train | test) - known):
-        problems.append(f"{name}: {len(unknown)} stem(s) with no image/mask pair: "
-                        f"{', '.join(unknown)}")
+        problems.append(
+            f"{name}: {len(unknown)} stem(s) with no image/mask pair: {', '.join(unknown)}"
+        )
     if both := sorted(train & test):
         problems.append(f"{name}: stem(s) in both train and test: {', '.join(both)}")
     if missing := sorted(known - train - test):
-        problems.append(f"{name}: {len(missing)} image(s) not in the split: {', '.join(missing)}; "
-                        "add them to train or test, or move the files away")
+        problems.append(
+            f"{name}: {len(missing)} image(s) not in the split: {', '.join(missing)}; "
+            "add them to train or test, or move the files away"
+        )
     if not train:
         problems.append(f"{name}: the train list is empty")
     return {"train": sorted(train), "test": sorted(test)}, problems
@@ -204,30 +225,52 @@ def _records(source: Source, plan: StoragePlan, job: _Job):
         image = io.read_image(source.image_path, job.channel_axis)
         mask = io.read_mask(source.mask_path)
         if mask.shape != source.shape or image.shape[1:] != source.shape:
-            raise IngestError([f"{source.image_path}: changed while ingesting (was "
-                               f"{source.shape}, now {image.shape[1:]}/{mask.shape})"])
+            raise IngestError(
+                [
+                    f"{source.image_path}: changed while ingesting (was "
+                    f"{source.shape}, now {image.shape[1:]}/{mask.shape})"
+                ]
+            )
     image = image.astype(plan.image_dtype, copy=False)
-    return image, encode_source(source, image, mask.astype(plan.mask_dtype, copy=False), plan,
-                                job.tiling)
+    return image, encode_source(
+        source, image, mask.astype(plan.mask_dtype, copy=False), plan, job.tiling
+    )
 
 
-def _write_split(db_path: Path, sources: list[Source], plan: StoragePlan, job: _Job,
-                 rng: np.random.Generator, progress: bool) -> dict:
+def _write_split(
+    db_path: Path,
+    sources: list[Source],
+    plan: StoragePlan,
+    job: _Job,
+    rng: np.random.Generator,
+    progress: bool,
+) -> dict:
     """Write one split's records and metadata into ``db_path``; return the metadata.
 
     Worker threads decode (if not cached), tile and encode the next sources while this thread
     folds in the statistics and puts the records, committing every ``COMMIT_BYTES``.
     """
-    stats = IntensityStats(plan.channels, plan.image_dtype,
-                           sum(s.shape[0] * s.shape[1] for s in sources), rng, PERCENTILE_PIXELS)
+    stats = IntensityStats(
+        plan.channels,
+        plan.image_dtype,
+        sum(s.shape[0] * s.shape[1] for s in sources),
+        rng,
+        PERCENTILE_PIXELS,
+    )
     entries: list[dict] = []
-    env = store.open_env(db_path, write=True, map_size=map_bytes(sources, plan, job.tiling),
-                         writemap=True)
+    env = store.open_env(
+        db_path, write=True, map_size=map_bytes(sources, plan, job.tiling), writemap=True
+    )
     txn, pending = env.begin(write=True), 0
     try:
         encoded = map_ahead(lambda s: _records(s, plan, job), sources, job.workers)
-        for image, samples in tqdm(encoded, total=len(sources), desc=db_path.stem, unit="file",
-                                   disable=None if progress else True):
+        for image, samples in tqdm(
+            encoded,
+            total=len(sources),
+            desc=db_path.stem,
+            unit="file",
+            disable=None if progress else True,
+        ):
             stats.add(image)
             for entry, record in samples:
                 txn.put(store.sample_key(len(entries)), record, append=True)
@@ -236,8 +279,16 @@ def _write_split(db_path: Path, sources: list[Source], plan: StoragePlan, job: _
                 if pending >= COMMIT_BYTES:
                     txn.commit()
                     txn, pending = env.begin(write=True), 0
-        meta = split_metadata(db_path.stem, sources, plan, entries, stats.result(),
-                              tiling=job.tiling, dataset=job.dataset, folders=job.folders)
+        meta = split_metadata(
+            db_path.stem,
+            sources,
+            plan,
+            entries,
+            stats.result(),
+            tiling=job.tiling,
+            dataset=job.dataset,
+            folders=job.folders,
+        )
         txn.put(store.METADATA_KEY, json.dumps(meta, separators=(",", ":")).encode())
         txn.commit()
     except BaseException:
@@ -256,11 +307,15 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
     if not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace "
-                              "it or choose another output folder")
+        raise FileExistsError(
+            f"{out_dir} exists; pass overwrite=True (--overwrite) to replace "
+            "it or choose another output folder"
+        )
     if not out_dir.is_dir() or set(os.listdir(out_dir)) - OUTPUT_NAMES:
-        raise FileExistsError(f"refusing to replace {out_dir}: it is not a Scarce database folder "
-                              f"(it holds files other than {', '.join(sorted(OUTPUT_NAMES))})")
+        raise FileExistsError(
+            f"refusing to replace {out_dir}: it is not a Scarce database folder "
+            f"(it holds files other than {', '.join(sorted(OUTPUT_NAMES))})"
+        )
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
@@ -303,8 +358,14 @@ def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) 
     try:
         tmp.mkdir()
         for name in (n for n in ("train", "test") if chosen[n]):
-            metas[name] = _write_split(tmp / f"{name}.lmdb", [by_stem[s] for s in chosen[name]],
-                                       plan, job, np.random.default_rng(seeds[name]), progress)
+            metas[name] = _write_split(
+                tmp / f"{name}.lmdb",
+                [by_stem[s] for s in chosen[name]],
+                plan,
+                job,
+                np.random.default_rng(seeds[name]),
+                progress,
+            )
         (tmp / "split.json").write_text(json.dumps(chosen, indent=1) + "\n")
         _install(tmp, out_dir)
     finally:
@@ -313,11 +374,23 @@ def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) 
     return metas
 
 
-def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed: int = 0,
-           split=None, tile_size: int | None = None, tile_stride: int | None = None,
-           mask_kind: str | None = None, metadata=None, overwrite: bool = False,
-           channel_axis: int | None = None, progress: bool = True,
-           workers: int | None = None) -> dict:
+def ingest(
+    images_dir,
+    masks_dir,
+    out_dir,
+    *,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    split=None,
+    tile_size: int | None = None,
+    tile_stride: int | None = None,
+    mask_kind: str | None = None,
+    metadata=None,
+    overwrite: bool = False,
+    channel_axis: int | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> dict:
     """Validate folders of images and masks and write ``out_dir/{train,test}.lmdb``.
 
     Parameters
@@ -365,36 +438,66 @@ def ingest(images_dir, masks_dir, out_dir, *, train_fraction: float = 0.8, seed:
     """
     start = time.perf_counter()
     images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
-    _check_arguments(tile_size, tile_stride, mask_kind, channel_axis,
-                     None if split is not None else train_fraction)
+    _check_arguments(
+        tile_size,
+        tile_stride,
+        mask_kind,
+        channel_axis,
+        None if split is not None else train_fraction,
+    )
     _check_out_dir(out_dir, overwrite)
     if metadata is None and (images_dir / "dataset.yaml").is_file():
         metadata = images_dir / "dataset.yaml"
     workers = workers or min(8, os.cpu_count() or 1)
     sources, dataset, plan, problems = check_folders(
-        images_dir, masks_dir, mask_kind=mask_kind, metadata=metadata, channel_axis=channel_axis,
-        progress=progress, workers=workers, cache_bytes=CACHE_BYTES)
+        images_dir,
+        masks_dir,
+        mask_kind=mask_kind,
+        metadata=metadata,
+        channel_axis=channel_axis,
+        progress=progress,
+        workers=workers,
+        cache_bytes=CACHE_BYTES,
+    )
     stems = [s.stem for s in sources]
-    chosen, found = (split_stems(stems, train_fraction, seed), []) if split is None \
+    chosen, found = (
+        (split_stems(stems, train_fraction, seed), [])
+        if split is None
         else load_split(split, stems)
+    )
     if problems + found:
         raise IngestError(problems + found)
     if not chosen["test"]:
         level = logging.WARNING if split is None and train_fraction < 1 else logging.INFO
         log.log(level, "the test split is empty (%d image(s)): writing no test.lmdb", len(stems))
     validated = time.perf_counter()
-    job = _Job((tile_size, tile_stride), channel_axis, workers, dataset,
-               {"images": str(images_dir.resolve()), "masks": str(masks_dir.resolve())})
+    job = _Job(
+        (tile_size, tile_stride),
+        channel_axis,
+        workers,
+        dataset,
+        {"images": str(images_dir.resolve()), "masks": str(masks_dir.resolve())},
+    )
     metas = _write_databases(out_dir, sources, chosen, plan, job, seed, progress)
     end = time.perf_counter()
-    summary = {name: metas[name]["num_samples"] if name in metas else 0
-               for name in ("train", "test")}
+    summary = {
+        name: metas[name]["num_samples"] if name in metas else 0 for name in ("train", "test")
+    }
     summary.update({f"{name}_sources": len(chosen[name]) for name in ("train", "test")})
-    summary.update(out=str(out_dir), mask_kind=plan.mask_kind, channels=plan.channels,
-                   image_dtype=plan.image_dtype.name, mask_dtype=plan.mask_dtype.name,
-                   raw_bytes=sum(m["raw_bytes"] for m in metas.values()),
-                   seconds={"validate": validated - start, "write": end - validated,
-                            "total": end - start})
-    log.info("ingested %d train / %d test samples into %s in %.1f s", summary["train"],
-             summary["test"], out_dir, end - start)
+    summary.update(
+        out=str(out_dir),
+        mask_kind=plan.mask_kind,
+        channels=plan.channels,
+        image_dtype=plan.image_dtype.name,
+        mask_dtype=plan.mask_dtype.name,
+        raw_bytes=sum(m["raw_bytes"] for m in metas.values()),
+        seconds={"validate": validated - start, "write": end - validated, "total": end - start},
+    )
+    log.info(
+        "ingested %d train / %d test samples into %s in %.1f s",
+        summary["train"],
+        summary["test"],
+        out_dir,
+        end - start,
+    )
     return summary

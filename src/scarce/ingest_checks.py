@@ -36,19 +36,32 @@ from tqdm import tqdm
 from scarce import io
 from scarce.ingest_records import StoragePlan, label_counts
 
-__all__ = ["IngestError", "Source", "check_dataset", "map_ahead", "pair_files",
-           "read_dataset_metadata", "validate_folders"]
+__all__ = [
+    "IngestError",
+    "Source",
+    "check_dataset",
+    "map_ahead",
+    "pair_files",
+    "read_dataset_metadata",
+    "validate_folders",
+]
 
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 2 << 30  # default: decoded arrays kept between validation and writing, bytes
 _DATASET_RULES = {  # dataset.yaml key: (accepts the value, what it must be)
-    "class_names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                    "a list of strings"),
-    "channel_names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                      "a list of strings"),
-    "pixel_size_um": (lambda v: type(v) in (int, float) and v > 0,
-                      "a positive number (micrometres per pixel)"),
+    "class_names": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "a list of strings",
+    ),
+    "channel_names": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "a list of strings",
+    ),
+    "pixel_size_um": (
+        lambda v: type(v) in (int, float) and v > 0,
+        "a positive number (micrometres per pixel)",
+    ),
     "description": (lambda v: isinstance(v, str), "a string"),
     "mask_kind": (lambda v: v in ("class", "instance"), "'class' or 'instance'"),
     "ignore_label": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
@@ -128,12 +141,15 @@ def _index_folder(folder: Path, role: str, problems: list[str]) -> tuple[dict[st
     for path in files:
         stem = io.stem_of(path)
         if role == "mask" and path.suffix.lower() in (".jpg", ".jpeg"):
-            problems.append(f"{path}: JPEG masks are refused (lossy compression changes labels); "
-                            "save masks as PNG or TIFF")
+            problems.append(
+                f"{path}: JPEG masks are refused (lossy compression changes labels); "
+                "save masks as PNG or TIFF"
+            )
             refused.add(stem)
         elif stem in index:
-            problems.append(f"{path}: two {role}s share the stem {stem!r} "
-                            f"({index[stem].name}); keep one")
+            problems.append(
+                f"{path}: two {role}s share the stem {stem!r} ({index[stem].name}); keep one"
+            )
         else:
             index[stem] = path
     return index, refused
@@ -157,16 +173,22 @@ def pair_files(images_dir, masks_dir) -> tuple[list[tuple[str, Path, Path]], lis
     """
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     if images_dir.resolve() == masks_dir.resolve():
-        return [], [f"{images_dir}: images and masks are the same folder; pairing is by "
-                    "file stem, so put the masks in a folder of their own"]
+        return [], [
+            f"{images_dir}: images and masks are the same folder; pairing is by "
+            "file stem, so put the masks in a folder of their own"
+        ]
     problems: list[str] = []
     images, _ = _index_folder(images_dir, "image", problems)
     masks, refused = _index_folder(masks_dir, "mask", problems)
     if images and (masks or refused):
-        problems += [f"{images[s]}: no mask with stem {s!r} in {masks_dir}"
-                     for s in sorted(images.keys() - masks.keys() - refused)]
-        problems += [f"{masks[s]}: no image with stem {s!r} in {images_dir}"
-                     for s in sorted(masks.keys() - images.keys())]
+        problems += [
+            f"{images[s]}: no mask with stem {s!r} in {masks_dir}"
+            for s in sorted(images.keys() - masks.keys() - refused)
+        ]
+        problems += [
+            f"{masks[s]}: no image with stem {s!r} in {images_dir}"
+            for s in sorted(masks.keys() - images.keys())
+        ]
     pairs = [(s, images[s], masks[s]) for s in sorted(images.keys() & masks.keys())]
     return pairs, problems
 
@@ -196,8 +218,11 @@ def read_dataset_metadata(path) -> tuple[dict, list[str]]:
         return meta, [f"{path}: cannot read dataset metadata ({type(exc).__name__}: {exc})"]
     if not isinstance(loaded, dict):
         return meta, [f"{path}: expected a mapping of {', '.join(DATASET_KEYS)}"]
-    problems = [f"{path}: unknown key {k!r}; allowed: {', '.join(DATASET_KEYS)}"
-                for k in loaded if k not in DATASET_KEYS]
+    problems = [
+        f"{path}: unknown key {k!r}; allowed: {', '.join(DATASET_KEYS)}"
+        for k in loaded
+        if k not in DATASET_KEYS
+    ]
     for key, (accepts, wanted) in _DATASET_RULES.items():
         value = loaded.get(key)
         if value is not None and accepts(value):
@@ -222,13 +247,23 @@ def _check_pair(stem, image_path, mask_path, channel_axis) -> tuple[Source | Non
     except io.ImageFileError as exc:
         problems.append(str(exc))
     if image is not None and mask is not None and image.shape[1:] != mask.shape:
-        problems.append(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but image "
-                        f"{image_path.name} is {image.shape[1]}x{image.shape[2]}; a mask must "
-                        "match its image pixel for pixel")
+        problems.append(
+            f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but image "
+            f"{image_path.name} is {image.shape[1]}x{image.shape[2]}; a mask must "
+            "match its image pixel for pixel"
+        )
     if problems:
         return None, (), problems
-    source = Source(stem, image_path, mask_path, mask.shape, image.shape[0], image.dtype,
-                    mask.dtype, *label_counts(mask))
+    source = Source(
+        stem,
+        image_path,
+        mask_path,
+        mask.shape,
+        image.shape[0],
+        image.dtype,
+        mask.dtype,
+        *label_counts(mask),
+    )
     return source, (image, mask), []
 
 
@@ -236,8 +271,9 @@ def _check_pairs(pairs, channel_axis, progress, workers, cache_bytes):
     """Check all pairs on ``workers`` threads; cache arrays, in stem order, up to the budget."""
     sources, problems, cached = [], [], 0
     results = map_ahead(lambda pair: _check_pair(*pair, channel_axis), pairs, workers)
-    for source, arrays, found in tqdm(results, total=len(pairs), desc="validate", unit="file",
-                                      disable=None if progress else True):
+    for source, arrays, found in tqdm(
+        results, total=len(pairs), desc="validate", unit="file", disable=None if progress else True
+    ):
         problems += found
         if source is None:
             continue
@@ -255,8 +291,11 @@ def _check_pairs(pairs, channel_axis, progress, workers, cache_bytes):
 def _minority_problems(sources, attribute: str, what: str, fix: str) -> list[str]:
     """One line per file whose ``attribute`` differs from the most common value."""
     common, count = Counter(getattr(s, attribute) for s in sources).most_common(1)[0]
-    return [f"{s.image_path}: {what} {getattr(s, attribute)}, but {count} image(s) have "
-            f"{common}; {fix}" for s in sources if getattr(s, attribute) != common]
+    return [
+        f"{s.image_path}: {what} {getattr(s, attribute)}, but {count} image(s) have {common}; {fix}"
+        for s in sources
+        if getattr(s, attribute) != common
+    ]
 
 
 def _mask_dtype(sources, mask_kind: str) -> np.dtype:
@@ -277,17 +316,22 @@ def _name_problems(sources, meta: dict, mask_kind: str, channels: int, meta_path
         top = max(int(s.labels[s.labels != meta["ignore_label"]].max(initial=0)) for s in sources)
         if top >= len(names):
             worst = next(s for s in sources if top in s.labels)
-            problems.append(f"{meta_path}: class_names has {len(names)} names but mask "
-                            f"{worst.mask_path.name} holds label {top}; name every class id "
-                            "0..max (or set ignore_label)")
+            problems.append(
+                f"{meta_path}: class_names has {len(names)} names but mask "
+                f"{worst.mask_path.name} holds label {top}; name every class id "
+                "0..max (or set ignore_label)"
+            )
     if meta["channel_names"] is not None and len(meta["channel_names"]) != channels:
-        problems.append(f"{meta_path}: channel_names has {len(meta['channel_names'])} names but "
-                        f"the images have {channels} channel(s)")
+        problems.append(
+            f"{meta_path}: channel_names has {len(meta['channel_names'])} names but "
+            f"the images have {channels} channel(s)"
+        )
     return problems
 
 
-def check_dataset(sources: list[Source], meta: dict, mask_kind: str,
-                  meta_path) -> tuple[StoragePlan, list[str]]:
+def check_dataset(
+    sources: list[Source], meta: dict, mask_kind: str, meta_path
+) -> tuple[StoragePlan, list[str]]:
     """Checks across files; returns the storage plan and problems.
 
     Parameters
@@ -312,23 +356,32 @@ def check_dataset(sources: list[Source], meta: dict, mask_kind: str,
     counts = {s.channels for s in sources}
     channels = max(counts)
     if len(counts) > 1 and counts != {1, channels}:
-        problems += _minority_problems(sources, "channels", "has channel count",
-                                       "every image needs the same number of channels")
+        problems += _minority_problems(
+            sources,
+            "channels",
+            "has channel count",
+            "every image needs the same number of channels",
+        )
     image_dtypes = {s.image_dtype for s in sources}
     image_dtype = np.result_type(*image_dtypes)
     if image_dtype.name not in io.IMAGE_DTYPES:
-        problems += _minority_problems(sources, "image_dtype", "has dtype",
-                                       "convert the images to one dtype")
+        problems += _minority_problems(
+            sources, "image_dtype", "has dtype", "convert the images to one dtype"
+        )
     elif len(image_dtypes) > 1:
-        log.warning("images have dtypes %s; storing all as %s (lossless)",
-                    sorted(d.name for d in image_dtypes), image_dtype)
+        log.warning(
+            "images have dtypes %s; storing all as %s (lossless)",
+            sorted(d.name for d in image_dtypes),
+            image_dtype,
+        )
     problems += _name_problems(sources, meta, mask_kind, channels, meta_path)
     plan = StoragePlan(mask_kind, channels, image_dtype, _mask_dtype(sources, mask_kind))
     return plan, problems
 
 
-def check_folders(images_dir, masks_dir, *, mask_kind, metadata, channel_axis, progress,
-                  workers, cache_bytes) -> tuple[list[Source], dict, StoragePlan | None, list]:
+def check_folders(
+    images_dir, masks_dir, *, mask_kind, metadata, channel_axis, progress, workers, cache_bytes
+) -> tuple[list[Source], dict, StoragePlan | None, list]:
     """:func:`validate_folders` without the raise: ``(sources, meta, plan, problems)``.
 
     ``plan`` is ``None`` when no pair could be read.
@@ -346,10 +399,17 @@ def check_folders(images_dir, masks_dir, *, mask_kind, metadata, channel_axis, p
     return sources, meta, plan, problems
 
 
-def validate_folders(images_dir, masks_dir, *, mask_kind: str | None = None, metadata=None,
-                     channel_axis: int | None = None, progress: bool = False,
-                     workers: int | None = None,
-                     cache_bytes: int = CACHE_BYTES) -> tuple[list[Source], dict, StoragePlan]:
+def validate_folders(
+    images_dir,
+    masks_dir,
+    *,
+    mask_kind: str | None = None,
+    metadata=None,
+    channel_axis: int | None = None,
+    progress: bool = False,
+    workers: int | None = None,
+    cache_bytes: int = CACHE_BYTES,
+) -> tuple[list[Source], dict, StoragePlan]:
     """Read every pair once and check everything; raise with all problems, or return the plan.
 
     Parameters
@@ -388,9 +448,15 @@ def validate_folders(images_dir, masks_dir, *, mask_kind: str | None = None, met
     if mask_kind not in (None, "class", "instance"):
         raise ValueError(f"mask_kind must be 'class' or 'instance', got {mask_kind!r}")
     sources, meta, plan, problems = check_folders(
-        images_dir, masks_dir, mask_kind=mask_kind, metadata=metadata,
-        channel_axis=channel_axis, progress=progress,
-        workers=workers or min(8, os.cpu_count() or 1), cache_bytes=cache_bytes)
+        images_dir,
+        masks_dir,
+        mask_kind=mask_kind,
+        metadata=metadata,
+        channel_axis=channel_axis,
+        progress=progress,
+        workers=workers or min(8, os.cpu_count() or 1),
+        cache_bytes=cache_bytes,
+    )
     if problems:
         raise IngestError(problems)
     return sources, meta, plan

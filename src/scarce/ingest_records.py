@@ -30,8 +30,17 @@ import numpy as np
 
 from scarce import __version__, store
 
-__all__ = ["IntensityStats", "StoragePlan", "class_pixel_counts", "encode_source", "label_counts",
-           "map_bytes", "split_metadata", "tile_origins", "value_counts"]
+__all__ = [
+    "IntensityStats",
+    "StoragePlan",
+    "class_pixel_counts",
+    "encode_source",
+    "label_counts",
+    "map_bytes",
+    "split_metadata",
+    "tile_origins",
+    "value_counts",
+]
 
 PERCENTILE_PIXELS = 2_000_000  # default pixels per split for the percentile estimate
 
@@ -49,8 +58,9 @@ class StoragePlan:
     mask_dtype: np.dtype  # smallest unsigned dtype (class) or lossless common dtype (instance)
 
 
-def tile_origins(height: int, width: int, tile_size: int | None,
-                 tile_stride: int | None = None) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+def tile_origins(
+    height: int, width: int, tile_size: int | None, tile_stride: int | None = None
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """Top-left corners of the tiles that cover an image, with edge tiles shifted inside.
 
     Along each axis, tiles start at ``0, stride, 2 * stride, ...``; if the last one stops short
@@ -82,8 +92,10 @@ def tile_origins(height: int, width: int, tile_size: int | None,
         return [(0, 0)], (height, width)
     stride = tile_size if tile_stride is None else tile_stride
     if tile_size < 1 or not 1 <= stride <= tile_size:
-        raise ValueError(f"need tile_size >= 1 and 1 <= tile_stride <= tile_size (a larger "
-                         f"stride skips pixels), got {tile_size} and {tile_stride}")
+        raise ValueError(
+            f"need tile_size >= 1 and 1 <= tile_stride <= tile_size (a larger "
+            f"stride skips pixels), got {tile_size} and {tile_stride}"
+        )
 
     def starts(length: int) -> list[int]:
         if length <= tile_size:
@@ -103,8 +115,9 @@ def _classes_present(tile: np.ndarray, mask_kind: str) -> list[int]:
     return label_counts(tile)[0].tolist()
 
 
-def encode_source(source, image: np.ndarray, mask: np.ndarray, plan: StoragePlan,
-                  tiling: tuple) -> list[tuple[dict, bytes]]:
+def encode_source(
+    source, image: np.ndarray, mask: np.ndarray, plan: StoragePlan, tiling: tuple
+) -> list[tuple[dict, bytes]]:
     """Sample records of one validated source image, one per tile.
 
     Parameters
@@ -130,16 +143,29 @@ def encode_source(source, image: np.ndarray, mask: np.ndarray, plan: StoragePlan
     whole = (th, tw) == source.shape
     samples = []
     for y, x in origins:
-        tile_mask = mask[y:y + th, x:x + tw]
+        tile_mask = mask[y : y + th, x : x + tw]
         name = source.stem if whole else f"{source.stem}@{y},{x}"
-        classes = (source.labels.tolist() if whole and plan.mask_kind == "class"
-                   else _classes_present(tile_mask, plan.mask_kind))
-        record = store.encode_sample(name, source.stem, (y, x), stored[:, y:y + th, x:x + tw],
-                                     tile_mask, classes)
-        samples.append(({"name": name, "source": source.stem, "origin": [y, x],
-                         "shape": [th, tw], "classes": classes}, record))
+        classes = (
+            source.labels.tolist()
+            if whole and plan.mask_kind == "class"
+            else _classes_present(tile_mask, plan.mask_kind)
+        )
+        record = store.encode_sample(
+            name, source.stem, (y, x), stored[:, y : y + th, x : x + tw], tile_mask, classes
+        )
+        samples.append(
+            (
+                {
+                    "name": name,
+                    "source": source.stem,
+                    "origin": [y, x],
+                    "shape": [th, tw],
+                    "classes": classes,
+                },
+                record,
+            )
+        )
     return samples
-
 
 
 def map_bytes(sources, plan: StoragePlan, tiling: tuple) -> int:
@@ -154,6 +180,7 @@ def map_bytes(sources, plan: StoragePlan, tiling: tuple) -> int:
         origins, (th, tw) = tile_origins(*s.shape, *tiling)
         total += len(origins) * (math.ceil(th * tw * pixel_bytes / 4096) + 2) * 4096 + 1024
     return int(total * 1.1) + (64 << 20)
+
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -258,10 +285,19 @@ class IntensityStats:
     doi:10.1080/00031305.1983.10483115 (pairwise combination of means and squared deviations).
     """
 
-    def __init__(self, channels: int, dtype: np.dtype, total_pixels: int,
-                 rng: np.random.Generator, max_samples: int = PERCENTILE_PIXELS):
-        self.histogram = (np.zeros((channels, 1 << (8 * dtype.itemsize)), np.int64)
-                          if dtype.kind == "u" and dtype.itemsize <= 2 else None)
+    def __init__(
+        self,
+        channels: int,
+        dtype: np.dtype,
+        total_pixels: int,
+        rng: np.random.Generator,
+        max_samples: int = PERCENTILE_PIXELS,
+    ):
+        self.histogram = (
+            np.zeros((channels, 1 << (8 * dtype.itemsize)), np.int64)
+            if dtype.kind == "u" and dtype.itemsize <= 2
+            else None
+        )
         self.rate = min(1.0, max_samples / max(total_pixels, 1))
         self.rng, self.n = rng, 0
         self.mean, self.m2 = np.zeros(channels), np.zeros(channels)
@@ -272,7 +308,7 @@ class IntensityStats:
         if self.histogram is not None:
             for c, values in enumerate(image):
                 counts = value_counts(values)
-                self.histogram[c if len(image) > 1 else slice(None), :counts.size] += counts
+                self.histogram[c if len(image) > 1 else slice(None), : counts.size] += counts
             return
         flat = image.reshape(image.shape[0], -1)
         n = flat.shape[1]
@@ -292,8 +328,12 @@ class IntensityStats:
             return _histogram_stats(self.histogram)
         p1, p99 = np.percentile(np.concatenate(self.samples, axis=1), [1, 99], axis=1)
         std = np.sqrt(self.m2 / max(self.n, 1))
-        return {"mean": self.mean.tolist(), "std": std.tolist(), "p1": p1.tolist(),
-                "p99": p99.tolist()}
+        return {
+            "mean": self.mean.tolist(),
+            "std": std.tolist(),
+            "p1": p1.tolist(),
+            "p99": p99.tolist(),
+        }
 
 
 def _histogram_stats(histogram: np.ndarray) -> dict:
@@ -314,8 +354,17 @@ def _histogram_stats(histogram: np.ndarray) -> dict:
     return out
 
 
-def split_metadata(split: str, sources, plan: StoragePlan, entries: list[dict],
-                   intensity: dict, *, tiling: tuple, dataset: dict, folders: dict) -> dict:
+def split_metadata(
+    split: str,
+    sources,
+    plan: StoragePlan,
+    entries: list[dict],
+    intensity: dict,
+    *,
+    tiling: tuple,
+    dataset: dict,
+    folders: dict,
+) -> dict:
     """The metadata record of one split (keys documented in :mod:`scarce.ingest`).
 
     Parameters
@@ -339,21 +388,36 @@ def split_metadata(split: str, sources, plan: StoragePlan, entries: list[dict],
     tile_size, tile_stride = tiling
     pixel_bytes = plan.channels * plan.image_dtype.itemsize + plan.mask_dtype.itemsize
     return {
-        "format_version": store.FORMAT_VERSION, "split": split,
-        "num_samples": len(entries), "channels": plan.channels,
-        "image_dtype": plan.image_dtype.name, "mask_dtype": plan.mask_dtype.name,
+        "format_version": store.FORMAT_VERSION,
+        "split": split,
+        "num_samples": len(entries),
+        "channels": plan.channels,
+        "image_dtype": plan.image_dtype.name,
+        "mask_dtype": plan.mask_dtype.name,
         "mask_kind": plan.mask_kind,
         "class_ids": [0, 1] if plan.mask_kind == "instance" else list(counts),
         "class_pixel_counts": {str(c): n for c, n in counts.items()},
-        "num_instances": instances, "intensity": intensity, "source": folders,
+        "num_instances": instances,
+        "intensity": intensity,
+        "source": folders,
         "sources": [s.stem for s in sources],
         "source_files": {s.stem: [s.image_path.name, s.mask_path.name] for s in sources},
         "channel_expanded": [s.stem for s in sources if s.channels != plan.channels],
-        "tiling": None if tile_size is None else {"tile_size": tile_size,
-                                                  "tile_stride": tile_stride or tile_size},
-        **{k: dataset[k] for k in ("class_names", "channel_names", "pixel_size_um",
-                                   "description", "ignore_label")},
+        "tiling": None
+        if tile_size is None
+        else {"tile_size": tile_size, "tile_stride": tile_stride or tile_size},
+        **{
+            k: dataset[k]
+            for k in (
+                "class_names",
+                "channel_names",
+                "pixel_size_um",
+                "description",
+                "ignore_label",
+            )
+        },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "scarce_version": __version__, "samples": entries,
+        "scarce_version": __version__,
+        "samples": entries,
         "raw_bytes": sum(h * w for h, w in (e["shape"] for e in entries)) * pixel_bytes,
     }

@@ -30,15 +30,25 @@ from scarce.targets import (
     num_target_classes,
 )
 
-__all__ = ["LOSSES", "MASK_KINDS", "RULES", "TARGETS", "SegmentationLoss", "border_weight_map",
-           "class_weights_from_counts", "derive_target", "instances_to_target",
-           "num_target_classes"]
+__all__ = [
+    "LOSSES",
+    "MASK_KINDS",
+    "RULES",
+    "TARGETS",
+    "SegmentationLoss",
+    "border_weight_map",
+    "class_weights_from_counts",
+    "derive_target",
+    "instances_to_target",
+    "num_target_classes",
+]
 
 LOSSES = ("ce", "dice", "dice_ce")
 
 
-def class_weights_from_counts(pixel_counts: Mapping | Sequence[int] | np.ndarray,
-                              num_classes: int) -> np.ndarray:
+def class_weights_from_counts(
+    pixel_counts: Mapping | Sequence[int] | np.ndarray, num_classes: int
+) -> np.ndarray:
     """Inverse-frequency class weights whose pixel-weighted mean is 1.
 
     ``w_k = total / (P * n_k)`` for the P classes with ``n_k > 0`` pixels, where total is
@@ -126,9 +136,16 @@ class SegmentationLoss(nn.Module):
     .. [2] F. Milletari, N. Navab, S.-A. Ahmadi, "V-Net", 3DV 2016. doi:10.1109/3DV.2016.79
     """
 
-    def __init__(self, name: str = "dice_ce", num_classes: int = 2, *,
-                 class_weights: torch.Tensor | None = None, ignore_label: int | None = None,
-                 dice_include_background: bool = False, smooth: float = 1e-5):
+    def __init__(
+        self,
+        name: str = "dice_ce",
+        num_classes: int = 2,
+        *,
+        class_weights: torch.Tensor | None = None,
+        ignore_label: int | None = None,
+        dice_include_background: bool = False,
+        smooth: float = 1e-5,
+    ):
         super().__init__()
         if name not in LOSSES:
             raise ValueError(f"loss name {name!r} is not one of {list(LOSSES)}")
@@ -137,14 +154,17 @@ class SegmentationLoss(nn.Module):
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
             if class_weights.numel() != num_classes or not torch.isfinite(class_weights).all():
-                raise ValueError(f"class_weights must be {num_classes} finite values; got "
-                                 f"{class_weights.tolist()}")
+                raise ValueError(
+                    f"class_weights must be {num_classes} finite values; got "
+                    f"{class_weights.tolist()}"
+                )
         self.name, self.num_classes, self.ignore_label = name, num_classes, ignore_label
         self.dice_include_background, self.smooth = dice_include_background, smooth
         self.register_buffer("class_weights", class_weights, persistent=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Scalar float32 loss for logits ``(N, K, H, W)``, target ``(N, H, W)`` int64
         and an optional per-pixel ``weight`` ``(N, H, W)`` float32 (cross-entropy only).
 
@@ -160,9 +180,11 @@ class SegmentationLoss(nn.Module):
             valid = None if self.ignore_label is None else target != self.ignore_label
             target = target.long() if valid is None else target.long().masked_fill(~valid, 0)
             if bool(((target < 0) | (target >= self.num_classes)).any()):
-                raise ValueError(f"target holds class ids outside 0..{self.num_classes - 1} "
-                                 f"(min {int(target.min())}, max {int(target.max())}); check "
-                                 f"num_classes and ignore_label={self.ignore_label}")
+                raise ValueError(
+                    f"target holds class ids outside 0..{self.num_classes - 1} "
+                    f"(min {int(target.min())}, max {int(target.max())}); check "
+                    f"num_classes and ignore_label={self.ignore_label}"
+                )
             loss = logits.new_zeros(())
             if self.name in ("ce", "dice_ce"):
                 loss = loss + self._cross_entropy(logits, target, valid, weight)

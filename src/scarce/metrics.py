@@ -126,12 +126,19 @@ def pixel_metrics(confusion) -> dict:
         raise ValueError(f"confusion must be a square (K, K) count matrix, got shape {c.shape}")
     tp, rows, cols = np.diag(c), c.sum(axis=1), c.sum(axis=0)
     accuracy = _ratio(tp.sum(), c.sum())
-    per_class = [{"class": k, "iou": _ratio(tp[k], rows[k] + cols[k] - tp[k]),
-                  "dice": _ratio(2 * tp[k], rows[k] + cols[k]),
-                  "truth_pixels": int(rows[k]), "pred_pixels": int(cols[k])}
-                 for k in range(len(c))]
-    foreground = {key: [e[key] for e in per_class[1:] if e[key] is not None]
-                  for key in ("iou", "dice")}
+    per_class = [
+        {
+            "class": k,
+            "iou": _ratio(tp[k], rows[k] + cols[k] - tp[k]),
+            "dice": _ratio(2 * tp[k], rows[k] + cols[k]),
+            "truth_pixels": int(rows[k]),
+            "pred_pixels": int(cols[k]),
+        }
+        for k in range(len(c))
+    ]
+    foreground = {
+        key: [e[key] for e in per_class[1:] if e[key] is not None] for key in ("iou", "dice")
+    }
     return {
         "pixel_accuracy": accuracy,
         "pixel_error": None if accuracy is None else 1.0 - accuracy,
@@ -323,8 +330,12 @@ def match_instances(truth_labels, pred_labels, thresholds=DEFAULT_THRESHOLDS) ->
     for thr in _check_thresholds(thresholds):
         ious = _assign(ti, pi, iou, thr)
         tp = int(ious.size)
-        result[thr] = {"tp": tp, "fp": n_pred - tp, "fn": n_true - tp,
-                       "matched_ious": [float(v) for v in ious]}
+        result[thr] = {
+            "tp": tp,
+            "fp": n_pred - tp,
+            "fn": n_true - tp,
+            "matched_ious": [float(v) for v in ious],
+        }
     return result
 
 
@@ -349,8 +360,10 @@ def sum_counts(per_image: Iterable[Mapping]) -> dict:
     total: dict = {}
     for counts in per_image:
         if total and set(counts) != set(total):
-            raise ValueError(f"thresholds differ between images: {sorted(total)} vs "
-                             f"{sorted(counts)}; match all images at the same thresholds")
+            raise ValueError(
+                f"thresholds differ between images: {sorted(total)} vs "
+                f"{sorted(counts)}; match all images at the same thresholds"
+            )
         for thr, c in counts.items():
             acc = total.setdefault(thr, {"tp": 0, "fp": 0, "fn": 0, "matched_ious": []})
             for key in ("tp", "fp", "fn"):
@@ -390,7 +403,9 @@ def object_metrics(counts) -> dict:
         tp, fp, fn = int(c["tp"]), int(c["fp"]), int(c["fn"])
         zero = 1.0 if tp + fp + fn == 0 else 0.0  # value of 0/0: nothing to find and none found
         out[thr] = {
-            "tp": tp, "fp": fp, "fn": fn,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
             "precision": _ratio(tp, tp + fp, zero),
             "recall": _ratio(tp, tp + fn, zero),
             "f1": _ratio(2 * tp, 2 * tp + fp + fn, zero),

@@ -88,8 +88,12 @@ class StarvationMonitor:
             starving = wait > self.threshold_s
             if starving and not self.starving:
                 share = 100.0 * wait / max(got - self._last, 1e-12)  # wait / (wait + compute)
-                self.logger.warning("Input queue starvation: waited %.0f ms for batch %d "
-                                    "(%.0f%% of step time)", wait * 1000.0, self.batches, share)
+                self.logger.warning(
+                    "Input queue starvation: waited %.0f ms for batch %d (%.0f%% of step time)",
+                    wait * 1000.0,
+                    self.batches,
+                    share,
+                )
             elif self.starving and not starving:
                 self.logger.info("Input queue starvation over")
             self.starving = starving
@@ -117,8 +121,14 @@ class StarvationMonitor:
         return fraction
 
 
-def benchmark_readers(db_path: str | os.PathLike, cfg: TrainConfig, *, seconds: float = 20.0,
-                      reader_count: int | None = None, warmup_batches: int | None = None) -> dict:
+def benchmark_readers(
+    db_path: str | os.PathLike,
+    cfg: TrainConfig,
+    *,
+    seconds: float = 20.0,
+    reader_count: int | None = None,
+    warmup_batches: int | None = None,
+) -> dict:
     """Measure how fast the readers deliver augmented training batches on this machine.
 
     Parameters
@@ -169,10 +179,16 @@ def benchmark_readers(db_path: str | os.PathLike, cfg: TrainConfig, *, seconds: 
             next(batches)
             done += 1
     n = cfg.data.batch_size
-    return {"patches_per_second": done * n / elapsed, "batches_per_second": done / elapsed,
-            "seconds_per_batch": elapsed / max(done, 1), "reader_count": count,
-            "patch_size": cfg.data.patch_size, "batch_size": n, "batches": done,
-            "seconds": elapsed}
+    return {
+        "patches_per_second": done * n / elapsed,
+        "batches_per_second": done / elapsed,
+        "seconds_per_batch": elapsed / max(done, 1),
+        "reader_count": count,
+        "patch_size": cfg.data.patch_size,
+        "batch_size": n,
+        "batches": done,
+        "seconds": elapsed,
+    }
 
 
 def format_benchmark(result: dict) -> str:
@@ -189,11 +205,13 @@ def format_benchmark(result: dict) -> str:
         E.g. ``2 reader(s), 8 x 256x256 patches: 650.0 augmented patches/s, ...``.
     """
     p = result["patch_size"]
-    return (f"{result['reader_count']} reader(s), {result['batch_size']} x {p}x{p} patches: "
-            f"{result['patches_per_second']:.1f} augmented patches/s, "
-            f"{result['batches_per_second']:.2f} batches/s, "
-            f"{1000.0 * result['seconds_per_batch']:.1f} ms per batch "
-            f"({result['batches']} batches in {result['seconds']:.1f} s)")
+    return (
+        f"{result['reader_count']} reader(s), {result['batch_size']} x {p}x{p} patches: "
+        f"{result['patches_per_second']:.1f} augmented patches/s, "
+        f"{result['batches_per_second']:.2f} batches/s, "
+        f"{1000.0 * result['seconds_per_batch']:.1f} ms per batch "
+        f"({result['batches']} batches in {result['seconds']:.1f} s)"
+    )
 
 
 __all__ = ["StarvationMonitor", "benchmark_readers", "format_benchmark"]

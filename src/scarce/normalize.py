@@ -32,8 +32,9 @@ MAX_STAT_PIXELS = 4_000_000  # above this many pixels per channel, statistics us
 _RELATIVE_FLOOR = 1e-6
 
 
-def normalization_spec(mode: str, percentiles: Sequence[float] = (1.0, 99.8),
-                       metadata: Mapping | None = None) -> dict:
+def normalization_spec(
+    mode: str, percentiles: Sequence[float] = (1.0, 99.8), metadata: Mapping | None = None
+) -> dict:
     """Build the plain-JSON normalisation spec stored in checkpoints.
 
     Parameters
@@ -72,16 +73,19 @@ def normalization_spec(mode: str, percentiles: Sequence[float] = (1.0, 99.8),
     mean = std = None
     if mode == "dataset":
         stats = (metadata or {}).get("intensity")
-        if not isinstance(stats, Mapping) or stats.get("mean") is None \
-                or stats.get("std") is None:
-            raise ValueError("normalization 'dataset' needs metadata['intensity'] with 'mean' "
-                             f"and 'std' per channel, got {stats!r}; re-ingest the data or "
-                             "use data.normalization: zscore")
+        if not isinstance(stats, Mapping) or stats.get("mean") is None or stats.get("std") is None:
+            raise ValueError(
+                "normalization 'dataset' needs metadata['intensity'] with 'mean' "
+                f"and 'std' per channel, got {stats!r}; re-ingest the data or "
+                "use data.normalization: zscore"
+            )
         mean = [float(v) for v in np.ravel(stats["mean"])]
         std = [float(v) for v in np.ravel(stats["std"])]
         if len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std):
-            raise ValueError(f"metadata['intensity'] needs finite mean and std of equal length, "
-                             f"got mean={mean}, std={std}")
+            raise ValueError(
+                f"metadata['intensity'] needs finite mean and std of equal length, "
+                f"got mean={mean}, std={std}"
+            )
     return {"mode": mode, "percentiles": [lo, hi], "mean": mean, "std": std}
 
 
@@ -100,9 +104,11 @@ def _floor(values: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
 
 def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or 0 in image.shape:
-        raise ValueError(f"image must be a non-empty (C, H, W) array, got "
-                         f"{getattr(image, 'shape', type(image))}; scarce.io.read_image "
-                         "returns this layout")
+        raise ValueError(
+            f"image must be a non-empty (C, H, W) array, got "
+            f"{getattr(image, 'shape', type(image))}; scarce.io.read_image "
+            "returns this layout"
+        )
     if image.dtype.kind not in "biuf":
         raise TypeError(f"image dtype {image.dtype} is not numeric")
 
@@ -138,8 +144,9 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
     mode = spec.get("mode")
     channels = image.shape[0]
     sample = _subsample(image).reshape(channels, -1)
-    magnitude = np.maximum(np.abs(sample.min(axis=1).astype(np.float64)),
-                           np.abs(sample.max(axis=1).astype(np.float64)))
+    magnitude = np.maximum(
+        np.abs(sample.min(axis=1).astype(np.float64)), np.abs(sample.max(axis=1).astype(np.float64))
+    )
     if mode == "zscore":
         offset = sample.mean(axis=1, dtype=np.float64)
         scale = sample.std(axis=1, dtype=np.float64)
@@ -150,13 +157,17 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
         offset = np.asarray(spec["mean"], dtype=np.float64)
         scale = np.asarray(spec["std"], dtype=np.float64)
         if offset.shape != (channels,) or scale.shape != (channels,):
-            raise ValueError(f"dataset normalisation has {offset.size} channel(s) but the "
-                             f"image has {channels}; ingest and predict the same channels")
+            raise ValueError(
+                f"dataset normalisation has {offset.size} channel(s) but the "
+                f"image has {channels}; ingest and predict the same channels"
+            )
     else:
         raise ValueError(f"normalization mode {mode!r} is not one of {list(NORMALIZATION_MODES)}")
     if not (np.all(np.isfinite(offset)) and np.all(np.isfinite(scale))):
-        raise ValueError(f"normalisation statistics are not finite (offset {offset}, scale "
-                         f"{scale}); the image holds inf or NaN values")
+        raise ValueError(
+            f"normalisation statistics are not finite (offset {offset}, scale "
+            f"{scale}); the image holds inf or NaN values"
+        )
     return offset.astype(np.float32), _floor(scale, magnitude).astype(np.float32)
 
 

@@ -82,8 +82,13 @@ def draw_photometric(cfg: AugmentConfig, patch_size: int, rng: np.random.Generat
         blur = float(rng.uniform(0.0, cfg.blur_max_sigma))
     if on(cfg.noise, cfg.noise_p):
         noise = float(cfg.noise_fraction)
-    return dict(noise_sigma=noise, blur_sigma=blur, intensity=intensity, gamma=gamma,
-                cutouts=_draw_cutouts(cfg, patch_size, rng))
+    return dict(
+        noise_sigma=noise,
+        blur_sigma=blur,
+        intensity=intensity,
+        gamma=gamma,
+        cutouts=_draw_cutouts(cfg, patch_size, rng),
+    )
 
 
 def _draw_cutouts(cfg: AugmentConfig, size: int, rng: np.random.Generator) -> tuple:
@@ -104,8 +109,9 @@ def _draw_cutouts(cfg: AugmentConfig, size: int, rng: np.random.Generator) -> tu
     return tuple(cutouts)
 
 
-def apply_photometric(patch: np.ndarray, params: AugmentParams,
-                      rng: np.random.Generator) -> np.ndarray:
+def apply_photometric(
+    patch: np.ndarray, params: AugmentParams, rng: np.random.Generator
+) -> np.ndarray:
     """Apply gamma, intensity, blur, noise and cutouts (in this order) to an image patch.
 
     Each step works per channel on the patch's *current* dynamic range ``[lo, lo + span]``
@@ -160,8 +166,9 @@ def _range(patch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, np.maximum(patch.max(axis=(1, 2), keepdims=True) - lo, _EPS)
 
 
-def _gamma_intensity_(patch: np.ndarray, gamma: float | None,
-                      intensity: tuple[float, float] | None) -> None:
+def _gamma_intensity_(
+    patch: np.ndarray, gamma: float | None, intensity: tuple[float, float] | None
+) -> None:
     """In place: ``u ** gamma``, then ``u * gain + offset`` on the range-normalised patch."""
     lo, span = _range(patch)
     patch -= lo
@@ -185,7 +192,7 @@ def _blur_(patch: np.ndarray, sigma: float) -> None:
 def _apply_cutout(patch: np.ndarray, cut: Cutout, rng: np.random.Generator) -> None:
     """In place: one :class:`Cutout` on every channel of ``patch`` ``(C, P, P)``."""
     lo, span = _range(patch)
-    region = patch[:, cut.y0:cut.y0 + cut.h, cut.x0:cut.x0 + cut.w]
+    region = patch[:, cut.y0 : cut.y0 + cut.h, cut.x0 : cut.x0 + cut.w]
     if cut.kind == "missing":
         region[...] = lo + cut.value * span
     elif cut.kind == "contrast":

@@ -95,8 +95,10 @@ def resolve_reader_count(n: int) -> int:
     it warns about too many workers; the other half of the cores is left to the trainer.
     """
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < -1:
-        raise ValueError(f"data.reader_count must be an integer >= -1 (-1 = auto, 0 = in the "
-                         f"trainer, k = k worker processes), got {n!r}")
+        raise ValueError(
+            f"data.reader_count must be an integer >= -1 (-1 = auto, 0 = in the "
+            f"trainer, k = k worker processes), got {n!r}"
+        )
     if n >= 0:
         return int(n)
     if hasattr(os, "sched_getaffinity"):
@@ -178,13 +180,18 @@ class _BatchMaker:
             sample = decode_sample(txn.get(sample_key(index)))
             pixels = self._class_pixels(index, self.classes[k], sample.mask)
             if len(pixels) == 0:
-                raise ValueError(f"{self.db_path}: sample {sample.name} has no pixel of class "
-                                 f"{self.classes[k]} although the metadata lists it; re-ingest")
+                raise ValueError(
+                    f"{self.db_path}: sample {sample.name} has no pixel of class "
+                    f"{self.classes[k]} although the metadata lists it; re-ingest"
+                )
             y, x = divmod(int(pixels[rng.integers(len(pixels))]), sample.mask.shape[1])
         else:  # nnU-Net rule: any pixel can be the centre; reflection fills the outside
             index = int(rng.integers(len(self.shapes)))
             sample = decode_sample(txn.get(sample_key(index)))
-            y, x = int(rng.integers(self.shapes[index][0])), int(rng.integers(self.shapes[index][1]))
+            y, x = (
+                int(rng.integers(self.shapes[index][0])),
+                int(rng.integers(self.shapes[index][1])),
+            )
         return index, (float(y), float(x)), sample
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
@@ -192,9 +199,10 @@ class _BatchMaker:
         rng = batch_generator(self.cfg.seed, self.rank, b)
         data, n, p = self.cfg.data, self.cfg.data.batch_size, self.cfg.data.patch_size
         shared = get_worker_info() is not None  # results go through shared memory: allocate there
-        out = {"image": _empty((n, self.channels, p, p), torch.float32, shared),
-               "target": _empty((n, p, p), self.transfer_dtype if shared else torch.int64,
-                                shared)}
+        out = {
+            "image": _empty((n, self.channels, p, p), torch.float32, shared),
+            "target": _empty((n, p, p), self.transfer_dtype if shared else torch.int64, shared),
+        }
         if self.weights:
             out["weight"] = _empty((n, p, p), torch.float32, shared)
         views = {key: value.numpy() for key, value in out.items()}
@@ -202,15 +210,28 @@ class _BatchMaker:
             for i in range(n):
                 index, centre, sample = self._draw(rng, txn)
                 offset, scale = self._params(index, sample.image)
-                image, mask = augment_patch(sample.image, sample.mask, centre, p,  # or crop
-                                            self.cfg.augment, rng, offset=offset, scale=scale)
+                image, mask = augment_patch(
+                    sample.image,
+                    sample.mask,
+                    centre,
+                    p,  # or crop
+                    self.cfg.augment,
+                    rng,
+                    offset=offset,
+                    scale=scale,
+                )
                 views["image"][i] = image
-                views["target"][i] = derive_target(mask, self.mask_kind, data.target,
-                                                   data.boundary_width,
-                                                   ignore_label=data.ignore_label)
+                views["target"][i] = derive_target(
+                    mask,
+                    self.mask_kind,
+                    data.target,
+                    data.boundary_width,
+                    ignore_label=data.ignore_label,
+                )
                 if self.weights:
-                    views["weight"][i] = border_weight_map(mask, self.cfg.loss.border_w0,
-                                                           self.cfg.loss.border_sigma)
+                    views["weight"][i] = border_weight_map(
+                        mask, self.cfg.loss.border_w0, self.cfg.loss.border_sigma
+                    )
         return out
 
 
@@ -277,8 +298,9 @@ def make_train_loader(
     (usnistgov/semantic-segmentation-unet).
     """
     if not isinstance(norm_spec, dict):
-        raise ValueError(f"norm_spec must be the dict from normalization_spec(), got "
-                         f"{type(norm_spec).__name__}")
+        raise ValueError(
+            f"norm_spec must be the dict from normalization_spec(), got {type(norm_spec).__name__}"
+        )
     for name, value in (("rank", rank), ("start_batch", start_batch)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -287,14 +309,25 @@ def make_train_loader(
     if not maker.shapes:
         raise ValueError(f"{db_path} holds no samples; ingest images into it first")
     if cfg.loss.border_weights and not maker.weights:
-        log.warning("loss.border_weights needs instance masks; %s has %s masks, so batches "
-                    "carry no weights", db_path, maker.mask_kind)
-    return TrainBatches(maker, start_batch, reader_count, cfg.data.prefetch_batches,
-                        timeout_s=WORKER_TIMEOUT_S)
+        log.warning(
+            "loss.border_weights needs instance masks; %s has %s masks, so batches "
+            "carry no weights",
+            db_path,
+            maker.mask_kind,
+        )
+    return TrainBatches(
+        maker, start_batch, reader_count, cfg.data.prefetch_batches, timeout_s=WORKER_TIMEOUT_S
+    )
 
 
-def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str = "auto",
-                     boundary_width: int = 2, ignore_label: int | None = None):
+def iter_test_images(
+    db_path: str | os.PathLike,
+    norm_spec: dict,
+    *,
+    target: str = "auto",
+    boundary_width: int = 2,
+    ignore_label: int | None = None,
+):
     """Every stored sample of a database, whole, in key order, without augmentation.
 
     Parameters
@@ -333,14 +366,28 @@ def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, *, target: str
                 image = normalize(sample.image, norm_spec)
                 if np.may_share_memory(image, sample.image):
                     image = image.copy()  # the view dies with the transaction
-                labels = derive_target(sample.mask, meta["mask_kind"], target, boundary_width,
-                                       ignore_label=ignore_label)
+                labels = derive_target(
+                    sample.mask,
+                    meta["mask_kind"],
+                    target,
+                    boundary_width,
+                    ignore_label=ignore_label,
+                )
                 labels = np.array(labels, dtype=np.int64, copy=True)
             yield sample.name, np.asarray(image, dtype=np.float32), labels
     finally:
         env.close()
 
 
-__all__ = ["ReaderError", "StarvationMonitor", "TrainBatches", "WORKER_TIMEOUT_S",
-           "batch_generator", "benchmark_readers", "format_benchmark", "iter_test_images",
-           "make_train_loader", "resolve_reader_count"]
+__all__ = [
+    "ReaderError",
+    "StarvationMonitor",
+    "TrainBatches",
+    "WORKER_TIMEOUT_S",
+    "batch_generator",
+    "benchmark_readers",
+    "format_benchmark",
+    "iter_test_images",
+    "make_train_loader",
+    "resolve_reader_count",
+]

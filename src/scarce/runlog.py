@@ -174,5 +174,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open() as fh:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+        return [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]

@@ -101,10 +101,18 @@ def encode_sample(
         "source": source,
         "origin": [int(origin[0]), int(origin[1])],
         "classes": [int(c) for c in classes],
-        "image": {"shape": list(image.shape), "dtype": image.dtype.str, "offset": 0,
-                  "nbytes": image.nbytes},
-        "mask": {"shape": list(mask.shape), "dtype": mask.dtype.str, "offset": image.nbytes,
-                 "nbytes": mask.nbytes},
+        "image": {
+            "shape": list(image.shape),
+            "dtype": image.dtype.str,
+            "offset": 0,
+            "nbytes": image.nbytes,
+        },
+        "mask": {
+            "shape": list(mask.shape),
+            "dtype": mask.dtype.str,
+            "offset": image.nbytes,
+            "nbytes": mask.nbytes,
+        },
     }
     head = json.dumps(header, separators=(",", ":")).encode()
     return b"".join((_HEADER.pack(len(head)), head, image.data.cast("B"), mask.data.cast("B")))
@@ -120,12 +128,13 @@ def decode_sample(buffer) -> Sample:
     """
     (head_len,) = _HEADER.unpack_from(buffer, 0)
     start = _HEADER.size + head_len
-    header = json.loads(bytes(buffer[_HEADER.size:start]))
+    header = json.loads(bytes(buffer[_HEADER.size : start]))
 
     def array(spec):
         count = int(np.prod(spec["shape"]))
-        arr = np.frombuffer(buffer, dtype=np.dtype(spec["dtype"]), count=count,
-                            offset=start + spec["offset"])
+        arr = np.frombuffer(
+            buffer, dtype=np.dtype(spec["dtype"]), count=count, offset=start + spec["offset"]
+        )
         return arr.reshape(spec["shape"])
 
     return Sample(
@@ -177,13 +186,22 @@ def open_env(
     path = Path(path)
     if write:
         path.mkdir(parents=True, exist_ok=True)
-        return lmdb.open(str(path), map_size=map_size, subdir=True, sync=False,
-                         writemap=writemap, meminit=False, map_async=True)
+        return lmdb.open(
+            str(path),
+            map_size=map_size,
+            subdir=True,
+            sync=False,
+            writemap=writemap,
+            meminit=False,
+            map_async=True,
+        )
     if not (path / "data.mdb").is_file():
-        raise StoreError(f"{path} is not an LMDB database (no data.mdb inside); "
-                         "make one with `scarce ingest`")
-    return lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True,
-                     max_readers=512)
+        raise StoreError(
+            f"{path} is not an LMDB database (no data.mdb inside); make one with `scarce ingest`"
+        )
+    return lmdb.open(
+        str(path), readonly=True, lock=False, readahead=False, subdir=True, max_readers=512
+    )
 
 
 def close_writer(env, *, sync: bool = True) -> int:
@@ -234,8 +252,10 @@ def read_metadata(env_or_path) -> dict:
         raise StoreError(f"{env_or_path}: no metadata record; not a Scarce database")
     meta = json.loads(bytes(raw))
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise StoreError(f"{env_or_path}: format version {meta['format_version']} is newer "
-                         f"than this Scarce ({FORMAT_VERSION}); upgrade Scarce")
+        raise StoreError(
+            f"{env_or_path}: format version {meta['format_version']} is newer "
+            f"than this Scarce ({FORMAT_VERSION}); upgrade Scarce"
+        )
     return meta
 
 
@@ -271,8 +291,14 @@ class SampleStore:
             raise IndexError(f"sample {index} out of range 0..{self.num_samples - 1}")
         with self.env.begin(buffers=True) as txn:
             sample = decode_sample(txn.get(sample_key(index)))
-            return Sample(sample.name, sample.source, sample.origin, sample.image.copy(),
-                          sample.mask.copy(), sample.classes)
+            return Sample(
+                sample.name,
+                sample.source,
+                sample.origin,
+                sample.image.copy(),
+                sample.mask.copy(),
+                sample.classes,
+            )
 
     def read_raw(self, index: int) -> bytes:
         """The undecoded record of sample ``index`` (for benchmarks of raw read speed)."""
@@ -301,21 +327,47 @@ def _describe(db: Path) -> dict:
     shapes = Counter(f"{h}x{w}" for h, w in (s["shape"] for s in meta["samples"]))
     counts = {k: int(v) for k, v in meta["class_pixel_counts"].items()}
     total = sum(counts.values()) or 1
-    keys = ("split", "num_samples", "channels", "image_dtype", "mask_dtype", "mask_kind",
-            "class_ids", "class_pixel_counts", "num_instances", "intensity", "tiling",
-            "class_names", "channel_names", "pixel_size_um", "description", "ignore_label",
-            "source", "created", "format_version", "scarce_version")
+    keys = (
+        "split",
+        "num_samples",
+        "channels",
+        "image_dtype",
+        "mask_dtype",
+        "mask_kind",
+        "class_ids",
+        "class_pixel_counts",
+        "num_instances",
+        "intensity",
+        "tiling",
+        "class_names",
+        "channel_names",
+        "pixel_size_um",
+        "description",
+        "ignore_label",
+        "source",
+        "created",
+        "format_version",
+        "scarce_version",
+    )
     info = {k: meta.get(k) for k in keys}
     info.update(
-        path=str(db), num_sources=len(meta["sources"]), records=entries - 1,
+        path=str(db),
+        num_sources=len(meta["sources"]),
+        records=entries - 1,
         records_match=entries - 1 == meta["num_samples"],
         size_bytes=(db / "data.mdb").stat().st_size,
         class_fractions={k: v / total for k, v in counts.items()},
-        shapes={"distinct": len(shapes), "most_common": shapes.most_common(5),
-                "min": [min(s["shape"][i] for s in meta["samples"]) for i in (0, 1)]
-                if meta["samples"] else None,
-                "max": [max(s["shape"][i] for s in meta["samples"]) for i in (0, 1)]
-                if meta["samples"] else None})
+        shapes={
+            "distinct": len(shapes),
+            "most_common": shapes.most_common(5),
+            "min": [min(s["shape"][i] for s in meta["samples"]) for i in (0, 1)]
+            if meta["samples"]
+            else None,
+            "max": [max(s["shape"][i] for s in meta["samples"]) for i in (0, 1)]
+            if meta["samples"]
+            else None,
+        },
+    )
     return info
 
 
@@ -348,20 +400,27 @@ def inspect_database(path: str | os.PathLike) -> dict:
     else:
         dbs = {n: path / f"{n}.lmdb" for n in ("train", "test") if (path / f"{n}.lmdb").is_dir()}
     if not dbs:
-        raise StoreError(f"{path}: no train.lmdb/test.lmdb inside and not an LMDB directory; "
-                         "pass the folder written by `scarce ingest`")
+        raise StoreError(
+            f"{path}: no train.lmdb/test.lmdb inside and not an LMDB directory; "
+            "pass the folder written by `scarce ingest`"
+        )
     split_file = path / "split.json"
     split = json.loads(split_file.read_text()) if split_file.is_file() else None
-    return {"path": str(path), "split": split,
-            "databases": {name: _describe(db) for name, db in dbs.items()}}
+    return {
+        "path": str(path),
+        "split": split,
+        "databases": {name: _describe(db) for name, db in dbs.items()},
+    }
 
 
 def format_inspection(info: dict) -> str:
     """Human summary of :func:`inspect_database` output: one block per database."""
     lines = [f"Database {info['path']}"]
     if info["split"] is not None:
-        lines.append(f"  split.json: {len(info['split']['train'])} train / "
-                     f"{len(info['split']['test'])} test source images")
+        lines.append(
+            f"  split.json: {len(info['split']['train'])} train / "
+            f"{len(info['split']['test'])} test source images"
+        )
     for name, d in info["databases"].items():
         shapes = ", ".join(f"{s} ({n})" for s, n in d["shapes"]["most_common"])
         lines += [
@@ -370,17 +429,24 @@ def format_inspection(info: dict) -> str:
             + ("" if d["records_match"] else f"  (WARNING: {d['records']} records found)"),
             f"  shapes (HxW, {d['shapes']['distinct']} distinct): {shapes}",
             f"  image: {d['channels']} channel(s) {d['image_dtype']};  mask: {d['mask_kind']} "
-            f"{d['mask_dtype']}" + (f", {d['num_instances']} instances"
-                                    if d["num_instances"] is not None else ""),
-            "  classes: " + ", ".join(
+            f"{d['mask_dtype']}"
+            + (f", {d['num_instances']} instances" if d["num_instances"] is not None else ""),
+            "  classes: "
+            + ", ".join(
                 f"{c}{_name(d['class_names'], c)} {100 * f:.2f}%"
-                for c, f in d["class_fractions"].items()),
+                for c, f in d["class_fractions"].items()
+            ),
         ]
         for i, stat in enumerate(zip(*(d["intensity"][k] for k in ("mean", "std", "p1", "p99")))):
-            lines.append(f"  channel {i}{_name(d['channel_names'], i)}: mean {stat[0]:.4g} "
-                         f"std {stat[1]:.4g} p1 {stat[2]:.4g} p99 {stat[3]:.4g}")
-        extra = {k: d[k] for k in ("tiling", "pixel_size_um", "description", "ignore_label")
-                 if d[k] is not None}
+            lines.append(
+                f"  channel {i}{_name(d['channel_names'], i)}: mean {stat[0]:.4g} "
+                f"std {stat[1]:.4g} p1 {stat[2]:.4g} p99 {stat[3]:.4g}"
+            )
+        extra = {
+            k: d[k]
+            for k in ("tiling", "pixel_size_um", "description", "ignore_label")
+            if d[k] is not None
+        }
         lines += [f"  {k}: {v}" for k, v in extra.items()]
     return "\n".join(lines)
 

@@ -25,8 +25,15 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import label as label_components
 
-__all__ = ["MASK_KINDS", "RULES", "TARGETS", "border_weight_map", "derive_target",
-           "instances_to_target", "num_target_classes"]
+__all__ = [
+    "MASK_KINDS",
+    "RULES",
+    "TARGETS",
+    "border_weight_map",
+    "derive_target",
+    "instances_to_target",
+    "num_target_classes",
+]
 
 MASK_KINDS = ("class", "instance")
 TARGETS = ("auto", "class", "semantic", "boundary")
@@ -83,8 +90,9 @@ def instances_to_target(labels: np.ndarray, rule: str, boundary_width: int = 2) 
     if rule not in RULES:
         raise ValueError(f"rule = {rule!r} is not one of {list(RULES)}")
     if not isinstance(boundary_width, int | np.integer) or not 1 <= boundary_width < 2**16:
-        raise ValueError(f"boundary_width must be a positive integer (pixels), got "
-                         f"{boundary_width!r}")
+        raise ValueError(
+            f"boundary_width must be a positive integer (pixels), got {boundary_width!r}"
+        )
     labels = _label_image(labels, "instance labels")
     foreground = labels > 0
     target = foreground.astype(np.uint8)
@@ -96,9 +104,14 @@ def instances_to_target(labels: np.ndarray, rule: str, boundary_width: int = 2) 
     return target
 
 
-def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
-                      class_weights: Sequence[float] | np.ndarray | None = None, *,
-                      classes: np.ndarray | None = None) -> np.ndarray:
+def border_weight_map(
+    labels: np.ndarray,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: Sequence[float] | np.ndarray | None = None,
+    *,
+    classes: np.ndarray | None = None,
+) -> np.ndarray:
     """The U-Net paper's weight map (its equation 2) for an instance label image.
 
     ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))**2 / (2 sigma**2))``, d1 and d2 being the
@@ -148,8 +161,10 @@ def border_weight_map(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
-        box = tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n))
-                    for s, n in zip(box, labels.shape))
+        box = tuple(
+            slice(max(s.start - margin, 0), min(s.stop + margin, n))
+            for s, n in zip(box, labels.shape)
+        )
         outside = (labels[box] != index).astype(np.uint8)
         dist = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # exact EDT
         near, second = d1[box], d2[box]
@@ -168,16 +183,23 @@ def _class_weight_map(labels: np.ndarray, class_weights, classes) -> np.ndarray:
         classes = (labels > 0).astype(np.intp)
     classes = _label_image(classes, "classes")
     if classes.shape != labels.shape:
-        raise ValueError(f"classes must have the labels' shape {labels.shape}; "
-                         f"got {classes.shape}")
+        raise ValueError(f"classes must have the labels' shape {labels.shape}; got {classes.shape}")
     if classes.size and classes.max() >= table.size:
-        raise ValueError(f"classes holds id {classes.max()} but class_weights has only "
-                         f"{table.size} entries; give one weight per class")
+        raise ValueError(
+            f"classes holds id {classes.max()} but class_weights has only "
+            f"{table.size} entries; give one weight per class"
+        )
     return table[classes]
 
 
-def derive_target(mask: np.ndarray, mask_kind: str, target: str, boundary_width: int = 2, *,
-                  ignore_label: int | None = None) -> np.ndarray:
+def derive_target(
+    mask: np.ndarray,
+    mask_kind: str,
+    target: str,
+    boundary_width: int = 2,
+    *,
+    ignore_label: int | None = None,
+) -> np.ndarray:
     """Class map to train on, from a mask as stored in the database (readers call it per patch).
 
     ============  ==========================  ===========================================
@@ -270,14 +292,18 @@ def num_target_classes(metadata: Mapping, target: str, *, ignore_label: int | No
         raise ValueError(f"target = {target!r} is not one of {list(TARGETS)}")
     kind = metadata.get("mask_kind")
     if kind not in MASK_KINDS:
-        raise ValueError(f"metadata mask_kind = {kind!r} is not one of {list(MASK_KINDS)}; "
-                         "is this a Scarce database metadata record?")
+        raise ValueError(
+            f"metadata mask_kind = {kind!r} is not one of {list(MASK_KINDS)}; "
+            "is this a Scarce database metadata record?"
+        )
     if target in ("semantic", "boundary") or kind == "instance":
         return 3 if target == "boundary" else 2
     if "class_ids" not in metadata:
         raise ValueError("metadata has no 'class_ids'; re-ingest the data with scarce ingest")
     ids = [int(c) for c in metadata["class_ids"] if c != ignore_label]
     if not ids:
-        raise ValueError(f"metadata class_ids {metadata['class_ids']} hold no class besides "
-                         f"the ignore label {ignore_label}")
+        raise ValueError(
+            f"metadata class_ids {metadata['class_ids']} hold no class besides "
+            f"the ignore label {ignore_label}"
+        )
     return max(max(ids) + 1, 2)

@@ -107,8 +107,17 @@ class Trainer:
         If ``resume`` is asked and there is no ``last.pt``.
     """
 
-    def __init__(self, train_db, test_db, run_dir, cfg: TrainConfig | None = None, *,
-                 resume: bool = False, init_from=None, overwrite: bool = False):
+    def __init__(
+        self,
+        train_db,
+        test_db,
+        run_dir,
+        cfg: TrainConfig | None = None,
+        *,
+        resume: bool = False,
+        init_from=None,
+        overwrite: bool = False,
+    ):
         self.train_db, self.run_dir = Path(train_db), Path(run_dir)
         self.test_db = Path(test_db) if test_db else None
         self.resume_ckpt = None
@@ -119,18 +128,26 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: {last} does not exist; nothing to resume")
             self.resume_ckpt = load_checkpoint(last)
             saved = config_from_dict(self.resume_ckpt["config"])
-            cfg = replace(saved, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes,
-                          early_stopping=cfg.early_stopping)
+            cfg = replace(
+                saved,
+                max_steps=cfg.max_steps,
+                max_minutes=cfg.max_minutes,
+                early_stopping=cfg.early_stopping,
+            )
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
-            raise RunDirExistsError(f"{self.run_dir} already exists; pass --resume to continue "
-                                    "it or --overwrite to replace it")
+            raise RunDirExistsError(
+                f"{self.run_dir} already exists; pass --resume to continue "
+                "it or --overwrite to replace it"
+            )
         self.cfg, self.init_from, self.overwrite = cfg, init_from, overwrite
         self.metadata = read_metadata(self.train_db)
         self.target = resolve_target(self.metadata, cfg.data.target)
-        self.num_classes = num_target_classes(self.metadata, self.target,
-                                              ignore_label=cfg.data.ignore_label)
-        self.norm_spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles,
-                                            self.metadata)
+        self.num_classes = num_target_classes(
+            self.metadata, self.target, ignore_label=cfg.data.ignore_label
+        )
+        self.norm_spec = normalization_spec(
+            cfg.data.normalization, cfg.data.percentiles, self.metadata
+        )
         self.class_names = self._class_names()
 
     def _class_names(self) -> list[str]:
@@ -156,16 +173,24 @@ class Trainer:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
             self.log = RunLog(self.run_dir, self.class_names)
-        model = build_model(cfg.model.name, self.metadata["channels"], self.num_classes,
-                            depth=cfg.model.depth, width=cfg.model.width, norm=cfg.model.norm,
-                            dropout=cfg.model.dropout, upsampling=cfg.model.upsampling)
+        model = build_model(
+            cfg.model.name,
+            self.metadata["channels"],
+            self.num_classes,
+            depth=cfg.model.depth,
+            width=cfg.model.width,
+            norm=cfg.model.norm,
+            dropout=cfg.model.dropout,
+            upsampling=cfg.model.upsampling,
+        )
         if self.init_from and self.resume_ckpt is None:
             self._load_pretrained(model, self.init_from)
         self.model = model.to(self.dist.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.learning_rate,
-                                           weight_decay=cfg.optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         if cfg.amp == "fp16" and self.dist.device.type != "cuda":
             raise ValueError("amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
@@ -180,23 +205,34 @@ class Trainer:
         self.forward = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
         weights = None
         if cfg.loss.class_weights == "inverse_frequency":
-            weights = torch.as_tensor(class_weights_from_counts(
-                self._class_pixel_counts(), self.num_classes), device=self.dist.device)
-        self.loss_fn = SegmentationLoss(cfg.loss.name, self.num_classes, class_weights=weights,
-                                        ignore_label=cfg.data.ignore_label)
+            weights = torch.as_tensor(
+                class_weights_from_counts(self._class_pixel_counts(), self.num_classes),
+                device=self.dist.device,
+            )
+        self.loss_fn = SegmentationLoss(
+            cfg.loss.name,
+            self.num_classes,
+            class_weights=weights,
+            ignore_label=cfg.data.ignore_label,
+        )
 
     def _class_pixel_counts(self) -> dict:
-        if self.target == "class" or (self.target == "semantic"
-                                      and self.metadata["mask_kind"] == "instance"):
+        if self.target == "class" or (
+            self.target == "semantic" and self.metadata["mask_kind"] == "instance"
+        ):
             return self.metadata["class_pixel_counts"]
         from scarce.store import SampleStore
 
         counts = np.zeros(self.num_classes, np.int64)
         with SampleStore(self.train_db) as store:  # estimate on up to 32 samples
             for i in range(min(32, len(store))):
-                t = derive_target(store[i].mask, self.metadata["mask_kind"], self.target,
-                                  self.cfg.data.boundary_width)
-                counts += np.bincount(t.ravel(), minlength=self.num_classes)[:self.num_classes]
+                t = derive_target(
+                    store[i].mask,
+                    self.metadata["mask_kind"],
+                    self.target,
+                    self.cfg.data.boundary_width,
+                )
+                counts += np.bincount(t.ravel(), minlength=self.num_classes)[: self.num_classes]
         return {str(k): int(c) for k, c in enumerate(counts)}
 
     def _load_pretrained(self, model: torch.nn.Module, path) -> None:
@@ -205,8 +241,13 @@ class Trainer:
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(own) - set(usable))
         model.load_state_dict(usable, strict=False)
-        logger.info("Initialised from %s (%d tensors; %d kept their initial values%s)", path,
-                    len(usable), len(skipped), f": {skipped[:6]}" if skipped else "")
+        logger.info(
+            "Initialised from %s (%d tensors; %d kept their initial values%s)",
+            path,
+            len(usable),
+            len(skipped),
+            f": {skipped[:6]}" if skipped else "",
+        )
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model_state"])
@@ -232,8 +273,9 @@ class Trainer:
         """
         self._setup()
         cfg, start = self.cfg, time.perf_counter()
-        loader = make_train_loader(self.train_db, cfg, norm_spec=self.norm_spec,
-                                   rank=self.dist.rank, start_batch=self.step)
+        loader = make_train_loader(
+            self.train_db, cfg, norm_spec=self.norm_spec, rank=self.dist.rank, start_batch=self.step
+        )
         batches = StarvationMonitor(loader, threshold_ms=cfg.data.starvation_ms, logger=logger)
         self._log_start()
         train_losses, last_eval, reason = [], None, "max_steps"
@@ -243,7 +285,8 @@ class Trainer:
                 if self.step >= cfg.max_steps:
                     break
                 if cfg.max_minutes and distributed.any_rank(
-                        time.perf_counter() - start > 60 * cfg.max_minutes, self.dist):
+                    time.perf_counter() - start > 60 * cfg.max_minutes, self.dist
+                ):
                     reason = "max_minutes"
                     break
                 train_losses.append(self.train_step(batch))
@@ -312,23 +355,33 @@ class Trainer:
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of losses, number of images)
         examples = []
         tile = self.cfg.data.test_tile_size
-        for i, (name, image, target) in enumerate(iter_test_images(
-                self.test_db, self.norm_spec, target=self.target,
-                boundary_width=self.cfg.data.boundary_width)):
+        for i, (name, image, target) in enumerate(
+            iter_test_images(
+                self.test_db,
+                self.norm_spec,
+                target=self.target,
+                boundary_width=self.cfg.data.boundary_width,
+            )
+        ):
             if i % self.dist.world_size != self.dist.rank:
                 continue
             with self._autocast():
-                logits = sliding_window_logits(self.model, image, tile_size=tile,
-                                               overlap=self.cfg.predict.overlap,
-                                               batch_size=self.cfg.data.batch_size,
-                                               device=self.dist.device)  # (K, H, W)
+                logits = sliding_window_logits(
+                    self.model,
+                    image,
+                    tile_size=tile,
+                    overlap=self.cfg.predict.overlap,
+                    batch_size=self.cfg.data.batch_size,
+                    device=self.dist.device,
+                )  # (K, H, W)
             t = torch.as_tensor(target)
             dev = self.dist.device
             loss = self.loss_fn(logits[None].to(dev).float(), t[None].to(dev))
             loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
             pred = logits.argmax(0)
-            conf += torch.as_tensor(confusion_matrix(t, pred, k, self.cfg.data.ignore_label),
-                                    dtype=torch.float64)
+            conf += torch.as_tensor(
+                confusion_matrix(t, pred, k, self.cfg.data.ignore_label), dtype=torch.float64
+            )
             if len(examples) < self.cfg.plot_test_images:
                 examples.append((name, image, target, pred.numpy()))
         stats = torch.cat([conf.flatten(), loss_sum]).to(self.dist.device)
@@ -341,20 +394,28 @@ class Trainer:
         """Evaluate, log a metrics row, save ``last.pt`` (and ``best.pt`` if improved)."""
         wait = batches.wait_fraction(reset=True)
         if self.test_db is None:
-            ev = {"test_loss": float(np.mean(train_losses)) if train_losses else math.nan,
-                  "pixel_metrics": None, "examples": []}
+            ev = {
+                "test_loss": float(np.mean(train_losses)) if train_losses else math.nan,
+                "pixel_metrics": None,
+                "examples": [],
+            }
         else:
             ev = self.evaluate()
         improved = ev["test_loss"] < self.best["test_loss"]
         pm = ev["pixel_metrics"]
         if improved:
-            self.best = {"test_loss": ev["test_loss"], "step": self.step,
-                         "mean_dice": pm["mean_dice"] if pm else None}
+            self.best = {
+                "test_loss": ev["test_loss"],
+                "step": self.step,
+                "mean_dice": pm["mean_dice"] if pm else None,
+            }
             self.bad_evals = 0
         else:
             self.bad_evals += 1
-            if self.cfg.optim.schedule == "plateau" and \
-                    self.bad_evals % self.cfg.optim.plateau_patience == 0:
+            if (
+                self.cfg.optim.schedule == "plateau"
+                and self.bad_evals % self.cfg.optim.plateau_patience == 0
+            ):
                 self.plateau_scale *= self.cfg.optim.plateau_factor
                 logger.info("Plateau: learning rate scaled to %.3g x peak", self.plateau_scale)
         row = self._metrics_row(train_losses, ev, wait)
@@ -365,20 +426,29 @@ class Trainer:
             save_checkpoint(self.run_dir / "checkpoints" / "last.pt", state)
             if improved or self.test_db is None:
                 save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
-            logger.info("step %d: train loss %.4f, test loss %.4f%s, mean Dice %s, data wait "
-                        "%.1f%%%s", self.step, row["train_loss"] or math.nan, ev["test_loss"],
-                        " (best)" if improved else "", _f(row["mean_dice"]), 100 * wait,
-                        "" if improved else f", {self.bad_evals} evaluation(s) without "
-                        "improvement")
+            logger.info(
+                "step %d: train loss %.4f, test loss %.4f%s, mean Dice %s, data wait %.1f%%%s",
+                self.step,
+                row["train_loss"] or math.nan,
+                ev["test_loss"],
+                " (best)" if improved else "",
+                _f(row["mean_dice"]),
+                100 * wait,
+                "" if improved else f", {self.bad_evals} evaluation(s) without improvement",
+            )
         return row
 
     def _metrics_row(self, train_losses, ev, wait) -> dict:
         pm = ev["pixel_metrics"]
-        row = {"step": self.step, "time_s": round(time.time() - self._t0, 2),
-               "train_loss": float(np.mean(train_losses)) if train_losses else None,
-               "test_loss": ev["test_loss"], "lr": learning_rate(
-                   max(self.step - 1, 0), self.cfg, self.plateau_scale),
-               "data_wait_pct": 100.0 * wait, "mean_dice": pm["mean_dice"] if pm else None}
+        row = {
+            "step": self.step,
+            "time_s": round(time.time() - self._t0, 2),
+            "train_loss": float(np.mean(train_losses)) if train_losses else None,
+            "test_loss": ev["test_loss"],
+            "lr": learning_rate(max(self.step - 1, 0), self.cfg, self.plateau_scale),
+            "data_wait_pct": 100.0 * wait,
+            "mean_dice": pm["mean_dice"] if pm else None,
+        }
         for name, pc in zip(self.class_names, pm["per_class"] if pm else []):
             row[f"iou_{name}"], row[f"dice_{name}"] = pc["iou"], pc["dice"]
         return row
@@ -390,21 +460,35 @@ class Trainer:
         logger.warning(
             "Early stopping at step %d: the test loss has not improved for %d evaluations "
             "(every %d steps); best %.4f at step %s. Raise --early-stopping or set it to 0 to "
-            "train longer.", self.step, self.bad_evals, self.cfg.test_every_n_steps,
-            self.best["test_loss"], self.best["step"])
+            "train longer.",
+            self.step,
+            self.bad_evals,
+            self.cfg.test_every_n_steps,
+            self.best["test_loss"],
+            self.best["step"],
+        )
         return True
 
     def _state(self) -> dict:
         m = self.model
         return {
-            "model": {"name": self.cfg.model.name, "in_channels": m.in_channels,
-                      "num_classes": m.num_classes, "options": dict(m.options)},
+            "model": {
+                "name": self.cfg.model.name,
+                "in_channels": m.in_channels,
+                "num_classes": m.num_classes,
+                "options": dict(m.options),
+            },
             "model_state": {k: v.detach().cpu() for k, v in m.state_dict().items()},
-            "config": config_to_dict(self.cfg), "normalization": self.norm_spec,
-            "class_names": self.class_names, "mask_kind": self.metadata["mask_kind"],
-            "target": self.target, "ignore_label": self.cfg.data.ignore_label,
-            "step": self.step, "best": dict(self.best),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "normalization": self.norm_spec,
+            "class_names": self.class_names,
+            "mask_kind": self.metadata["mask_kind"],
+            "target": self.target,
+            "ignore_label": self.cfg.data.ignore_label,
+            "step": self.step,
+            "best": dict(self.best),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "scheduler": {"plateau_scale": self.plateau_scale, "bad_evals": self.bad_evals},
             "rng": {"torch": torch.get_rng_state()},
         }
@@ -415,12 +499,21 @@ class Trainer:
         if not self.dist.is_main:
             return
         cfg, m = self.cfg, self.model
-        logger.info("Training %s (%d parameters, receptive field %d px) on %s: %d classes %s, "
-                    "target %s, %d process(es) x batch %d, patch %d, device %s",
-                    cfg.model.name, sum(p.numel() for p in m.parameters()),
-                    getattr(m, "receptive_field", -1), self.train_db, self.num_classes,
-                    self.class_names, self.target, self.dist.world_size, cfg.data.batch_size,
-                    cfg.data.patch_size, self.dist.device)
+        logger.info(
+            "Training %s (%d parameters, receptive field %d px) on %s: %d classes %s, "
+            "target %s, %d process(es) x batch %d, patch %d, device %s",
+            cfg.model.name,
+            sum(p.numel() for p in m.parameters()),
+            getattr(m, "receptive_field", -1),
+            self.train_db,
+            self.num_classes,
+            self.class_names,
+            self.target,
+            self.dist.world_size,
+            cfg.data.batch_size,
+            cfg.data.patch_size,
+            self.dist.device,
+        )
 
     def _progress_bar(self):
         if not self.dist.is_main or not sys.stderr.isatty():
@@ -433,8 +526,12 @@ class Trainer:
         if not self.dist.is_main or self.step % self.cfg.log_every_n_steps:
             return
         n = self.cfg.log_every_n_steps
-        rate = self.cfg.data.batch_size * self.dist.world_size * self.step / max(
-            time.perf_counter() - start, 1e-9)
+        rate = (
+            self.cfg.data.batch_size
+            * self.dist.world_size
+            * self.step
+            / max(time.perf_counter() - start, 1e-9)
+        )
         loss = float(np.mean(losses[-n:])) if losses else math.nan
         wait = 100 * batches.wait_fraction(reset=False)
         if self.log is not None:
@@ -443,21 +540,42 @@ class Trainer:
             bar.n = self.step
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}", wait=f"{wait:.0f}%")
         else:
-            logger.info("step %d/%d loss %.4f, %.1f samples/s, data wait %.0f%%", self.step,
-                        self.cfg.max_steps, loss, rate, wait)
+            logger.info(
+                "step %d/%d loss %.4f, %.1f samples/s, data wait %.0f%%",
+                self.step,
+                self.cfg.max_steps,
+                loss,
+                rate,
+                wait,
+            )
 
     def _finish(self, reason: str, last_eval: dict, wall: float) -> dict:
-        summary = {"steps": self.step, "stop_reason": reason, "wall_time_s": round(wall, 1),
-                   "best_test_loss": self.best["test_loss"], "best_step": self.best["step"],
-                   "best_mean_dice": self.best["mean_dice"], "last_eval": last_eval,
-                   "world_size": self.dist.world_size}
+        summary = {
+            "steps": self.step,
+            "stop_reason": reason,
+            "wall_time_s": round(wall, 1),
+            "best_test_loss": self.best["test_loss"],
+            "best_step": self.best["step"],
+            "best_mean_dice": self.best["mean_dice"],
+            "last_eval": last_eval,
+            "world_size": self.dist.world_size,
+        }
         if self.dist.is_main:
-            why = {"max_steps": f"reached max_steps = {self.cfg.max_steps}",
-                   "max_minutes": f"time budget of {self.cfg.max_minutes} minutes used",
-                   "early_stopping": "early stopping"}[reason]
-            logger.info("Run ended at step %d (%s) after %.0f s; best test loss %.4f at step %s;"
-                        " checkpoints in %s", self.step, why, wall, self.best["test_loss"],
-                        self.best["step"], self.run_dir / "checkpoints")
+            why = {
+                "max_steps": f"reached max_steps = {self.cfg.max_steps}",
+                "max_minutes": f"time budget of {self.cfg.max_minutes} minutes used",
+                "early_stopping": "early stopping",
+            }[reason]
+            logger.info(
+                "Run ended at step %d (%s) after %.0f s; best test loss %.4f at step %s;"
+                " checkpoints in %s",
+                self.step,
+                why,
+                wall,
+                self.best["test_loss"],
+                self.best["step"],
+                self.run_dir / "checkpoints",
+            )
             self.log.summary(summary)
             self.log.close()
         distributed.cleanup()

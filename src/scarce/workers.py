@@ -119,8 +119,9 @@ def _watchdog(batches: weakref.ref, stop: threading.Event) -> None:
             return
         since = self._waiting_since
         if since is not None and time.perf_counter() - since > self.timeout_s:
-            log.error("no batch from the reader workers in %.0f s: killing them (hung)",
-                      self.timeout_s)
+            log.error(
+                "no batch from the reader workers in %.0f s: killing them (hung)", self.timeout_s
+            )
             for pid in self.worker_pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -165,8 +166,15 @@ class TrainBatches:
     via ``get_worker_info``, persistent workers, liveness check).
     """
 
-    def __init__(self, maker: BatchMaker, start_batch: int, reader_count: int, prefetch: int,
-                 *, timeout_s: float | None = None):
+    def __init__(
+        self,
+        maker: BatchMaker,
+        start_batch: int,
+        reader_count: int,
+        prefetch: int,
+        *,
+        timeout_s: float | None = None,
+    ):
         self.maker, self.reader_count, self.next_batch = maker, reader_count, start_batch
         self.timeout_s = WORKER_TIMEOUT_S if timeout_s is None else float(timeout_s)
         self._waiting_since, self._stop = None, threading.Event()
@@ -174,15 +182,24 @@ class TrainBatches:
             self._iterator = iter(_BatchStream(maker, start_batch))
             return
         loader = DataLoader(  # timeout=0: the loader checks every 5 s that its workers live
-            _BatchStream(maker, start_batch), batch_size=None, num_workers=reader_count,
-            prefetch_factor=max(1, prefetch), persistent_workers=True, timeout=0,
-            worker_init_fn=init_worker, pin_memory=torch.cuda.is_available(),
+            _BatchStream(maker, start_batch),
+            batch_size=None,
+            num_workers=reader_count,
+            prefetch_factor=max(1, prefetch),
+            persistent_workers=True,
+            timeout=0,
+            worker_init_fn=init_worker,
+            pin_memory=torch.cuda.is_available(),
             multiprocessing_context=worker_context(),
             generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
         )
         self._iterator = iter(loader)
-        threading.Thread(target=_watchdog, args=(weakref.ref(self), self._stop), daemon=True,
-                         name="scarce-reader-watchdog").start()
+        threading.Thread(
+            target=_watchdog,
+            args=(weakref.ref(self), self._stop),
+            daemon=True,
+            name="scarce-reader-watchdog",
+        ).start()
 
     @property
     def worker_pids(self) -> list[int]:
@@ -228,5 +245,11 @@ class TrainBatches:
         self.close()
 
 
-__all__ = ["BatchMaker", "ReaderError", "TrainBatches", "WORKER_TIMEOUT_S", "init_worker",
-           "worker_context"]
+__all__ = [
+    "BatchMaker",
+    "ReaderError",
+    "TrainBatches",
+    "WORKER_TIMEOUT_S",
+    "init_worker",
+    "worker_context",
+]

@@ -95,9 +95,14 @@ def _drop_input_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
-def measure_receptive_field(model: nn.Module, in_channels: int, size: int | None = None, *,
-                            rng: np.random.Generator | None = None,
-                            all_phases: bool = False) -> int:
+def measure_receptive_field(
+    model: nn.Module,
+    in_channels: int,
+    size: int | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+    all_phases: bool = False,
+) -> int:
     """Receptive field measured by gradients: the input extent that reaches one output pixel.
 
     The summed class logits of the centre output pixel are differentiated with respect to a

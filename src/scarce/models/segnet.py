@@ -153,8 +153,15 @@ class SegNet(nn.Module):
 
     name = "segnet"
 
-    def __init__(self, in_channels: int, num_classes: int, *, depth: int = 5, width: int = 64,
-                 norm: str = "batch"):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        depth: int = 5,
+        width: int = 64,
+        norm: str = "batch",
+    ):
         super().__init__()
         check_options(in_channels, num_classes, depth, width, norm)
         self.in_channels, self.num_classes = in_channels, num_classes
@@ -167,16 +174,19 @@ class SegNet(nn.Module):
         self.encoder = nn.ModuleList()
         for s in range(depth):
             cin = in_channels if s == 0 else chans[s - 1]
-            layers = [conv_norm_relu(cin if i == 0 else chans[s], chans[s], norm)
-                      for i in range(stage_convs(s))]
+            layers = [
+                conv_norm_relu(cin if i == 0 else chans[s], chans[s], norm)
+                for i in range(stage_convs(s))
+            ]
             self.encoder.append(nn.Sequential(*layers))
         self.unpool = MaxUnpool2x2()
         self.decoder = nn.ModuleList()
         for s in reversed(range(depth)):
             cout = chans[max(s - 1, 0)]
             n = stage_convs(s)
-            layers = [conv_norm_relu(chans[s], chans[s] if i < n - 1 else cout, norm)
-                      for i in range(n)]
+            layers = [
+                conv_norm_relu(chans[s], chans[s] if i < n - 1 else cout, norm) for i in range(n)
+            ]
             self.decoder.append(nn.Sequential(*layers))
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
@@ -188,7 +198,9 @@ class SegNet(nn.Module):
         indices: list[torch.Tensor] = []
         for stage in self.encoder:
             x = stage(x)  # (N, c_s, H/2**s, W/2**s)
-            x, idx = F.max_pool2d_with_indices(x, [2, 2], [2, 2])  # (N, c_s, H/2**(s+1), W/2**(s+1))
+            x, idx = F.max_pool2d_with_indices(
+                x, [2, 2], [2, 2]
+            )  # (N, c_s, H/2**(s+1), W/2**(s+1))
             indices.append(idx)
         for i, stage in enumerate(self.decoder):
             x = self.unpool(x, indices[len(indices) - 1 - i])  # (N, c_s, H/2**s, W/2**s)

@@ -98,8 +98,12 @@ def check_options(in_channels: int, num_classes: int, depth: int, width: int, no
         If a count is not a positive integer or ``norm`` is unknown; the message names the
         option, the value that arrived and what is expected.
     """
-    for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                        ("depth", depth), ("width", width)):
+    for name, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("depth", depth),
+        ("width", width),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if norm not in NORMS:
@@ -108,11 +112,7 @@ def check_options(in_channels: int, num_classes: int, depth: int, width: int, no
 
 def skip_input_checks() -> bool:
     """True while tracing, compiling or exporting, when Python-side shape checks must not run."""
-    return (
-        torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 @torch.jit.unused
@@ -223,8 +223,17 @@ class UNet(nn.Module):
 
     name = "unet"
 
-    def __init__(self, in_channels: int, num_classes: int, *, depth: int = 4, width: int = 32,
-                 norm: str = "batch", dropout: float = 0.0, upsampling: str = "transpose"):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        depth: int = 4,
+        width: int = 32,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        upsampling: str = "transpose",
+    ):
         super().__init__()
         check_options(in_channels, num_classes, depth, width, norm)
         if not 0.0 <= float(dropout) < 1.0:
@@ -233,8 +242,9 @@ class UNet(nn.Module):
             raise ValueError(f"upsampling = {upsampling!r} is not one of {list(UPSAMPLINGS)}")
         self.in_channels, self.num_classes = in_channels, num_classes
         self.depth = depth
-        self.options = dict(depth=depth, width=width, norm=norm, dropout=float(dropout),
-                            upsampling=upsampling)
+        self.options = dict(
+            depth=depth, width=width, norm=norm, dropout=float(dropout), upsampling=upsampling
+        )
         self.size_multiple = 2**depth
         self.receptive_field = unet_receptive_field(depth, upsampling)
         self.halo = self.receptive_field // 2
