@@ -354,3 +354,17 @@ def test_benchmark_reports_rates(nist_lmdb):
     assert result["batches"] >= 1 and result["patches_per_second"] > 0
     assert result["patches_per_second"] == pytest.approx(4 * result["batches_per_second"])
     assert "augmented patches/s" in format_benchmark(result)
+
+
+def test_uniform_centres_keep_the_patch_inside_the_image():
+    from scarce.readers import _inside_centre
+
+    rng = np.random.default_rng(0)
+    for size, patch in ((256, 256), (300, 128), (520, 256), (40, 64), (129, 128)):
+        centres = np.array([_inside_centre(size, patch, rng) for _ in range(2000)])
+        start = centres - patch // 2
+        if size >= patch:
+            assert start.min() == 0 and (start + patch).max() == size  # both ends reached
+            assert (start >= 0).all() and (start + patch <= size).all()
+        else:
+            assert (start <= 0).all() and (start + patch >= size).all()

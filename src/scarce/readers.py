@@ -108,6 +108,19 @@ def resolve_reader_count(n: int) -> int:
     return max(1, min(8, cores // 2))
 
 
+def _inside_centre(size: int, patch: int, rng: np.random.Generator) -> int:
+    """A uniform patch centre along one axis that keeps the patch inside the image.
+
+    The patch covers ``[c - patch // 2, c - patch // 2 + patch)``. When the image is at least a
+    patch long, the centre is uniform over the positions that keep the patch inside it (like
+    MONAI's ``RandSpatialCrop``); when it is shorter, over the positions whose patch contains
+    the whole image (reflection fills the rest). Only the augmentation's rotation, scale and
+    jitter then reach beyond the border.
+    """
+    lo, hi = sorted((patch // 2, size - patch + patch // 2))
+    return int(rng.integers(lo, hi + 1))
+
+
 class _BatchMaker:
     """Builds batch ``b`` in whichever process owns it; opens LMDB lazily in that process."""
 
@@ -185,13 +198,10 @@ class _BatchMaker:
                     f"{self.classes[k]} although the metadata lists it; re-ingest"
                 )
             y, x = divmod(int(pixels[rng.integers(len(pixels))]), sample.mask.shape[1])
-        else:  # nnU-Net rule: any pixel can be the centre; reflection fills the outside
+        else:
             index = int(rng.integers(len(self.shapes)))
             sample = decode_sample(txn.get(sample_key(index)))
-            y, x = (
-                int(rng.integers(self.shapes[index][0])),
-                int(rng.integers(self.shapes[index][1])),
-            )
+            y, x = (_inside_centre(n, self.cfg.data.patch_size, rng) for n in self.shapes[index])
         return index, (float(y), float(x)), sample
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
@@ -251,8 +261,8 @@ def make_train_loader(
     """Start the readers of a training database and return their infinite batch stream.
 
     Sampling: with ``cfg.data.balance_classes`` false, a sample is chosen uniformly and the
-    patch centre uniformly among its pixels, so borders are covered too (the outside is
-    filled by reflection). With it true, a class is chosen uniformly among the classes present
+    patch centre uniformly among the positions that keep the patch inside the image (or, for
+    images smaller than the patch, that keep the whole image inside the patch). With it true, a class is chosen uniformly among the classes present
     in the database (foreground/background for instance masks; never ``ignore_label``), then
     a sample containing it, then a centre uniformly among that sample's pixels of the class.
     The augmentation's jitter then shifts the centre.
