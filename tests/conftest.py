@@ -30,38 +30,25 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+def _small_db(shared_data, tmp_path_factory, dataset: str, n: int, **ingest_options) -> Path:
+    """DB_DIR of the first ``n`` images of ``dataset``, every 5th image by name as test."""
+    from scarce.demo import every_nth_split
+    from scarce.ingest import ingest
+
+    root = tmp_path_factory.mktemp(dataset)
+    data = _subset(shared_data / dataset, root / "data", n)
+    ingest(
+        data / "images",
+        data / "masks",
+        root / "db",
+        split=every_nth_split(data / "images"),
+        progress=False,
+        **ingest_options,
+    )
+    return root / "db"
+
+
 @pytest.fixture(scope="session")
 def nist_db(shared_data, tmp_path_factory) -> Path:
     """DB_DIR with 10 nist_rpe images (256x256 uint16, classes 0/1): 8 train, 2 test."""
-    from scarce.demo import every_nth_split
-    from scarce.ingest import ingest
-
-    root = tmp_path_factory.mktemp("nist")
-    data = _subset(shared_data / "nist_rpe", root / "data", 10)
-    ingest(
-        data / "images",
-        data / "masks",
-        root / "db",
-        split=every_nth_split(data / "images"),
-        progress=False,
-    )
-    return root / "db"
-
-
-@pytest.fixture(scope="session")
-def bbbc_db(shared_data, tmp_path_factory) -> Path:
-    """DB_DIR with 5 bbbc039 images (520x696 uint16, instance masks): 4 train, 1 test."""
-    from scarce.demo import every_nth_split
-    from scarce.ingest import ingest
-
-    root = tmp_path_factory.mktemp("bbbc")
-    data = _subset(shared_data / "bbbc039", root / "data", 5)
-    ingest(
-        data / "images",
-        data / "masks",
-        root / "db",
-        split=every_nth_split(data / "images"),
-        mask_kind="instance",
-        progress=False,
-    )
-    return root / "db"
+    return _small_db(shared_data, tmp_path_factory, "nist_rpe", 10)
