@@ -352,11 +352,11 @@ def machine() -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
-def conclusion(summary: dict, loads: list[float], bf16_instructions: list[str]) -> str:
+def conclusion(summary: dict, others: float, bf16_instructions: list[str]) -> str:
     """One paragraph written from the numbers: the fastest Scarce configuration, DDP advice.
 
     A median ratio within 10 % of 1 is called a tie: single rounds on this shared machine vary
-    by more than that. ``loads`` are the 1-minute load averages before each round;
+    by more than that. ``others`` is the load of other jobs (see :func:`other_load`);
     ``bf16_instructions`` the CPU's bf16 instruction sets (a bf16 speed-up depends on them).
     """
     ratio = {n: r["median_ratio_to_eager"] for n, r in summary.items() if n != "monai"}
@@ -388,12 +388,21 @@ def conclusion(summary: dict, loads: list[float], bf16_instructions: list[str]) 
         text += (f" MONAI's BasicUNet (a smaller network) trained {m['median_ratio_to_eager']:.2f}"
                  f"x as many samples/s, at {m['median_gflop_per_s']:.0f} GFLOP/s against "
                  f"{e['median_gflop_per_s']:.0f} for the Scarce U-Net in eager mode.")
-    if statistics.median(loads) > 4:  # this benchmark's own threads add about 2
-        text += (f" Caveat: the load was {statistics.median(loads):.1f} during the rounds (this "
-                 "run adds about 2), so other jobs shared the CPUs; that weighs most on 1 x 2 "
-                 "threads against 2 x 1 processes, and samples per CPU-second are the steadier "
-                 "comparison.")
+    if others > 1:
+        text += (f" Caveat: other jobs kept about {others:.1f} threads busy on these CPUs; that "
+                 "slows every configuration and weighs most on 1 x 2 threads against 2 x 1 "
+                 "processes; samples per CPU-second are the steadier comparison.")
     return text
+
+
+def other_load(result: dict) -> float:
+    """Estimate how many threads other jobs kept busy during a run of this benchmark.
+
+    The larger of the 1-minute load average before the run and the median one before the
+    rounds less this run's own 2 busy threads.
+    """
+    rounds = statistics.median(r["load_1min_before"] for r in result["rounds"])
+    return max(result["load_before"], rounds - 2)
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -470,8 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                   gflop_per_sample={k: v[0] for k, v in flops.items()},
                   params={k: v[1] for k, v in flops.items()})
     result["summary"] = summarize(result, args.batch)
-    result["conclusion"] = conclusion(result["summary"],
-                                      [r["load_1min_before"] for r in result["rounds"]],
+    result["conclusion"] = conclusion(result["summary"], other_load(result),
                                       result["machine"]["bf16_instructions"])
     result["wall_time_s"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
