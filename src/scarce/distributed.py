@@ -123,9 +123,10 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Re-run ``scarce <argv>`` under ``torchrun --standalone --nproc_per_node=nproc``.
 
-    On a CPU-only machine each process gets one intra-op thread (``OMP_NUM_THREADS=1``): 2
-    processes x 1 thread trained faster than 1 process x 2 threads on 2 cores (see
-    ``benchmarks/results/train_step.md``).
+    On a CPU-only machine each process gets one intra-op thread (``OMP_NUM_THREADS=1``).
+    On the 2-vCPU development machine 2 processes x 1 thread trained at 0.93-1.05x the speed of
+    1 process x 2 threads (``benchmarks/results/train_step.md``); bf16 autocast was the larger
+    win there (about 1.9x).
 
     Returns
     -------
