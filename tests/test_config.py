@@ -50,6 +50,15 @@ def test_bad_values_are_refused(key, value):
         override(TrainConfig(), {key: value})
 
 
+def test_unquoted_yaml_off_means_the_string(tmp_path):
+    # YAML 1.1 reads `amp: off` as false; the string field takes it as "off"
+    assert override(TrainConfig(), {"amp": "off"}).amp == "off"
+    (tmp_path / "c.yaml").write_text("amp: off\n")
+    assert load_config(tmp_path / "c.yaml").amp == "off"
+    with pytest.raises(ConfigError, match="amp"):
+        override(TrainConfig(), {"amp": "on"})
+
+
 def test_override_unknown_key():
     with pytest.raises(ConfigError, match="unknown config key"):
         override(TrainConfig(), {"data.nope": 1})

@@ -174,7 +174,8 @@ def _nist_patches(count: int, size: int = 64):
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks))
 
 
-def test_tiny_unet_overfits_real_patches():
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16"])
+def test_tiny_unet_overfits_real_patches(amp):
     torch.manual_seed(0)
     x, y = _nist_patches(4)
     assert 0.3 < y.float().mean() < 0.7  # both classes matter
@@ -183,7 +184,9 @@ def test_tiny_unet_overfits_real_patches():
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
-        loss = loss_fn(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)  # (N, 2, H, W), bf16 under autocast
+        loss = loss_fn(logits, y)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -28,6 +28,7 @@ TINY = {
     "max_steps": 10,
     "plot_test_images": 1,
     "log_every_n_steps": 5,
+    "amp": "off",  # float32 everywhere, so results do not depend on the CPU's bf16 support
 }
 
 
@@ -204,3 +205,35 @@ def test_ddp_two_processes_keep_parameters_equal(nist_db, tmp_path):
     for key, value in ckpt["model_state"].items():
         if "running" not in key and "num_batches" not in key:
             torch.testing.assert_close(value, s0[key], msg=key)
+
+
+def test_amp_auto_follows_the_hardware(monkeypatch):
+    from scarce import distributed
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    assert distributed.resolve_amp("auto", cpu) == "bf16"
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    assert distributed.resolve_amp("auto", cpu) == "off"
+    assert distributed.resolve_amp("bf16", cpu) == "bf16"  # explicit modes pass through
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert distributed.resolve_amp("auto", cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert distributed.resolve_amp("auto", cuda) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        distributed.resolve_amp("fp16", cpu)
+
+
+def test_bf16_run_tracks_float32_and_keeps_float32_weights(nist_db, tmp_path):
+    db = nist_db
+    losses = {}
+    for amp in ("off", "bf16"):
+        cfg = tiny_config(amp=amp, max_steps=20)
+        summary = train(db / "train.lmdb", db / "test.lmdb", tmp_path / amp, cfg)
+        assert summary["amp"] == amp
+        rows = list(csv.DictReader((tmp_path / amp / "metrics.csv").open()))
+        losses[amp] = [float(r["train_loss"]) for r in rows]
+    # same seed, same batches: bf16 autocast changes the arithmetic, not the run
+    assert losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
+    state = state_of(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())

@@ -63,7 +63,12 @@ def _add_train(sub) -> None:
     p.add_argument("--no-augment", action="store_const", const=False, dest="augment.enabled")
     p.add_argument("--reader-count", type=int, dest="data.reader_count")
     p.add_argument("--seed", type=int, dest="seed")
-    p.add_argument("--amp", choices=("bf16", "fp16", "off"), dest="amp")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        dest="amp",
+        help="mixed precision; auto (default): bf16 where the CPU/GPU has it, fp16 on older GPUs",
+    )
     p.add_argument("--device", dest="device", help="auto | cpu | cuda")
     p.add_argument(
         "--set",

@@ -142,7 +142,8 @@ class TrainConfig:
     test_every_n_steps: int = 200  # evaluate on the whole test database every N steps
     early_stopping: int = 10  # stop after N evaluations without a better test loss; 0 = off
     log_every_n_steps: int = 10  # train-loss log and progress-bar refresh interval, steps
-    amp: str = "off"  # off | bf16 (CPU and CUDA) | fp16 (CUDA, with a gradient scaler)
+    amp: str = "auto"  # auto | off | bf16 (CPU and CUDA) | fp16 (CUDA, with a gradient scaler);
+    # auto = bf16 on GPUs and CPUs with bf16 instructions, fp16 on older GPUs, else off
     channels_last: bool = False  # NHWC memory format (helps on GPUs with tensor cores)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -169,7 +170,7 @@ _CHOICES = {
     ("loss", "class_weights"): (None, "inverse_frequency"),
     ("optim", "schedule"): ("cosine", "plateau", "constant"),
     ("predict", "blend"): ("gaussian", "constant"),
-    ("", "amp"): ("off", "bf16", "fp16"),
+    ("", "amp"): ("auto", "off", "bf16", "fp16"),
 }
 
 
@@ -217,6 +218,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads unquoted off/no as false, on/yes as true
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

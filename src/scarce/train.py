@@ -191,9 +191,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        if cfg.amp == "fp16" and self.dist.device.type != "cuda":
-            raise ValueError("amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        self.amp = distributed.resolve_amp(cfg.amp, self.dist.device)  # off | bf16 | fp16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.step, self.plateau_scale, self.bad_evals = 0, 1.0, 0
         self.best = {"test_loss": math.inf, "step": None, "mean_dice": None}
         if self.resume_ckpt is not None:
@@ -332,9 +331,9 @@ class Trainer:
         return float(loss.detach())
 
     def _autocast(self):
-        if self.cfg.amp == "off":
+        if self.amp == "off":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
     # ---------------------------------------------------------------------- evaluation
@@ -501,7 +500,7 @@ class Trainer:
         cfg, m = self.cfg, self.model
         logger.info(
             "Training %s (%d parameters, receptive field %d px) on %s: %d classes %s, "
-            "target %s, %d process(es) x batch %d, patch %d, device %s",
+            "target %s, %d process(es) x batch %d, patch %d, device %s, mixed precision %s%s",
             cfg.model.name,
             sum(p.numel() for p in m.parameters()),
             getattr(m, "receptive_field", -1),
@@ -513,6 +512,8 @@ class Trainer:
             cfg.data.batch_size,
             cfg.data.patch_size,
             self.dist.device,
+            self.amp,
+            " (amp: auto)" if cfg.amp == "auto" else "",
         )
 
     def _progress_bar(self):
@@ -559,6 +560,7 @@ class Trainer:
             "best_mean_dice": self.best["mean_dice"],
             "last_eval": last_eval,
             "world_size": self.dist.world_size,
+            "amp": self.amp,
         }
         if self.dist.is_main:
             why = {
