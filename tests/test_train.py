@@ -67,6 +67,8 @@ def test_run_writes_outputs_and_resume_is_exact(nist_db, tmp_path):
     ):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
+    log = (run / "log.txt").read_text()  # INFO lines even though the API caller set no logging
+    assert "Training unet" in log and "Run ended at step 20" in log
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
     assert {"test_loss", "iou_class1", "dice_class1", "lr", "data_wait_pct"} <= set(rows[0])

@@ -55,6 +55,11 @@ class RunLog:
         self.handler = logging.FileHandler(self.run_dir / "log.txt")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(self.handler)
+        # log.txt gets INFO lines even when the caller (Python API, not the CLI) left logging
+        # unconfigured; the level is restored by close()
+        self._saved_level = logger.level
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)
         self.columns = ["step", "time_s", "train_loss", "test_loss"]
         self.columns += [f"iou_{n}" for n in class_names] + [f"dice_{n}" for n in class_names]
         self.columns += ["mean_dice", "lr", "data_wait_pct"]
@@ -155,6 +160,7 @@ class RunLog:
     def close(self) -> None:
         """Flush and detach the log file and TensorBoard writer."""
         logger.removeHandler(self.handler)
+        logger.setLevel(self._saved_level)
         self.handler.close()
         if self.writer is not None:
             self.writer.close()
