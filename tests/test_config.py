@@ -59,6 +59,15 @@ def test_unquoted_yaml_off_means_the_string(tmp_path):
         override(TrainConfig(), {"amp": "on"})
 
 
+def test_variable_length_tuple_reads_a_list(tmp_path):
+    cfg = override(TrainConfig(), {"model.widths": "[32, 32, 64, 128, 256]"})
+    assert cfg.model.widths == (32, 32, 64, 128, 256)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").model.widths == (32, 32, 64, 128, 256)
+    with pytest.raises(ConfigError, match="model.widths"):
+        override(TrainConfig(), {"model.widths": "32"})
+
+
 def test_override_unknown_key():
     with pytest.raises(ConfigError, match="unknown config key"):
         override(TrainConfig(), {"data.nope": 1})

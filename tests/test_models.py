@@ -15,7 +15,9 @@ from scarce.models.segnet import MaxUnpool2x2, segnet_receptive_field
 from scarce.models.unet import group_count, unet_receptive_field
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TRAINER_OPTIONS = dict(depth=4, width=4, norm="batch", dropout=0.0, upsampling="transpose")
+TRAINER_OPTIONS = dict(
+    depth=4, width=4, widths=None, norm="batch", dropout=0.0, upsampling="transpose"
+)
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "instance", "none"])
@@ -37,6 +39,23 @@ def test_segnet_output_shape(norm, depth):
     out = model(torch.randn(2, 2, 64, 96))
     assert out.shape == (2, 3, 64, 96)
     assert model.size_multiple == 2**depth
+
+
+def test_unet_widths_set_every_level():
+    model = UNet(1, 2, depth=3, width=99, widths=(8, 8, 16, 24))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    encoder_out = [block[-1][0].out_channels for block in model.encoder]
+    assert encoder_out == [8, 8, 16] and model.bottleneck[-1][0].out_channels == 24
+    assert convs[-1].in_channels == 8  # the 1x1 head reads the full-resolution level
+    assert model(torch.randn(2, 1, 32, 40)).shape == (2, 2, 32, 40)
+    again = build_model("unet", 1, 2, **model.options)  # options rebuild it (checkpoints)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    with pytest.raises(ValueError, match=r"widths must be depth \+ 1 = 4 positive integers"):
+        UNet(1, 2, depth=3, widths=(8, 16, 32))
+    with pytest.raises(ValueError, match="widths must be"):
+        UNet(1, 2, depth=1, widths=(8, 0))
 
 
 def test_segnet_follows_vgg_stages():

@@ -90,6 +90,7 @@ class ModelConfig:
     name: str = "unet"  # key of scarce.models.MODELS: unet | segnet
     depth: int = 4  # number of poolings (U-Net) / encoder stages (SegNet)
     width: int = 32  # channels of the first stage; doubles per stage (64 = U-Net paper)
+    widths: tuple[int, ...] | None = None  # U-Net channels per level (depth + 1), overrides width
     norm: str = "batch"  # batch | group | instance | none
     dropout: float = 0.0  # dropout probability at the bottleneck
     upsampling: str = "transpose"  # transpose | bilinear (U-Net decoder)
@@ -201,6 +202,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce(value, non_none[0], where)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")

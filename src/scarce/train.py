@@ -179,6 +179,7 @@ class Trainer:
             self.num_classes,
             depth=cfg.model.depth,
             width=cfg.model.width,
+            widths=cfg.model.widths,
             norm=cfg.model.norm,
             dropout=cfg.model.dropout,
             upsampling=cfg.model.upsampling,

@@ -14,7 +14,7 @@ References
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import torch
@@ -175,9 +175,9 @@ class UpStage(nn.Module):
 class UNet(nn.Module):
     """U-Net for 2-D segmentation: ``(N, C, H, W)`` float32 -> logits ``(N, K, H, W)``.
 
-    Level ``l`` (0 = full resolution) has ``width * 2**l`` channels; the bottleneck, at
-    level ``depth``, has ``width * 2**depth``. H and W must be multiples of
-    ``size_multiple = 2**depth``.
+    Level ``l`` (0 = full resolution) has ``width * 2**l`` channels (or ``widths[l]``); the
+    bottleneck, at level ``depth``, has ``width * 2**depth`` (or ``widths[depth]``). H and W
+    must be multiples of ``size_multiple = 2**depth``.
 
     Parameters
     ----------
@@ -189,6 +189,11 @@ class UNet(nn.Module):
         Number of 2x2 max-poolings (the paper uses 4).
     width : int, default 32
         Channels of the first level; 64 reproduces the paper.
+    widths : sequence of int, optional
+        Channels of every level, full resolution first, bottleneck last (``depth + 1``
+        values); overrides ``width``. ``(32, 32, 64, 128, 256)`` is MONAI's BasicUNet
+        ("features") and keeps a wide full-resolution stage at little cost, because the
+        coarse levels, not the fine ones, hold most of the parameters.
     norm : {"batch", "group", "instance", "none"}, default "batch"
         Normalisation after every 3x3 convolution (see :func:`norm_layer`).
     dropout : float, default 0.0
@@ -230,12 +235,22 @@ class UNet(nn.Module):
         *,
         depth: int = 4,
         width: int = 32,
+        widths: Sequence[int] | None = None,
         norm: str = "batch",
         dropout: float = 0.0,
         upsampling: str = "transpose",
     ):
         super().__init__()
         check_options(in_channels, num_classes, depth, width, norm)
+        if widths is not None:
+            widths = list(widths)
+            if len(widths) != depth + 1 or any(
+                isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in widths
+            ):
+                raise ValueError(
+                    f"widths must be depth + 1 = {depth + 1} positive integers (full "
+                    f"resolution first, bottleneck last); got {widths!r}"
+                )
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if upsampling not in UPSAMPLINGS:
@@ -243,12 +258,17 @@ class UNet(nn.Module):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.depth = depth
         self.options = dict(
-            depth=depth, width=width, norm=norm, dropout=float(dropout), upsampling=upsampling
+            depth=depth,
+            width=width,
+            widths=widths,
+            norm=norm,
+            dropout=float(dropout),
+            upsampling=upsampling,
         )
         self.size_multiple = 2**depth
         self.receptive_field = unet_receptive_field(depth, upsampling)
         self.halo = self.receptive_field // 2
-        chans = [width * 2**level for level in range(depth + 1)]
+        chans = widths or [width * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList(
             double_conv(in_channels if level == 0 else chans[level - 1], chans[level], norm)
             for level in range(depth)
@@ -260,7 +280,7 @@ class UNet(nn.Module):
             UpStage(chans[level + 1], chans[level], norm, upsampling)
             for level in reversed(range(depth))
         )
-        self.head = nn.Conv2d(width, num_classes, 1)
+        self.head = nn.Conv2d(chans[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, K, H, W)`` for images ``(N, C, H, W)``; D = depth, w = width."""
@@ -269,7 +289,7 @@ class UNet(nn.Module):
                 check_input(x, self.in_channels, self.size_multiple, "UNet")
         skips: list[torch.Tensor] = []
         for block in self.encoder:
-            x = block(x)  # (N, w*2**l, H/2**l, W/2**l) at level l
+            x = block(x)  # (N, c_l, H/2**l, W/2**l) at level l; c_l = w*2**l or widths[l]
             skips.append(x)
             x = self.pool(x)  # (N, w*2**l, H/2**(l+1), W/2**(l+1))
         x = self.dropout(self.bottleneck(x))  # (N, w*2**D, H/2**D, W/2**D)
