@@ -26,7 +26,10 @@ Splits: nist_rpe and bbbc039, every 5th image by sorted name is test; isbi2012, 
 dataset and recipe, each with the command that made it) and rendered as
 ``benchmarks/results/accuracy.md``; text between ``<!-- notes -->`` and ``<!-- /notes -->`` in
 an existing accuracy.md is kept. ``--set KEY=VALUE`` overrides the Scarce config (to try
-alternatives; the recipe is then named ``scarce[KEY=VALUE]``).
+alternatives; the recipe is then named ``scarce[KEY=VALUE]``); ``--steps`` other than 300 and
+``--seed`` other than 0 tag the recipe the same way (``scarce[steps=600]``). Scarce trains
+with its presets' ``amp: auto`` (bf16 on a CPU with bf16 instructions); the MONAI peer in
+float32, as a plain MONAI user would; the table's *precision* column says which.
 """
 
 from __future__ import annotations
@@ -55,18 +58,25 @@ from peer_monai import predict_monai, train_monai  # noqa: E402
 from scarce.config import load_config, override  # noqa: E402
 from scarce.demo import every_nth_split  # noqa: E402
 from scarce.evaluate import evaluate_arrays  # noqa: E402
-from scarce.io import list_image_files, read_image, read_mask, stem_of  # noqa: E402
+from scarce.io import (  # noqa: E402
+    list_image_files,
+    read_image,
+    read_mask,
+    stem_of,
+    write_label_image,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = HERE / "results"
 THREADS = 2  # torch intra-op threads for both recipes
+DEFAULT_STEPS = 300  # the issue's MONAI reference: 300 steps; other step counts tag the recipe
 DATASETS = {
     # name: recommended preset, mask kind, object evaluation
     "nist_rpe": {"preset": "default.yaml", "mask_kind": "class", "instances": False},
     "isbi2012": {"preset": "em-membranes.yaml", "mask_kind": "class", "instances": False},
     "bbbc039": {"preset": "nuclei-instances.yaml", "mask_kind": "instance", "instances": True},
 }
-COLUMNS = ("dataset", "recipe", "steps", "train wall time", "fg Dice pooled",
+COLUMNS = ("dataset", "recipe", "steps", "precision", "train wall time", "fg Dice pooled",
            "mean per-image Dice", "mIoU", "pixel acc.", "Rand error", "object F1@0.5",
            "AP@0.5")
 NOTES = ("<!-- notes -->", "<!-- /notes -->")
@@ -133,12 +143,12 @@ def run_scarce(name: str, split: dict, work: Path, args, sets: dict) -> dict:
     suffix = "_instances.tif" if spec["instances"] else ".tif"
     preds = {s: read_mask(work / "pred" / f"{s}{suffix}") for s in split["test"]}
     return {"steps": summary["steps"], "train_wall_s": train_s, "predict_wall_s": predict_s,
-            "trainer_wall_s": summary["wall_time_s"], "preds": preds,
+            "trainer_wall_s": summary["wall_time_s"], "preds": preds, "amp": summary["amp"],
             "pred_kind": "instances" if spec["instances"] else "classes"}
 
 
-def run_monai(name: str, split: dict, args) -> dict:
-    """Train and apply the MONAI peer; instance masks are trained as ``mask > 0``."""
+def run_monai(name: str, split: dict, work: Path, args) -> dict:
+    """Train and apply the MONAI peer (class maps to ``work/pred``); instances: ``mask > 0``."""
     train_pairs = [(im, (m > 0).astype(np.uint8) if DATASETS[name]["instances"] else m)
                    for _, im, m in load_pairs(DATA / name, split["train"])]
     start = time.perf_counter()
@@ -148,8 +158,12 @@ def run_monai(name: str, split: dict, args) -> dict:
     start = time.perf_counter()
     preds = {s: predict_monai(model, im, patch=args.patch)
              for s, im, _ in load_pairs(DATA / name, split["test"])}
+    predict_s = time.perf_counter() - start
+    (work / "pred").mkdir(parents=True, exist_ok=True)
+    for stem, pred in preds.items():
+        write_label_image(work / "pred" / f"{stem}.tif", pred)
     return {"steps": args.steps, "train_wall_s": train_s,
-            "predict_wall_s": time.perf_counter() - start, "preds": preds,
+            "predict_wall_s": predict_s, "preds": preds, "amp": "off",
             "pred_kind": "classes"}
 
 
@@ -176,17 +190,20 @@ def score(name: str, split: dict, run: dict) -> dict:
 def benchmark_one(name: str, recipe: str, args, sets: dict) -> dict:
     """Run and score one (dataset, recipe); the entry stored in accuracy.json."""
     split = make_split(name, DATA / name / "images")
-    label = recipe + (f"[{','.join(f'{k}={v}' for k, v in sets.items())}]" if sets else "")
+    tags = [f"{k}={v}" for k, v in sets.items()]
+    tags += [f"steps={args.steps}"] if args.steps != DEFAULT_STEPS else []
+    tags += [f"seed={args.seed}"] if args.seed else []
+    label = recipe + (f"[{','.join(tags)}]" if tags else "")
     work = Path(args.out) / name / label
     load_before = os.getloadavg()[0]
     print(f"[{time.strftime('%H:%M:%S')}] {name} / {label}: {len(split['train'])} train, "
           f"{len(split['test'])} test images, {args.steps} steps", flush=True)
     run = (run_scarce(name, split, work, args, sets) if recipe == "scarce"
-           else run_monai(name, split, args))
+           else run_monai(name, split, work, args))
     entry = {"dataset": name, "recipe": label, "steps": run["steps"],
              "train_wall_s": round(run["train_wall_s"], 1),
              "predict_wall_s": round(run["predict_wall_s"], 1),
-             "patch": args.patch, "batch": args.batch, "seed": args.seed,
+             "patch": args.patch, "batch": args.batch, "seed": args.seed, "amp": run["amp"],
              "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
              "command": command_line(), **score(name, split, run)}
     if "trainer_wall_s" in run:
@@ -235,7 +252,9 @@ def table(results: list[dict]) -> list[str]:
     """Markdown table lines, one row per (dataset, recipe)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for e in results:
-        cells = [e["dataset"], e["recipe"], str(e["steps"]), f"{e['train_wall_s'] / 60:.1f} min",
+        precision = {"off": "float32"}.get(e.get("amp", "off"), e.get("amp"))
+        cells = [e["dataset"], e["recipe"], str(e["steps"]), precision,
+                 f"{e['train_wall_s'] / 60:.1f} min",
                  _cell(e["fg_dice_pooled"]), _cell(e["mean_per_image_dice"]),
                  _cell(e["mean_iou"]), _cell(e["pixel_accuracy"]), _cell(e["rand_error"]),
                  _cell(e.get("object_f1_050"), ".3f"), _cell(e.get("object_ap_050"), ".3f")]
@@ -307,7 +326,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help=f"comma-separated subset of {list(DATASETS)}")
     parser.add_argument("--recipes", default="scarce,monai", help="scarce, monai or both")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each recipe")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="training steps of each recipe")
     parser.add_argument("--patch", type=int, default=256, help="training patch side, pixels")
     parser.add_argument("--batch", type=int, default=4, help="patches per step")
     parser.add_argument("--seed", type=int, default=0)
