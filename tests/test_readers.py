@@ -218,6 +218,28 @@ def test_killed_worker_raises_in_the_consumer(nist_lmdb):
         raises_within(batches, 10.0, match=f"{victim}.*exited unexpectedly")
 
 
+def test_broken_batch_handover_names_the_dead_worker(nist_lmdb):
+    # a worker killed mid-handover breaks the shared-memory fd transfer
+    # (ConnectionResetError) before the DataLoader sees the death
+    class DeadWorker:
+        pid = 4242
+
+        def is_alive(self):
+            return False
+
+    class BrokenIterator:
+        _workers = [DeadWorker()]
+
+        def __next__(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    cfg = small_cfg(reader_count=0)
+    with make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb)) as batches:
+        batches._iterator = BrokenIterator()
+        with pytest.raises(workers.ReaderError, match=r"pid\(s\) \[4242\]\) exited unexpectedly"):
+            next(batches)
+
+
 def test_hung_worker_is_killed_and_raises(nist_lmdb, monkeypatch):
     monkeypatch.setattr(readers, "WORKER_TIMEOUT_S", 1.0)
     cfg = small_cfg(reader_count=2)

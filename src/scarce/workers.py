@@ -225,6 +225,17 @@ class TrainBatches:
                 "data.prefetch_batches or data.batch_size); a hung one is killed after "
                 f"{self.timeout_s:.0f} s without a batch"
             ) from exc
+        except (ConnectionError, EOFError) as exc:
+            # a worker killed while handing over a batch's shared memory breaks the fd
+            # transfer before the DataLoader notices the death; report it the same way
+            workers = getattr(self._iterator, "_workers", [])
+            dead = [w.pid for w in workers if not w.is_alive()] or "unknown"
+            raise ReaderError(
+                f"reader worker (pid(s) {dead}) exited unexpectedly while sending a batch "
+                f"from {self.maker.db_path} ({exc!r}); a killed worker often means the machine "
+                "ran out of memory (lower data.reader_count, data.prefetch_batches or "
+                "data.batch_size)"
+            ) from exc
         finally:
             self._waiting_since = None
         self.next_batch += 1
