@@ -252,8 +252,8 @@ def table(results: list[dict]) -> list[str]:
     """Markdown table lines, one row per (dataset, recipe)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for e in results:
-        precision = {"off": "float32"}.get(e.get("amp", "off"), e.get("amp"))
-        cells = [e["dataset"], e["recipe"], str(e["steps"]), precision,
+        amp = e.get("amp", "off")
+        cells = [e["dataset"], e["recipe"], str(e["steps"]), "float32" if amp == "off" else amp,
                  f"{e['train_wall_s'] / 60:.1f} min",
                  _cell(e["fg_dice_pooled"]), _cell(e["mean_per_image_dice"]),
                  _cell(e["mean_iou"]), _cell(e["pixel_accuracy"]), _cell(e["rand_error"]),

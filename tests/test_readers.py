@@ -221,11 +221,12 @@ def test_killed_worker_raises_in_the_consumer(nist_lmdb):
 def test_broken_batch_handover_names_the_dead_worker(nist_lmdb):
     # a worker killed mid-handover breaks the shared-memory fd transfer
     # (ConnectionResetError) before the DataLoader sees the death
+    read_end, write_end = os.pipe()
+    os.close(write_end)  # an exited process's sentinel: readable (EOF)
+
     class DeadWorker:
         pid = 4242
-
-        def is_alive(self):
-            return False
+        sentinel = read_end
 
     class BrokenIterator:
         _workers = [DeadWorker()]
@@ -238,6 +239,7 @@ def test_broken_batch_handover_names_the_dead_worker(nist_lmdb):
         batches._iterator = BrokenIterator()
         with pytest.raises(workers.ReaderError, match=r"pid\(s\) \[4242\]\) exited unexpectedly"):
             next(batches)
+    os.close(read_end)
 
 
 def test_hung_worker_is_killed_and_raises(nist_lmdb, monkeypatch):

@@ -1,7 +1,7 @@
 """Checkpoints: save atomically, load safely (``weights_only=True``), rebuild the model.
 
-A checkpoint is a dict of tensors and plain Python values, so that ``torch.load(...,
-weights_only=True)`` can read it and a planted pickle payload cannot run code:
+A checkpoint is a dict of tensors and plain Python values, so that
+``torch.load(path, weights_only=True)`` can read it and a planted pickle payload cannot run code:
 
 - ``format`` (``"scarce-checkpoint"``) and ``format_version``;
 - ``model``: ``{"name", "in_channels", "num_classes", "options"}`` and ``model_state``;

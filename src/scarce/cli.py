@@ -39,6 +39,8 @@ def _add_ingest(sub) -> None:
 
 
 def _add_train(sub) -> None:
+    from scarce.config import AMP_MODES  # light: no torch
+
     p = sub.add_parser("train", help="train a U-Net/SegNet on LMDB databases")
     p.add_argument("--train-db", required=True)
     p.add_argument("--test-db", help="test database (default: beside --train-db if present)")
@@ -65,7 +67,7 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, dest="seed")
     p.add_argument(
         "--amp",
-        choices=("auto", "bf16", "fp16", "off"),
+        choices=AMP_MODES,
         dest="amp",
         help="mixed precision; auto (default): bf16 where the CPU/GPU has it, fp16 on older GPUs",
     )

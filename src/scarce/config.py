@@ -161,6 +161,8 @@ class TrainConfig:
         _check_choices(self)
 
 
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # TrainConfig.amp; resolved by distributed.resolve_amp
+
 _CHOICES = {
     ("data", "normalization"): ("zscore", "percentile", "dataset"),
     ("data", "target"): ("auto", "class", "semantic", "boundary"),
@@ -171,7 +173,7 @@ _CHOICES = {
     ("loss", "class_weights"): (None, "inverse_frequency"),
     ("optim", "schedule"): ("cosine", "plateau", "constant"),
     ("predict", "blend"): ("gaussian", "constant"),
-    ("", "amp"): ("auto", "off", "bf16", "fp16"),
+    ("", "amp"): AMP_MODES,
 }
 
 

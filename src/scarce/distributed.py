@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scarce.config import AMP_MODES
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -101,8 +103,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     ValueError
         For ``fp16`` on a device that is not CUDA, or an unknown mode.
     """
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"amp must be auto, off, bf16 or fp16; got {amp!r}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}; got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp fp16 needs a CUDA device; use --amp bf16 (or auto) on the CPU")
     if amp != "auto":

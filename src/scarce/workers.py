@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection as mp_connection
 import os
 import signal
 import threading
@@ -219,27 +220,29 @@ class TrainBatches:
         except RuntimeError as exc:
             if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
                 raise
-            raise ReaderError(
-                f"reader worker failed while reading {self.maker.db_path} ({exc}); a killed "
-                "worker often means the machine ran out of memory (lower data.reader_count, "
-                "data.prefetch_batches or data.batch_size); a hung one is killed after "
-                f"{self.timeout_s:.0f} s without a batch"
-            ) from exc
+            raise self._worker_error(str(exc)) from exc
         except (ConnectionError, EOFError) as exc:
             # a worker killed while handing over a batch's shared memory breaks the fd
             # transfer before the DataLoader notices the death; report it the same way
+            # the dying worker's socket closes before its exit is reapable: wait up to 2 s
             workers = getattr(self._iterator, "_workers", [])
-            dead = [w.pid for w in workers if not w.is_alive()] or "unknown"
-            raise ReaderError(
-                f"reader worker (pid(s) {dead}) exited unexpectedly while sending a batch "
-                f"from {self.maker.db_path} ({exc!r}); a killed worker often means the machine "
-                "ran out of memory (lower data.reader_count, data.prefetch_batches or "
-                "data.batch_size)"
+            ended = set(mp_connection.wait([w.sentinel for w in workers], timeout=2.0))
+            dead = [w.pid for w in workers if w.sentinel in ended] or "unknown"
+            raise self._worker_error(
+                f"reader worker (pid(s) {dead}) exited unexpectedly while sending a batch: {exc!r}"
             ) from exc
         finally:
             self._waiting_since = None
         self.next_batch += 1
         return batch
+
+    def _worker_error(self, detail: str) -> ReaderError:
+        return ReaderError(
+            f"reader worker failed while reading {self.maker.db_path} ({detail}); a killed "
+            "worker often means the machine ran out of memory (lower data.reader_count, "
+            "data.prefetch_batches or data.batch_size); a hung one is killed after "
+            f"{self.timeout_s:.0f} s without a batch"
+        )
 
     def close(self) -> None:
         """Shut the worker processes down (idempotent)."""

@@ -283,7 +283,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, K, H, W)`` for images ``(N, C, H, W)``; D = depth, w = width."""
+        """Logits ``(N, K, H, W)`` for images ``(N, C, H, W)``; D = depth, c_l = channels of level l."""
         if not torch.jit.is_scripting():
             if not skip_input_checks():
                 check_input(x, self.in_channels, self.size_multiple, "UNet")
@@ -291,10 +291,10 @@ class UNet(nn.Module):
         for block in self.encoder:
             x = block(x)  # (N, c_l, H/2**l, W/2**l) at level l; c_l = w*2**l or widths[l]
             skips.append(x)
-            x = self.pool(x)  # (N, w*2**l, H/2**(l+1), W/2**(l+1))
-        x = self.dropout(self.bottleneck(x))  # (N, w*2**D, H/2**D, W/2**D)
+            x = self.pool(x)  # (N, c_l, H/2**(l+1), W/2**(l+1))
+        x = self.dropout(self.bottleneck(x))  # (N, c_D, H/2**D, W/2**D)
         for i, stage in enumerate(self.decoder):
-            x = stage(x, skips[len(skips) - 1 - i])  # (N, w*2**l, H/2**l, W/2**l), l = D-1-i
+            x = stage(x, skips[len(skips) - 1 - i])  # (N, c_l, H/2**l, W/2**l), l = D-1-i
         return self.head(x)  # (N, K, H, W)
 
 
