@@ -6,16 +6,16 @@ Run from the repository root (about 20 minutes per dataset on 2 CPU cores)::
 
 For each dataset in ``../shared/data`` it makes a fixed split, then
 
-- **scarce**: ingests the split (:func:`scarce.ingest.ingest`), trains the preset recommended
-  for the data (``configs/default.yaml`` for nist_rpe, ``em-membranes.yaml`` for isbi2012,
+- **scarce**: ingests the split (:func:`scarce.data.ingest.ingest`), trains the preset recommended
+  for the data (preset ``default.yaml`` for nist_rpe, ``em-membranes.yaml`` for isbi2012,
   ``nuclei-instances.yaml`` for bbbc039) for exactly ``--steps`` steps with the peer's patch
   and batch size (early stopping off, one reader worker), predicts the test images from the
-  last checkpoint (:func:`scarce.predict.predict_files`; no selection on the test set);
+  last checkpoint (:func:`scarce.segment.predict.predict_files`; no selection on the test set);
 - **monai**: trains the peer recipe of ``benchmarks/peer_monai.py`` (BasicUNet, DiceCE, MONAI
   flips/rotations/affine/noise, Adam 1e-3) for the same steps, patch and batch, and predicts
   with MONAI's sliding window;
 
-and scores both through the same :func:`scarce.evaluate.evaluate_arrays` call on the same test
+and scores both through the same :func:`scarce.segment.evaluate.evaluate_arrays` call on the same test
 masks: pooled foreground Dice and IoU (one confusion matrix over all test pixels), mean
 per-image Dice, pixel accuracy, Rand error of the foreground components and, for bbbc039,
 object F1 / AP at IoU 0.5 (Scarce: watershed instances from its 3-class boundary target;
@@ -57,7 +57,6 @@ from peer_monai import predict_monai, train_monai  # noqa: E402
 
 from scarce.config import load_config, override  # noqa: E402
 from scarce.demo import every_nth_split  # noqa: E402
-from scarce.evaluate import evaluate_arrays  # noqa: E402
 from scarce.io import (  # noqa: E402
     list_image_files,
     read_image,
@@ -65,6 +64,7 @@ from scarce.io import (  # noqa: E402
     stem_of,
     write_label_image,
 )
+from scarce.segment.evaluate import evaluate_arrays  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = HERE / "results"
@@ -76,9 +76,20 @@ DATASETS = {
     "isbi2012": {"preset": "em-membranes.yaml", "mask_kind": "class", "instances": False},
     "bbbc039": {"preset": "nuclei-instances.yaml", "mask_kind": "instance", "instances": True},
 }
-COLUMNS = ("dataset", "recipe", "steps", "precision", "train wall time", "fg Dice pooled",
-           "mean per-image Dice", "mIoU", "pixel acc.", "Rand error", "object F1@0.5",
-           "AP@0.5")
+COLUMNS = (
+    "dataset",
+    "recipe",
+    "steps",
+    "precision",
+    "train wall time",
+    "fg Dice pooled",
+    "mean per-image Dice",
+    "mIoU",
+    "pixel acc.",
+    "Rand error",
+    "object F1@0.5",
+    "AP@0.5",
+)
 NOTES = ("<!-- notes -->", "<!-- /notes -->")
 
 
@@ -103,30 +114,51 @@ def load_pairs(root: Path, stems: list[str]) -> list[tuple[str, np.ndarray, np.n
     """``(stem, image (C, H, W), mask (H, W))`` for ``stems``, in sorted-name order."""
     masks = {stem_of(p): p for p in list_image_files(root / "masks")}
     wanted = set(stems)
-    return [(stem_of(f), read_image(f), read_mask(masks[stem_of(f)]))
-            for f in list_image_files(root / "images") if stem_of(f) in wanted]
+    return [
+        (stem_of(f), read_image(f), read_mask(masks[stem_of(f)]))
+        for f in list_image_files(root / "images")
+        if stem_of(f) in wanted
+    ]
 
 
 def scarce_config(name: str, args, sets: dict):
     """The dataset's recommended preset with the benchmark's equal-footing overrides."""
-    cfg = load_config(ROOT / "configs" / DATASETS[name]["preset"])
-    return override(cfg, {
-        "max_steps": args.steps, "max_minutes": None, "early_stopping": 0,
-        "test_every_n_steps": max(1, args.steps // 3), "data.patch_size": args.patch,
-        "data.batch_size": args.batch, "data.reader_count": 1, "threads": THREADS,
-        "device": "cpu", "seed": args.seed, **sets})
+    cfg = load_config(DATASETS[name]["preset"])
+    return override(
+        cfg,
+        {
+            "max_steps": args.steps,
+            "max_minutes": None,
+            "early_stopping": 0,
+            "test_every_n_steps": max(1, args.steps // 3),
+            "data.patch_size": args.patch,
+            "data.batch_size": args.batch,
+            "data.reader_count": 1,
+            "threads": THREADS,
+            "device": "cpu",
+            "seed": args.seed,
+            **sets,
+        },
+    )
 
 
 def run_scarce(name: str, split: dict, work: Path, args, sets: dict) -> dict:
     """Ingest, train, predict the test images; return timings and the evaluation pairs."""
-    from scarce.ingest import ingest
-    from scarce.predict import predict_files
-    from scarce.train import train
+    from scarce.data.ingest import ingest
+    from scarce.segment.predict import predict_files
+    from scarce.segment.task import train
 
     spec, root = DATASETS[name], DATA / name
     db = work / "db"
-    ingest(root / "images", root / "masks", db, split=split, mask_kind=spec["mask_kind"],
-           overwrite=True, progress=False)
+    ingest(
+        root / "images",
+        root / "masks",
+        db,
+        split=split,
+        mask_kind=spec["mask_kind"],
+        overwrite=True,
+        progress=False,
+    )
     cfg = scarce_config(name, args, sets)
     start = time.perf_counter()
     summary = train(db / "train.lmdb", db / "test.lmdb", work / "run", cfg, overwrite=True)
@@ -137,34 +169,56 @@ def run_scarce(name: str, split: dict, work: Path, args, sets: dict) -> dict:
         if stem_of(f) in split["test"] and not (test_dir / f.name).exists():
             (test_dir / f.name).symlink_to(f.resolve())
     start = time.perf_counter()
-    predict_files(work / "run" / "checkpoints" / "last.pt", test_dir, work / "pred",
-                  instances=spec["instances"], device="cpu", progress=False)
+    predict_files(
+        work / "run" / "checkpoints" / "last.pt",
+        test_dir,
+        work / "pred",
+        instances=spec["instances"],
+        device="cpu",
+        progress=False,
+    )
     predict_s = time.perf_counter() - start
     suffix = "_instances.tif" if spec["instances"] else ".tif"
     preds = {s: read_mask(work / "pred" / f"{s}{suffix}") for s in split["test"]}
-    return {"steps": summary["steps"], "train_wall_s": train_s, "predict_wall_s": predict_s,
-            "trainer_wall_s": summary["wall_time_s"], "preds": preds, "amp": summary["amp"],
-            "pred_kind": "instances" if spec["instances"] else "classes"}
+    return {
+        "steps": summary["steps"],
+        "train_wall_s": train_s,
+        "predict_wall_s": predict_s,
+        "trainer_wall_s": summary["wall_time_s"],
+        "preds": preds,
+        "amp": summary["amp"],
+        "pred_kind": "instances" if spec["instances"] else "classes",
+    }
 
 
 def run_monai(name: str, split: dict, work: Path, args) -> dict:
     """Train and apply the MONAI peer (class maps to ``work/pred``); instances: ``mask > 0``."""
-    train_pairs = [(im, (m > 0).astype(np.uint8) if DATASETS[name]["instances"] else m)
-                   for _, im, m in load_pairs(DATA / name, split["train"])]
+    train_pairs = [
+        (im, (m > 0).astype(np.uint8) if DATASETS[name]["instances"] else m)
+        for _, im, m in load_pairs(DATA / name, split["train"])
+    ]
     start = time.perf_counter()
-    model = train_monai(train_pairs, args.steps, args.patch, args.batch, lr=1e-3,
-                        seed=args.seed, threads=THREADS)
+    model = train_monai(
+        train_pairs, args.steps, args.patch, args.batch, lr=1e-3, seed=args.seed, threads=THREADS
+    )
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    preds = {s: predict_monai(model, im, patch=args.patch)
-             for s, im, _ in load_pairs(DATA / name, split["test"])}
+    preds = {
+        s: predict_monai(model, im, patch=args.patch)
+        for s, im, _ in load_pairs(DATA / name, split["test"])
+    }
     predict_s = time.perf_counter() - start
     (work / "pred").mkdir(parents=True, exist_ok=True)
     for stem, pred in preds.items():
         write_label_image(work / "pred" / f"{stem}.tif", pred)
-    return {"steps": args.steps, "train_wall_s": train_s,
-            "predict_wall_s": predict_s, "preds": preds, "amp": "off",
-            "pred_kind": "classes"}
+    return {
+        "steps": args.steps,
+        "train_wall_s": train_s,
+        "predict_wall_s": predict_s,
+        "preds": preds,
+        "amp": "off",
+        "pred_kind": "classes",
+    }
 
 
 def score(name: str, split: dict, run: dict) -> dict:
@@ -173,17 +227,31 @@ def score(name: str, split: dict, run: dict) -> dict:
     truth = {s: m for s, _, m in load_pairs(DATA / name, split["test"])}
     pairs = [(s, truth[s], run["preds"][s]) for s in split["test"]]
     metrics, rows = evaluate_arrays(
-        pairs, num_classes=None if instances else 2, instances=instances,
-        truth_kind="instances" if instances else "classes", pred_kind=run["pred_kind"])
+        pairs,
+        num_classes=None if instances else 2,
+        instances=instances,
+        truth_kind="instances" if instances else "classes",
+        pred_kind=run["pred_kind"],
+    )
     per_image = [r["mean_dice"] for r in rows if r["mean_dice"] is not None]
-    out = {"fg_dice_pooled": metrics["per_class"][1]["dice"],
-           "mean_per_image_dice": float(np.mean(per_image)),
-           "mean_iou": metrics["mean_iou"], "pixel_accuracy": metrics["pixel_accuracy"],
-           "rand_error": metrics["rand_error"], "test_images": len(pairs)}
+    out = {
+        "fg_dice_pooled": metrics["per_class"][1]["dice"],
+        "mean_per_image_dice": float(np.mean(per_image)),
+        "mean_iou": metrics["mean_iou"],
+        "pixel_accuracy": metrics["pixel_accuracy"],
+        "rand_error": metrics["rand_error"],
+        "test_images": len(pairs),
+    }
     if instances:
         o = metrics["objects"]["0.50"]
-        out.update(object_f1_050=o["f1"], object_ap_050=o["ap"], object_tp_050=o["tp"],
-                   object_fp_050=o["fp"], object_fn_050=o["fn"], mean_ap=metrics["mean_ap"])
+        out.update(
+            object_f1_050=o["f1"],
+            object_ap_050=o["ap"],
+            object_tp_050=o["tp"],
+            object_fp_050=o["fp"],
+            object_fn_050=o["fn"],
+            mean_ap=metrics["mean_ap"],
+        )
     return out
 
 
@@ -196,16 +264,30 @@ def benchmark_one(name: str, recipe: str, args, sets: dict) -> dict:
     label = recipe + (f"[{','.join(tags)}]" if tags else "")
     work = Path(args.out) / name / label
     load_before = os.getloadavg()[0]
-    print(f"[{time.strftime('%H:%M:%S')}] {name} / {label}: {len(split['train'])} train, "
-          f"{len(split['test'])} test images, {args.steps} steps", flush=True)
-    run = (run_scarce(name, split, work, args, sets) if recipe == "scarce"
-           else run_monai(name, split, work, args))
-    entry = {"dataset": name, "recipe": label, "steps": run["steps"],
-             "train_wall_s": round(run["train_wall_s"], 1),
-             "predict_wall_s": round(run["predict_wall_s"], 1),
-             "patch": args.patch, "batch": args.batch, "seed": args.seed, "amp": run["amp"],
-             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-             "command": command_line(), **score(name, split, run)}
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {name} / {label}: {len(split['train'])} train, "
+        f"{len(split['test'])} test images, {args.steps} steps",
+        flush=True,
+    )
+    run = (
+        run_scarce(name, split, work, args, sets)
+        if recipe == "scarce"
+        else run_monai(name, split, work, args)
+    )
+    entry = {
+        "dataset": name,
+        "recipe": label,
+        "steps": run["steps"],
+        "train_wall_s": round(run["train_wall_s"], 1),
+        "predict_wall_s": round(run["predict_wall_s"], 1),
+        "patch": args.patch,
+        "batch": args.batch,
+        "seed": args.seed,
+        "amp": run["amp"],
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "command": command_line(),
+        **score(name, split, run),
+    }
     if "trainer_wall_s" in run:
         entry["trainer_wall_s"] = run["trainer_wall_s"]
     print(json.dumps(entry), flush=True)
@@ -225,11 +307,23 @@ def machine() -> dict:
     model = "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                      if ln.startswith("model name")), model)
-    return {"cpu": model, "nproc": os.cpu_count(), "torch_threads": THREADS,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "monai": monai.__version__, "numpy": np.__version__}
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in cpuinfo.read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            model,
+        )
+    return {
+        "cpu": model,
+        "nproc": os.cpu_count(),
+        "torch_threads": THREADS,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def merge_results(path: Path, entries: list[dict]) -> dict:
@@ -238,10 +332,19 @@ def merge_results(path: Path, entries: list[dict]) -> dict:
     keys = {(e["dataset"], e["recipe"]) for e in entries}
     results = [e for e in old if (e["dataset"], e["recipe"]) not in keys] + entries
     order = list(DATASETS)
-    results.sort(key=lambda e: (order.index(e["dataset"]), e["recipe"] != "scarce",
-                                e["recipe"] != "monai", e["recipe"]))
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
-            "machine": machine(), "results": results}
+    results.sort(
+        key=lambda e: (
+            order.index(e["dataset"]),
+            e["recipe"] != "scarce",
+            e["recipe"] != "monai",
+            e["recipe"],
+        )
+    )
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+        "machine": machine(),
+        "results": results,
+    }
 
 
 def _cell(value, spec: str = ".4f") -> str:
@@ -253,11 +356,20 @@ def table(results: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for e in results:
         amp = e.get("amp", "off")
-        cells = [e["dataset"], e["recipe"], str(e["steps"]), "float32" if amp == "off" else amp,
-                 f"{e['train_wall_s'] / 60:.1f} min",
-                 _cell(e["fg_dice_pooled"]), _cell(e["mean_per_image_dice"]),
-                 _cell(e["mean_iou"]), _cell(e["pixel_accuracy"]), _cell(e["rand_error"]),
-                 _cell(e.get("object_f1_050"), ".3f"), _cell(e.get("object_ap_050"), ".3f")]
+        cells = [
+            e["dataset"],
+            e["recipe"],
+            str(e["steps"]),
+            "float32" if amp == "off" else amp,
+            f"{e['train_wall_s'] / 60:.1f} min",
+            _cell(e["fg_dice_pooled"]),
+            _cell(e["mean_per_image_dice"]),
+            _cell(e["mean_iou"]),
+            _cell(e["pixel_accuracy"]),
+            _cell(e["rand_error"]),
+            _cell(e.get("object_f1_050"), ".3f"),
+            _cell(e.get("object_ap_050"), ".3f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -274,12 +386,15 @@ def comparison(results: list[dict]) -> list[str]:
             lines.append(f"- {name}: steps differ ({s['steps']} vs {m['steps']}); not compared.")
             continue
         d = s["fg_dice_pooled"] - m["fg_dice_pooled"]
-        text = (f"- {name}: Scarce {'at or above' if d >= 0 else 'below'} MONAI by "
-                f"{d:+.4f} pooled foreground Dice")
+        text = (
+            f"- {name}: Scarce {'at or above' if d >= 0 else 'below'} MONAI by "
+            f"{d:+.4f} pooled foreground Dice"
+        )
         if s.get("object_f1_050") is not None and m.get("object_f1_050") is not None:
             text += f", {s['object_f1_050'] - m['object_f1_050']:+.3f} object F1@0.5"
-        lines.append(text + f" (train wall time {s['train_wall_s'] / m['train_wall_s']:.2f}x "
-                     "the peer's).")
+        lines.append(
+            text + f" (train wall time {s['train_wall_s'] / m['train_wall_s']:.2f}x the peer's)."
+        )
     return lines
 
 
@@ -287,28 +402,43 @@ def render(data: dict, notes: str) -> str:
     """The whole accuracy.md."""
     mach = data["machine"]
     commands = sorted({e["command"] for e in data["results"]})
-    return "\n".join([
-        "# Accuracy: Scarce vs a plain MONAI recipe, same splits, same steps", "",
-        f"Made by `benchmarks/accuracy.py` (last update {data['date']}) on {mach['cpu']}, "
-        f"{mach['nproc']} cores shared with other jobs (1-minute load average before/after "
-        f"each run in accuracy.json), {mach['torch_threads']} torch threads for both recipes, "
-        f"Python {mach['python']}, torch {mach['torch']}, MONAI {mach['monai']}.", "",
-        "Reproduce (from the repository root; the runs that made these rows):", "",
-        *[f"    {c}" for c in commands], "",
-        *table(data["results"]), "",
-        "Splits: nist_rpe and bbbc039, every 5th image by sorted name is test; isbi2012, slices "
-        "24-29. Equal footing: same steps, patch and batch size, one data-loading worker each, "
-        "seed 0, the last weights (no checkpoint chosen on the test set). Scarce's wall time "
-        "includes its three test evaluations and checkpoint writes during training. Both "
-        "recipes are scored by the same `scarce.evaluate.evaluate_arrays` call: *fg Dice "
-        "pooled* and *mIoU* (foreground classes) from one confusion matrix over all test pixels; "
-        "*mean per-image Dice* averages the per-image foreground Dice; *Rand error* is the "
-        "adapted Rand error of foreground components (bbbc039: of instances) averaged over "
-        "images; object F1/AP at IoU 0.5 count one-to-one matches summed over images "
-        "(Scarce: seeded watershed of its interior/boundary classes, objects < 20 px removed; "
-        "MONAI: 4-connected components of the predicted foreground).", "",
-        "Scarce minus MONAI:", "", *comparison(data["results"]), "",
-        NOTES[0], notes.strip("\n"), NOTES[1], ""])
+    return "\n".join(
+        [
+            "# Accuracy: Scarce vs a plain MONAI recipe, same splits, same steps",
+            "",
+            f"Made by `benchmarks/accuracy.py` (last update {data['date']}) on {mach['cpu']}, "
+            f"{mach['nproc']} cores shared with other jobs (1-minute load average before/after "
+            f"each run in accuracy.json), {mach['torch_threads']} torch threads for both recipes, "
+            f"Python {mach['python']}, torch {mach['torch']}, MONAI {mach['monai']}.",
+            "",
+            "Reproduce (from the repository root; the runs that made these rows):",
+            "",
+            *[f"    {c}" for c in commands],
+            "",
+            *table(data["results"]),
+            "",
+            "Splits: nist_rpe and bbbc039, every 5th image by sorted name is test; isbi2012, slices "
+            "24-29. Equal footing: same steps, patch and batch size, one data-loading worker each, "
+            "seed 0, the last weights (no checkpoint chosen on the test set). Scarce's wall time "
+            "includes its three test evaluations and checkpoint writes during training. Both "
+            "recipes are scored by the same `scarce.segment.evaluate.evaluate_arrays` call: *fg Dice "
+            "pooled* and *mIoU* (foreground classes) from one confusion matrix over all test pixels; "
+            "*mean per-image Dice* averages the per-image foreground Dice; *Rand error* is the "
+            "adapted Rand error of foreground components (bbbc039: of instances) averaged over "
+            "images; object F1/AP at IoU 0.5 count one-to-one matches summed over images "
+            "(Scarce: seeded watershed of its interior/boundary classes, objects < 20 px removed; "
+            "MONAI: 4-connected components of the predicted foreground).",
+            "",
+            "Scarce minus MONAI:",
+            "",
+            *comparison(data["results"]),
+            "",
+            NOTES[0],
+            notes.strip("\n"),
+            NOTES[1],
+            "",
+        ]
+    )
 
 
 def old_notes(path: Path) -> str:
@@ -323,18 +453,28 @@ def old_notes(path: Path) -> str:
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default=",".join(DATASETS),
-                        help=f"comma-separated subset of {list(DATASETS)}")
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {list(DATASETS)}"
+    )
     parser.add_argument("--recipes", default="scarce,monai", help="scarce, monai or both")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help="training steps of each recipe")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="training steps of each recipe"
+    )
     parser.add_argument("--patch", type=int, default=256, help="training patch side, pixels")
     parser.add_argument("--batch", type=int, default=4, help="patches per step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Scarce config override (repeatable), e.g. loss.name=ce")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "work" / "accuracy"),
-                        help="work folder for databases, runs and predictions")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Scarce config override (repeatable), e.g. loss.name=ce",
+    )
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks" / "work" / "accuracy"),
+        help="work folder for databases, runs and predictions",
+    )
     parser.add_argument("--results", default=str(RESULTS), help="folder for accuracy.json/.md")
     args = parser.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
@@ -342,8 +482,10 @@ def parse_args(argv: list[str] | None):
     bad = [d for d in args.datasets if d not in DATASETS]
     bad += [r for r in args.recipes if r not in ("scarce", "monai")]
     if bad or args.steps < 1 or any("=" not in s for s in args.set):
-        parser.error(f"unknown dataset/recipe {bad}, steps < 1 or a --set without '=': "
-                     f"datasets are {list(DATASETS)}, recipes scarce and monai")
+        parser.error(
+            f"unknown dataset/recipe {bad}, steps < 1 or a --set without '=': "
+            f"datasets are {list(DATASETS)}, recipes scarce and monai"
+        )
     return args
 
 
@@ -352,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = [d for d in args.datasets if not (DATA / d / "images").is_dir()]
     if missing:
-        print(f"missing datasets {missing} under {DATA}; see shared/data/*/README.md",
-              file=sys.stderr)
+        print(
+            f"missing datasets {missing} under {DATA}; see shared/data/*/README.md", file=sys.stderr
+        )
         return 2
     torch.set_num_threads(THREADS)
     sets = dict(s.split("=", 1) for s in args.set)

@@ -7,14 +7,14 @@ Run from the repository root (about a minute on 2 CPU cores)::
 Measurements, each repeated ``--repeats`` times in turn after one untimed warm-up ingest
 (so every run reads the source files from the page cache), median reported:
 
-- **ingest**: :func:`scarce.ingest.ingest` of all of ``../shared/data/dsb2018`` with
+- **ingest**: :func:`scarce.data.ingest.ingest` of all of ``../shared/data/dsb2018`` with
   ``mask_kind="instance"`` into a temporary folder: pairing, decoding and validating every
   file, splitting, statistics, writing both databases (fsync'd) and the atomic rename;
 - **ingest, two passes**: the same with the decoded-array cache off
-  (``scarce.ingest.CACHE_BYTES = 0``): files are decoded again for writing, which is what
+  (``scarce.data.ingest.CACHE_BYTES = 0``): files are decoded again for writing, which is what
   happens to datasets whose decoded size exceeds the cache;
 - **raw LMDB write**: the very samples ingest stored (read back beforehand, so the same bytes
-  and shapes), encoded with :func:`scarce.store.encode_sample` and written with the same writer
+  and shapes), encoded with :func:`scarce.data.store.encode_sample` and written with the same writer
   settings (``writemap``, 64 MB transactions, fsync and trim at the end), with no decoding,
   validation or statistics;
 - **decoding alone** of every file on one thread, and the CPU seconds of each step of ingest
@@ -41,9 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from scarce import ingest as ingest_module
-from scarce import ingest_records, io, store
-from scarce.ingest import ingest
+from scarce import io
+from scarce.data import ingest as ingest_module
+from scarce.data import records as ingest_records
+from scarce.data import store
+from scarce.data.ingest import ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +62,7 @@ def raw_write(samples: list[store.Sample], db: Path) -> tuple[float, float]:
     )
     txn, pending = env.begin(write=True), 0
     for i, s in enumerate(samples):
-        record = store.encode_sample(s.name, s.source, s.origin, s.image, s.mask, list(s.classes))
+        record = store.encode_sample(s.name, s.source, s.origin, s.arrays, list(s.classes))
         txn.put(store.sample_key(i), record, append=True)
         pending += len(record)
         if pending >= ingest_module.COMMIT_BYTES:
@@ -106,7 +108,7 @@ def decode_only(data: Path) -> tuple[float, float]:
 def phases(data: Path, summary: dict, db: Path) -> dict[str, float]:
     """CPU seconds of each step of ingest, on one thread, one file at a time (no overlap).
 
-    The steps of :func:`scarce.ingest.ingest` for every pair: decode the image, decode the
+    The steps of :func:`scarce.data.ingest.ingest` for every pair: decode the image, decode the
     mask, count labels (the per-file part of validation), fold in the intensity statistics,
     tile and encode the records (gray -> RGB included), put them into LMDB (writemap, 64 MB
     transactions, fsync and trim at the end).

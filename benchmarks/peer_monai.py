@@ -258,8 +258,8 @@ def predict_monai(model, image, patch: int = 256, overlap: float = 0.25) -> np.n
 def _smoke(argv: list[str] | None = None) -> int:
     """Train on nist_rpe (every 5th image by sorted name is test) and print test Dice."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from scarce.evaluate import evaluate_arrays
     from scarce.io import list_image_files, read_image, read_mask, stem_of
+    from scarce.segment.evaluate import evaluate_arrays
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)

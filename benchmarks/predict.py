@@ -10,7 +10,7 @@ normalised (z-score) isbi2012 section, 512x512, and a 2048x2048 mosaic of 16 dif
 sections (4 x 4). Settings for both implementations: 256x256 tiles, 4 tiles per forward
 pass, Gaussian blending with sigma = tile / 8, overlap 0.25 and 0.5.
 
-- **scarce**: :func:`scarce.predict.sliding_window_logits` (``blend="gaussian"``);
+- **scarce**: :func:`scarce.segment.predict.sliding_window_logits` (``blend="gaussian"``);
 - **monai**: ``monai.inferers.sliding_window_inference(roi_size=(256, 256),
   sw_batch_size=4, overlap=..., mode="gaussian", sigma_scale=0.125)``.
 
@@ -46,10 +46,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from scarce.data.normalize import normalize  # noqa: E402
+from scarce.engine.tiling import sliding_window_logits  # noqa: E402
 from scarce.io import read_image  # noqa: E402
 from scarce.models import UNet  # noqa: E402
-from scarce.normalize import normalize  # noqa: E402
-from scarce.predict import sliding_window_logits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "isbi2012" / "images"
@@ -225,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA}: isbi2012 images not found (../shared/data beside the repository)")
-    logging.getLogger("scarce.tiling").setLevel(logging.ERROR)  # the margin warning, known
+    logging.getLogger("scarce.engine.tiling").setLevel(logging.ERROR)  # the margin warning, known
     info = machine()
     torch.manual_seed(0)
     model = UNet(1, 2).eval()

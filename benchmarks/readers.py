@@ -10,7 +10,7 @@ with the load of other jobs, measures for ``--rounds`` rounds:
 
 - raw LMDB reads: random records read and decoded (zero-copy), records per second;
 - Scarce: augmented, z-scored 256 x 256 patches per second (default augmentation, batch 8) with
-  1 and 2 reader workers (:func:`scarce.monitor.benchmark_readers`);
+  1 and 2 reader workers (:func:`scarce.data.monitor.benchmark_readers`);
 - peer: an equivalent albumentations 2.0.8 pipeline (flips, affine rotate/scale/translate,
   Gaussian noise, Gaussian blur, pad + random crop 256) on per-image z-scored float32 images
   read from the same LMDB, in a torch DataLoader with the same worker counts, batch size and
@@ -36,16 +36,15 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scarce.config import DataConfig, TrainConfig, replace
-from scarce.io import list_image_files, read_image, read_mask, stem_of
-from scarce.normalize import normalization_spec
-from scarce.readers import batch_generator, make_train_loader
-from scarce.store import (
+from scarce.config import DataConfig, TrainConfig
+from scarce.data.normalize import normalization_spec
+from scarce.data.store import (
     METADATA_KEY,
     decode_sample,
     encode_sample,
@@ -53,7 +52,9 @@ from scarce.store import (
     read_metadata,
     sample_key,
 )
-from scarce.workers import init_worker, worker_context
+from scarce.data.workers import batch_generator, init_worker, worker_context
+from scarce.io import list_image_files, read_image, read_mask, stem_of
+from scarce.segment.readers import make_train_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "nist_rpe"
@@ -75,7 +76,9 @@ def build_db(folder: Path, count: int) -> Path:
             stats.append((image.mean(), image.std()))
             txn.put(
                 sample_key(i),
-                encode_sample(stem_of(file), stem_of(file), (0, 0), image, mask, classes),
+                encode_sample(
+                    stem_of(file), stem_of(file), (0, 0), {"image": image, "mask": mask}, classes
+                ),
             )
             samples.append(
                 {
@@ -204,7 +207,7 @@ def timed(iterator, pids: list[int], seconds: float, warmup: int) -> tuple[float
 def scarce_rate(db: Path, cfg: TrainConfig, workers: int, seconds: float) -> tuple[float, ...]:
     """Scarce rates (see :func:`timed`) with ``workers`` reader workers.
 
-    The same loop as :func:`scarce.monitor.benchmark_readers`, plus the workers' CPU time.
+    The same loop as :func:`scarce.data.monitor.benchmark_readers`, plus the workers' CPU time.
     """
     cfg = replace(cfg, data=replace(cfg.data, reader_count=workers))
     spec = normalization_spec("zscore", cfg.data.percentiles, read_metadata(db))
@@ -244,9 +247,9 @@ def breakdown(db: Path, cfg: TrainConfig, patches: int = 400) -> dict:
     decode, cached normalisation, augmentation, target, copy into the batch tensor) divided by
     its patches; ``albumentations_whole_patch`` is one peer ``__getitem__`` plus collation.
     """
-    from scarce.augment import augment_patch
-    from scarce.losses import derive_target
-    from scarce.normalize import normalization_params
+    from scarce.data.augment import augment_patch
+    from scarce.data.normalize import normalization_params
+    from scarce.segment.targets import derive_target
 
     torch.set_num_threads(1)
     spec = normalization_spec("zscore", cfg.data.percentiles, read_metadata(db))

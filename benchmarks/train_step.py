@@ -2,7 +2,7 @@
 
 Run from the repository root as ``.venv/bin/python benchmarks/train_step.py``.
 
-It times the step of :meth:`scarce.train.Trainer.train_step` (forward, dice_ce loss, backward,
+It times the step of :meth:`scarce.engine.trainer.Trainer.train_step` (forward, dice_ce loss, backward,
 gradient clipping, AdamW) for the default model (``build_model("unet", 1, 2)``: depth 4, width
 32, batch norm, transposed convolutions) on batches made beforehand (random crops of z-scored
 ``../shared/data/nist_rpe`` images and masks) in the configurations of ``LABELS``: 1 process x
@@ -48,18 +48,29 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from scarce.io import list_image_files, read_image, read_mask, stem_of  # noqa: E402
-from scarce.losses import SegmentationLoss  # noqa: E402
 from scarce.models import build_model  # noqa: E402
+from scarce.segment.losses import SegmentationLoss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "nist_rpe"
-CONFIGS = ("eager", "channels_last", "compile", "bf16", "ddp", "ddp_channels_last", "ddp_bf16",
-           "monai")
+CONFIGS = (
+    "eager",
+    "channels_last",
+    "compile",
+    "bf16",
+    "ddp",
+    "ddp_channels_last",
+    "ddp_bf16",
+    "monai",
+)
 MODES = {"channels_last": "channels_last", "compile": "torch.compile", "bf16": "bf16 autocast"}
-LABELS = {"eager": "1 process x 2 threads, eager", "ddp": "2 DDP processes x 1 thread, eager",
-          "monai": "MONAI BasicUNet, 1 x 2 threads, eager",
-          **{m: f"1 process x 2 threads, {t}" for m, t in MODES.items()},
-          **{f"ddp_{m}": f"2 DDP processes x 1 thread, {t}" for m, t in MODES.items()}}
+LABELS = {
+    "eager": "1 process x 2 threads, eager",
+    "ddp": "2 DDP processes x 1 thread, eager",
+    "monai": "MONAI BasicUNet, 1 x 2 threads, eager",
+    **{m: f"1 process x 2 threads, {t}" for m, t in MODES.items()},
+    **{f"ddp_{m}": f"2 DDP processes x 1 thread, {t}" for m, t in MODES.items()},
+}
 LEARNING_RATE, WEIGHT_DECAY, GRAD_CLIP = 3e-4, 1e-4, 1.0  # the TrainConfig defaults
 IMAGES, DISTINCT = 32, 4  # nist_rpe images to crop from; distinct batches cycled through
 
@@ -78,8 +89,10 @@ def load_pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
         If ``../shared/data/nist_rpe`` (next to the repository) is missing.
     """
     if not (DATA / "images").is_dir():
-        raise FileNotFoundError(f"expected the nist_rpe data set at {DATA} (images/ and masks/); "
-                                "put it there or run from a checkout next to shared/data")
+        raise FileNotFoundError(
+            f"expected the nist_rpe data set at {DATA} (images/ and masks/); "
+            "put it there or run from a checkout next to shared/data"
+        )
     masks = {stem_of(p): p for p in list_image_files(DATA / "masks")}
     images, labels = [], []
     for file in list_image_files(DATA / "images")[:count]:
@@ -89,8 +102,14 @@ def load_pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.stack(labels)
 
 
-def make_batches(images: np.ndarray, masks: np.ndarray, batch: int, patch: int, count: int,
-                 rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    images: np.ndarray,
+    masks: np.ndarray,
+    batch: int,
+    patch: int,
+    count: int,
+    rng: np.random.Generator,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Draw ``count`` batches of random ``patch`` x ``patch`` crops (image and mask alike).
 
     Parameters
@@ -109,14 +128,15 @@ def make_batches(images: np.ndarray, masks: np.ndarray, batch: int, patch: int, 
     """
     n, _, h, w = images.shape
     if patch > min(h, w):
-        raise ValueError(f"patch {patch} is larger than the images ({h} x {w}); use --patch "
-                         f"<= {min(h, w)}")
+        raise ValueError(
+            f"patch {patch} is larger than the images ({h} x {w}); use --patch <= {min(h, w)}"
+        )
     out = []
     for _ in range(count):
         idx = rng.integers(n, size=batch)
         ys, xs = rng.integers(h - patch + 1, size=batch), rng.integers(w - patch + 1, size=batch)
-        x = np.stack([images[i, :, y:y + patch, c:c + patch] for i, y, c in zip(idx, ys, xs)])
-        t = np.stack([masks[i, y:y + patch, c:c + patch] for i, y, c in zip(idx, ys, xs)])
+        x = np.stack([images[i, :, y : y + patch, c : c + patch] for i, y, c in zip(idx, ys, xs)])
+        t = np.stack([masks[i, y : y + patch, c : c + patch] for i, y, c in zip(idx, ys, xs)])
         out.append((torch.from_numpy(x), torch.from_numpy(t)))
     return out
 
@@ -127,10 +147,12 @@ def build_network(kind: str, seed: int) -> torch.nn.Module:
     if kind == "monai":
         from monai.networks.nets import BasicUNet
 
-        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
-                         features=(32, 32, 64, 128, 256, 32))
-    return build_model("unet", 1, 2, depth=4, width=32, norm="batch", dropout=0.0,
-                       upsampling="transpose")
+        return BasicUNet(
+            spatial_dims=2, in_channels=1, out_channels=2, features=(32, 32, 64, 128, 256, 32)
+        )
+    return build_model(
+        "unet", 1, 2, depth=4, width=32, norm="batch", dropout=0.0, upsampling="transpose"
+    )
 
 
 @dataclass
@@ -161,8 +183,9 @@ def make_variant(name: str, seed: int) -> Variant:
     return Variant(model, forward, optimizer, mode == "channels_last", amp=mode == "bf16")
 
 
-def train_step(v: Variant, loss_fn: torch.nn.Module, image: torch.Tensor,
-               target: torch.Tensor) -> float:
+def train_step(
+    v: Variant, loss_fn: torch.nn.Module, image: torch.Tensor, target: torch.Tensor
+) -> float:
     """One optimiser step as the Scarce trainer takes it; returns the loss.
 
     ``image`` is ``(B, 1, P, P)`` float32, ``target`` ``(B, P, P)`` int64 class indices.
@@ -216,8 +239,13 @@ def ddp_worker(rank: int, args: argparse.Namespace, port: int, commands: list, r
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        batches = make_batches(*load_pairs(IMAGES), args.batch, args.patch, DISTINCT,
-                               np.random.default_rng([args.seed, rank]))
+        batches = make_batches(
+            *load_pairs(IMAGES),
+            args.batch,
+            args.patch,
+            DISTINCT,
+            np.random.default_rng([args.seed, rank]),
+        )
         variants = {n: make_variant(n, args.seed) for n in args.configs if n[:3] == "ddp"}
         loss_fn = SegmentationLoss("dice_ce", 2)
         while (command := commands[rank].get()) is not None:
@@ -241,8 +269,9 @@ class DDPPool:
         with socket.socket() as s:  # a port that was free a moment ago
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.context = mp.spawn(ddp_worker, args=(args, port, self.commands, self.results),
-                                nprocs=2, join=False)
+        self.context = mp.spawn(
+            ddp_worker, args=(args, port, self.commands, self.results), nprocs=2, join=False
+        )
 
     def run(self, name: str, steps: int) -> tuple[float, float]:
         """Wall and CPU seconds of ``steps`` synchronised steps of configuration ``name``.
@@ -275,8 +304,9 @@ def measure(args: argparse.Namespace) -> dict:
     dropped with a note; its first step (compiling) is timed apart.
     """
     torch.set_num_threads(2)
-    batches = make_batches(*load_pairs(IMAGES), args.batch, args.patch, DISTINCT,
-                           np.random.default_rng([args.seed, 0]))
+    batches = make_batches(
+        *load_pairs(IMAGES), args.batch, args.patch, DISTINCT, np.random.default_rng([args.seed, 0])
+    )
     loss_fn, notes, rounds, warm, order = SegmentationLoss("dice_ce", 2), [], [], {}, []
     pool = DDPPool(args)
     try:
@@ -299,7 +329,7 @@ def measure(args: argparse.Namespace) -> dict:
                 notes.append(f"{name} failed and was skipped: {type(err).__name__}: {err}")
         for r in range(args.rounds):  # each round starts one configuration later
             row = {"load_1min_before": os.getloadavg()[0], "per_cpu_s": {}}
-            for name in order[r % len(order):] + order[:r % len(order)]:
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 wall, cpu = timer(name, args.steps)
                 samples = (2 if name[:3] == "ddp" else 1) * args.batch * args.steps
                 row[name], row["per_cpu_s"][name] = samples / wall, samples / cpu
@@ -323,13 +353,15 @@ def summarize(result: dict, batch: int) -> dict:
     for name in result["order"]:
         rate = statistics.median(r[name] for r in rounds)
         ratios = [r["ratio_to_eager"][name] for r in rounds]
-        out[name] = {"median_samples_per_s": rate,
-                     "median_ratio_to_eager": statistics.median(ratios),
-                     "min_ratio": min(ratios), "max_ratio": max(ratios),
-                     "median_gflop_per_s": rate * result["gflop_per_sample"][
-                         "monai" if name == "monai" else "scarce"],
-                     "median_samples_per_cpu_s": statistics.median(
-                         r["per_cpu_s"][name] for r in rounds)}
+        out[name] = {
+            "median_samples_per_s": rate,
+            "median_ratio_to_eager": statistics.median(ratios),
+            "min_ratio": min(ratios),
+            "max_ratio": max(ratios),
+            "median_gflop_per_s": rate
+            * result["gflop_per_sample"]["monai" if name == "monai" else "scarce"],
+            "median_samples_per_cpu_s": statistics.median(r["per_cpu_s"][name] for r in rounds),
+        }
         first = result["warm_up_s"].get(f"{name}_first_step")
         if first is not None:
             step = (2 if name[:3] == "ddp" else 1) * batch / rate
@@ -345,11 +377,16 @@ def machine() -> dict:
     lines = info.read_text().splitlines() if info.exists() else []
     names = [x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")]
     flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
-    return {"cpu": names[0] if names else platform.processor(), "logical_cpus": os.cpu_count(),
-            "bf16_instructions": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "monai": monai.__version__,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    return {
+        "cpu": names[0] if names else platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "bf16_instructions": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
 
 
 def conclusion(summary: dict, others: float, bf16_instructions: list[str]) -> str:
@@ -361,37 +398,57 @@ def conclusion(summary: dict, others: float, bf16_instructions: list[str]) -> st
     """
     ratio = {n: r["median_ratio_to_eager"] for n, r in summary.items() if n != "monai"}
     best = max(ratio, key=ratio.get)
-    text = (f"Fastest way to train the default Scarce model here: **{LABELS[best]}**, median "
-            f"{ratio[best]:.2f}x the 1 x 2 eager baseline of the same round." if ratio[best] > 1.1
-            else "No configuration beat 1 process x 2 threads eager by more than 10 % (best: "
-            f"{LABELS[best]}, {ratio[best]:.2f}x).")
-    ties = [f"{LABELS[n]} ({ratio[n]:.2f}x)" for n in ratio
-            if n != best and ratio[n] > 1.1 and ratio[n] * 1.1 >= ratio[best]]
+    text = (
+        f"Fastest way to train the default Scarce model here: **{LABELS[best]}**, median "
+        f"{ratio[best]:.2f}x the 1 x 2 eager baseline of the same round."
+        if ratio[best] > 1.1
+        else "No configuration beat 1 process x 2 threads eager by more than 10 % (best: "
+        f"{LABELS[best]}, {ratio[best]:.2f}x)."
+    )
+    ties = [
+        f"{LABELS[n]} ({ratio[n]:.2f}x)"
+        for n in ratio
+        if n != best and ratio[n] > 1.1 and ratio[n] * 1.1 >= ratio[best]
+    ]
     if ties:
         text += " Within 10 % of it (a tie here): " + "; ".join(ties) + "."
     if "bf16" in ratio and ratio["bf16"] > 1.1:
-        text += (f" bf16 autocast (`--amp bf16`) ran {ratio['bf16']:.2f}x eager; it relies on "
-                 f"this CPU's bf16 instructions ({', '.join(bf16_instructions) or 'none'}), so "
-                 "check it on other CPUs, and its effect on accuracy is not measured here.")
+        text += (
+            f" bf16 autocast (`--amp bf16`) ran {ratio['bf16']:.2f}x eager; it relies on "
+            f"this CPU's bf16 instructions ({', '.join(bf16_instructions) or 'none'}), so "
+            "check it on other CPUs, and its effect on accuracy is not measured here."
+        )
     if "ddp" in ratio:
-        verdict = ("faster: on a CPU-only machine, train with `scarce train --nproc <cores>` "
-                   "(torchrun, one intra-op thread per process)" if ratio["ddp"] > 1.1 else
-                   "slower: keep one process" if ratio["ddp"] < 0.9 else "no clear difference")
+        verdict = (
+            "faster: on a CPU-only machine, train with `scarce train --nproc <cores>` "
+            "(torchrun, one intra-op thread per process)"
+            if ratio["ddp"] > 1.1
+            else "slower: keep one process"
+            if ratio["ddp"] < 0.9
+            else "no clear difference"
+        )
         busy = summary["eager"]["median_samples_per_s"] / (
-            2 * summary["eager"]["median_samples_per_cpu_s"])
-        text += (f" 2 DDP processes x 1 thread ran at {ratio['ddp']:.2f}x the speed of 1 process"
-                 f" x 2 threads ({verdict}). The eager baseline's 2 threads ran {100 * busy:.0f} %"
-                 " of the wall time (samples/s / (2 x samples per CPU-second)); on an idle "
-                 "machine the rest is all that more processes could win back.")
+            2 * summary["eager"]["median_samples_per_cpu_s"]
+        )
+        text += (
+            f" 2 DDP processes x 1 thread ran at {ratio['ddp']:.2f}x the speed of 1 process"
+            f" x 2 threads ({verdict}). The eager baseline's 2 threads ran {100 * busy:.0f} %"
+            " of the wall time (samples/s / (2 x samples per CPU-second)); on an idle "
+            "machine the rest is all that more processes could win back."
+        )
     if "monai" in summary:
         m, e = summary["monai"], summary["eager"]
-        text += (f" MONAI's BasicUNet (a smaller network) trained {m['median_ratio_to_eager']:.2f}"
-                 f"x as many samples/s, at {m['median_gflop_per_s']:.0f} GFLOP/s against "
-                 f"{e['median_gflop_per_s']:.0f} for the Scarce U-Net in eager mode.")
+        text += (
+            f" MONAI's BasicUNet (a smaller network) trained {m['median_ratio_to_eager']:.2f}"
+            f"x as many samples/s, at {m['median_gflop_per_s']:.0f} GFLOP/s against "
+            f"{e['median_gflop_per_s']:.0f} for the Scarce U-Net in eager mode."
+        )
     if others > 1:
-        text += (f" Caveat: other jobs kept about {others:.1f} threads busy on these CPUs; that "
-                 "slows every configuration and weighs most on 1 x 2 threads against 2 x 1 "
-                 "processes; samples per CPU-second are the steadier comparison.")
+        text += (
+            f" Caveat: other jobs kept about {others:.1f} threads busy on these CPUs; that "
+            "slows every configuration and weighs most on 1 x 2 threads against 2 x 1 "
+            "processes; samples per CPU-second are the steadier comparison."
+        )
     return text
 
 
@@ -410,37 +467,58 @@ def write_markdown(result: dict, path: Path) -> None:
     a, m, s, order = result["settings"], result["machine"], result["summary"], result["order"]
     gflop, params = result["gflop_per_sample"], result["params"]
     lines = [
-        "# Training step throughput on the CPU", "",
-        f"Command: `{result['command']}` ({result['date']}, {result['wall_time_s']:.0f} s).", "",
+        "# Training step throughput on the CPU",
+        "",
+        f"Command: `{result['command']}` ({result['date']}, {result['wall_time_s']:.0f} s).",
+        "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs (bf16 instructions: "
         f"{', '.join(m['bf16_instructions']) or 'none'}), {m['platform']}; Python "
         f"{m['python']}, torch {m['torch']}, MONAI {m['monai']}, OMP_WAIT_POLICY="
         f"{m['omp_wait_policy']}. 1-minute load average before the run (other jobs): "
         f"{result['load_before']:.1f}; before each round (with this run's own 2 busy threads): "
-        + ", ".join(f"{r['load_1min_before']:.1f}" for r in result["rounds"]) + ".", "",
+        + ", ".join(f"{r['load_1min_before']:.1f}" for r in result["rounds"])
+        + ".",
+        "",
         f"Step: forward + dice_ce loss + backward + gradient clipping + AdamW, batch {a['batch']}"
         f" per process, {a['patch']} x {a['patch']} crops of z-scored nist_rpe images; "
         f"{a['warmup']} warm-up step(s), then {a['rounds']} rounds of {a['steps']} timed step(s) "
         f"per configuration. Scarce U-Net: {params['scarce']:,} parameters, "
         f"{gflop['scarce']:.1f} GFLOP per sample (forward + backward); MONAI BasicUNet: "
-        f"{params['monai']:,} parameters, {gflop['monai']:.1f} GFLOP per sample.", "",
+        f"{params['monai']:,} parameters, {gflop['monai']:.1f} GFLOP per sample.",
+        "",
         "| configuration | median samples/s | median ratio to eager (min-max) | median GFLOP/s "
-        "| median samples per CPU-second |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {LABELS[n]} | {s[n]['median_samples_per_s']:.2f} | "
-              f"{s[n]['median_ratio_to_eager']:.2f} ({s[n]['min_ratio']:.2f}-"
-              f"{s[n]['max_ratio']:.2f}) | {s[n]['median_gflop_per_s']:.0f} | "
-              f"{s[n]['median_samples_per_cpu_s']:.2f} |" for n in order]
-    lines += ["", "Samples per CPU-second (all threads, all processes) depend less on other jobs"
-              " than samples/s; an idle machine kept busy on both cores gives 2x it in samples/s.",
-              "", "Samples/s per round:", "", "| round | load | " + " | ".join(order) + " |",
-              "|---:" * (len(order) + 2) + "|"]
-    lines += [f"| {i + 1} | {r['load_1min_before']:.1f} | "
-              + " | ".join(f"{r[n]:.2f}" for n in order) + " |"
-              for i, r in enumerate(result["rounds"])]
+        "| median samples per CPU-second |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {LABELS[n]} | {s[n]['median_samples_per_s']:.2f} | "
+        f"{s[n]['median_ratio_to_eager']:.2f} ({s[n]['min_ratio']:.2f}-"
+        f"{s[n]['max_ratio']:.2f}) | {s[n]['median_gflop_per_s']:.0f} | "
+        f"{s[n]['median_samples_per_cpu_s']:.2f} |"
+        for n in order
+    ]
+    lines += [
+        "",
+        "Samples per CPU-second (all threads, all processes) depend less on other jobs"
+        " than samples/s; an idle machine kept busy on both cores gives 2x it in samples/s.",
+        "",
+        "Samples/s per round:",
+        "",
+        "| round | load | " + " | ".join(order) + " |",
+        "|---:" * (len(order) + 2) + "|",
+    ]
+    lines += [
+        f"| {i + 1} | {r['load_1min_before']:.1f} | "
+        + " | ".join(f"{r[n]:.2f}" for n in order)
+        + " |"
+        for i, r in enumerate(result["rounds"])
+    ]
     lines.append("")
-    lines += [f"{name}: first step {c['first_step_s']:.0f} s, of which about "
-              f"{c['compile_s']:.0f} s compiling (empty inductor cache)."
-              for name, c in result["compile_s"].items()]
+    lines += [
+        f"{name}: first step {c['first_step_s']:.0f} s, of which about "
+        f"{c['compile_s']:.0f} s compiling (empty inductor cache)."
+        for name, c in result["compile_s"].items()
+    ]
     lines += [f"Note: {note}" for note in result["notes"]]
     lines += ["", "## Conclusion", "", result["conclusion"], ""]
     path.write_text("\n".join(lines))
@@ -454,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds over all configurations")
     p.add_argument("--steps", type=int, default=1, help="timed steps per configuration and round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated, 'eager' first; from {sorted(LABELS)}")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated, 'eager' first; from {sorted(LABELS)}",
+    )
     p.add_argument("--seed", type=int, default=0, help="model weights and crops")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -465,22 +546,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.patch % 16 or not 16 <= args.patch <= 256:
         p.error(f"--patch must be a multiple of 16 between 16 and 256, got {args.patch}")
     if args.configs[0] != "eager" or not set(args.configs) <= set(LABELS):
-        p.error(f"--configs must start with 'eager' and name only {sorted(LABELS)}; "
-                f"got {args.configs}")
+        p.error(
+            f"--configs must start with 'eager' and name only {sorted(LABELS)}; got {args.configs}"
+        )
     start, load = time.perf_counter(), os.getloadavg()[0]
     flops = {k: training_gflop(k, args.patch) for k in ("scarce", "monai")}
     with tempfile.TemporaryDirectory() as cache:  # compile from scratch, as a first run does
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         result = measure(args)
-    result.update(command=" ".join([".venv/bin/python", "benchmarks/train_step.py",
-                                    *(sys.argv[1:] if argv is None else argv)]),
-                  date=time.strftime("%Y-%m-%d %H:%M %Z"), machine=machine(), load_before=load,
-                  settings={**vars(args), "out": str(args.out)},
-                  gflop_per_sample={k: v[0] for k, v in flops.items()},
-                  params={k: v[1] for k, v in flops.items()})
+    result.update(
+        command=" ".join(
+            [
+                ".venv/bin/python",
+                "benchmarks/train_step.py",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
+        date=time.strftime("%Y-%m-%d %H:%M %Z"),
+        machine=machine(),
+        load_before=load,
+        settings={**vars(args), "out": str(args.out)},
+        gflop_per_sample={k: v[0] for k, v in flops.items()},
+        params={k: v[1] for k, v in flops.items()},
+    )
     result["summary"] = summarize(result, args.batch)
-    result["conclusion"] = conclusion(result["summary"], other_load(result),
-                                      result["machine"]["bf16_instructions"])
+    result["conclusion"] = conclusion(
+        result["summary"], other_load(result), result["machine"]["bf16_instructions"]
+    )
     result["wall_time_s"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")

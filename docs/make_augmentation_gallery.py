@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     .venv/bin/python docs/make_augmentation_gallery.py --data ../shared/data/bbbc039
 
-The augmentation settings come from a training config (``configs/default.yaml``, the
+The augmentation settings come from a training config (the ``default`` preset, the
 recommended one with elastic deformation on), so the picture shows what training sees.
 The image is normalised by percentiles, like ``data.normalization: percentile``.
 """
@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from skimage.segmentation import find_boundaries  # noqa: E402
 
-from scarce.augment import augment_patch, crop_patch, draw_params  # noqa: E402
 from scarce.config import load_config  # noqa: E402
+from scarce.data.augment import augment_patch, crop_patch, draw_params  # noqa: E402
+from scarce.data.normalize import normalization_params, normalization_spec  # noqa: E402
 from scarce.io import list_image_files, read_image, read_mask  # noqa: E402
-from scarce.normalize import normalization_params, normalization_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
         help="dataset folder with images/ and masks/ (bbbc039 or nist_rpe)",
     )
     parser.add_argument("--index", type=int, default=0, help="which image (sorted order)")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    parser.add_argument("--config", default="default", help="preset name or YAML file")
     parser.add_argument("--patch", type=int, default=256, help="patch side, pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "augmentations.png"))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared import SHARED_DATA
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +32,8 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 def _small_db(shared_data, tmp_path_factory, dataset: str, n: int, **ingest_options) -> Path:
     """DB_DIR of the first ``n`` images of ``dataset``, every 5th image by name as test."""
+    from scarce.data.ingest import ingest
     from scarce.demo import every_nth_split
-    from scarce.ingest import ingest
 
     root = tmp_path_factory.mktemp(dataset)
     data = _subset(shared_data / dataset, root / "data", n)

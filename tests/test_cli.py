@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from scarce.cli import main
-from scarce.history import collect_runs, config_diff, format_history
+from scarce.engine.history import collect_runs, config_diff, format_history
 
 
 def test_ingest_inspect_train_history_predict_evaluate(nist_db, tmp_path, capsys, shared_data):
@@ -298,3 +301,42 @@ def test_cli_isbi2012_slices_and_bbbc039_instances(shared_data, tmp_path):
     metrics = json.loads((tmp_path / "bbbc_report" / "metrics.json").read_text())
     assert set(metrics["objects"]["0.50"]) >= {"tp", "fp", "fn", "precision", "recall", "f1", "ap"}
     assert metrics["objects"]["0.50"]["tp"] + metrics["objects"]["0.50"]["fn"] > 50  # nuclei
+
+
+def test_user_errors_print_one_line_and_exit_2(nist_db, tmp_path, capsys):
+    train = ["train", "--train-db", str(nist_db / "train.lmdb"), "--out", str(tmp_path / "r")]
+    cases = [
+        (train + ["--config", "no-such-preset"], "presets: default"),
+        (train + ["--set", "model.nope=1"], "unknown config key 'model.nope'"),
+        (
+            [
+                "predict",
+                "--model",
+                str(tmp_path),
+                "--images",
+                str(tmp_path / "x"),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "no such image file or folder",
+        ),
+        (["inspect", str(tmp_path)], "no train.lmdb/test.lmdb"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((train + ["--device", "cuda"], "CUDA is not available"))
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"scarce {argv[0]}: error:") and expected in err, err
+        assert "\n" not in err and "Traceback" not in err, err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    from scarce import cli
+
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "history", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["history", "."])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from scarce.config import (
@@ -13,10 +11,9 @@ from scarce.config import (
     config_to_dict,
     load_config,
     override,
+    preset_names,
     save_config,
 )
-
-PRESETS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_yaml_round_trip(tmp_path):
@@ -73,7 +70,7 @@ def test_override_unknown_key():
         override(TrainConfig(), {"data.nope": 1})
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("preset", preset_names())
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.data.patch_size % 2**cfg.model.depth == 0

@@ -10,8 +10,9 @@ import tifffile
 from PIL import Image
 
 from scarce import io
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _truncate(path: Path) -> Path:

@@ -1,14 +1,17 @@
 """Scarce: deep learning for scarce microscopy data.
 
-Folders of images and label masks become LMDB databases (:func:`scarce.ingest.ingest`),
-parallel augmenting readers feed a U-Net or SegNet (:class:`Trainer`), and a sliding-window predictor and
-biologist-friendly metrics turn the trained model into masks and numbers
-(:func:`predict_files`, :func:`evaluate_folders`). The command line (``scarce ...``) is a thin
-face over these same functions.
+Folders of images and label masks become LMDB databases (:func:`ingest`), parallel augmenting
+readers feed a U-Net or SegNet trained by the task-agnostic engine
+(:class:`SegmentationTask` given to :class:`Trainer`, or :func:`train` in one call), and a
+sliding-window predictor and biologist-friendly metrics turn the trained model into masks and
+numbers (:func:`predict_files`, :func:`evaluate_folders`). The command line (``scarce ...``) is
+a thin face over these same functions.
 
-Names are imported lazily (PEP 562), so ``import scarce`` stays fast and the CLI starts quickly.
-Functions named like their module (``scarce.ingest.ingest``, ``scarce.train.train``) are not
-re-exported: a package attribute cannot be both.
+The package is laid out by pipeline stage: ``data`` (ingest, store, readers' machinery,
+augmentation), ``models`` (registry), ``engine`` (trainer, checkpoints, DDP, tiling, export),
+``segment`` and ``align`` (the tasks), and the faces ``cli`` and ``demo``. This module lists
+the public API (``__all__``); names are imported from their modules lazily (PEP 562), so
+``import scarce`` stays fast and the CLI starts quickly.
 """
 
 from __future__ import annotations
@@ -18,31 +21,34 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "IngestError": "scarce.ingest",
-    "inspect_database": "scarce.store",
-    "SampleStore": "scarce.store",
-    "read_image": "scarce.io",
-    "read_mask": "scarce.io",
-    "write_label_image": "scarce.io",
+    "ScarceError": "scarce.errors",
     "TrainConfig": "scarce.config",
     "load_config": "scarce.config",
     "override": "scarce.config",
-    "augment_patch": "scarce.augment",
-    "make_train_loader": "scarce.readers",
-    "iter_test_images": "scarce.readers",
+    "read_image": "scarce.io",
+    "read_mask": "scarce.io",
+    "write_label_image": "scarce.io",
+    "ingest": "scarce.data.ingest",
+    "inspect_database": "scarce.data.inspect",
+    "SampleStore": "scarce.data.store",
+    "augment_patch": "scarce.data.augment",
     "build_model": "scarce.models",
     "MODELS": "scarce.models",
-    "SegmentationLoss": "scarce.losses",
-    "derive_target": "scarce.targets",
-    "Trainer": "scarce.train",
-    "load_model": "scarce.checkpoint",
-    "sliding_window_logits": "scarce.tiling",
-    "predict_image": "scarce.predict",
-    "predict_files": "scarce.predict",
-    "instances_from_prediction": "scarce.predict",
-    "evaluate_arrays": "scarce.evaluate",
-    "evaluate_folders": "scarce.evaluate",
-    "export_model": "scarce.export",
+    "Trainer": "scarce.engine.trainer",
+    "load_model": "scarce.engine.checkpoint",
+    "sliding_window_logits": "scarce.engine.tiling",
+    "export_model": "scarce.segment.predict",
+    "SegmentationTask": "scarce.segment.task",
+    "train": "scarce.segment.task",
+    "make_train_loader": "scarce.segment.readers",
+    "iter_test_images": "scarce.segment.readers",
+    "SegmentationLoss": "scarce.segment.losses",
+    "derive_target": "scarce.segment.targets",
+    "predict_image": "scarce.segment.predict",
+    "predict_files": "scarce.segment.predict",
+    "instances_from_prediction": "scarce.segment.predict",
+    "evaluate_arrays": "scarce.segment.evaluate",
+    "evaluate_folders": "scarce.segment.evaluate",
     "run_demo": "scarce.demo",
 }
 

@@ -2,7 +2,9 @@
 
 Verbs: ingest, inspect, train, predict, evaluate, export, demo, history, benchmark-readers.
 Each verb parses its flags, calls one library function and prints a short result. Errors that
-are the user's (bad input, missing files, bad config) print one clear message and exit 2.
+are the user's (:class:`scarce.errors.ScarceError`: bad input, missing files, bad config, no
+such device) print one line naming the problem and exit 2; anything else is a bug in Scarce
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import logging
 import os
 import sys
+import typing
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,7 +49,7 @@ def _add_train(sub) -> None:
     p.add_argument("--train-db", required=True)
     p.add_argument("--test-db", help="test database (default: beside --train-db if present)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--config", help="preset name (default, quick-cpu, ...) or YAML file")
     p.add_argument("--model", dest="model.name")
     p.add_argument("--batch-size", type=int, dest="data.batch_size")
     p.add_argument("--patch-size", type=int, dest="data.patch_size")
@@ -91,13 +95,15 @@ def _add_train(sub) -> None:
 
 
 def _add_predict(sub) -> None:
+    from scarce.config import CHOICES  # light: no torch
+
     p = sub.add_parser("predict", help="segment images with a trained model")
     p.add_argument("--model", required=True, help="run folder or checkpoint file")
     p.add_argument("--images", required=True, help="folder of images or one image file")
     p.add_argument("--out", required=True)
     p.add_argument("--tile-size", type=int)
     p.add_argument("--overlap", type=float)
-    p.add_argument("--blend", choices=("gaussian", "constant"))
+    p.add_argument("--blend", choices=CHOICES["predict.blend"])
     p.add_argument("--tta", action="store_const", const=True)
     p.add_argument("--probabilities", action="store_true", help="also write <stem>_prob.tif")
     p.add_argument("--instances", action="store_true", help="also write <stem>_instances.tif")
@@ -139,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-out")
     p.add_argument("--minutes", type=float, default=4.0)
-    p.add_argument("--config", help="YAML config (default: configs/quick-cpu.yaml settings)")
+    p.add_argument("--config", help="preset name or YAML file (default: the quick-cpu preset)")
     p = sub.add_parser("history", help="one row per training run")
     p.add_argument("runs", nargs="+", help="run folders or folders of runs")
     p.add_argument("--diff", action="store_true", help="show how the runs' configs differ")
@@ -163,30 +169,35 @@ def _train_db_paths(args) -> tuple[Path, Path | None]:
     return train_db, (guess if guess.is_dir() and guess != train_db else None)
 
 
+def config_keys(cls: type) -> dict[str, object]:
+    """Every dotted key of a config class and its type hint, e.g. ``"data.batch_size": int``.
+
+    The command line builds its ``--set`` help and its flags' destinations from these.
+    """
+    out: dict[str, object] = {}
+
+    def walk(c: type, prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in fields(c):
+            if is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = hints[f.name]
+
+    walk(cls, "")
+    return out
+
+
 def _train_config(args):
-    from scarce.config import load_config, override
+    from scarce.config import ConfigError, load_config, override
 
     cfg = load_config(args.config)
-    values = {
-        k: v
-        for k, v in vars(args).items()
-        if "." in k
-        or k
-        in (
-            "test_every_n_steps",
-            "early_stopping",
-            "max_steps",
-            "max_minutes",
-            "seed",
-            "amp",
-            "device",
-        )
-    }
-    values = {k: v for k, v in values.items() if v is not None}
+    keys = config_keys(type(cfg))
+    values = {k: v for k, v in vars(args).items() if k in keys and v is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         values[key] = value
     return override(cfg, values)
 
@@ -194,7 +205,7 @@ def _train_config(args):
 def cmd_train(args) -> int:
     """``scarce train``: resolve the config, then Trainer.fit (or torchrun for --nproc)."""
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from scarce.distributed import launch_torchrun
+        from scarce.engine.distributed import launch_torchrun
 
         argv, skip = [], False
         for a in sys.argv[1:]:
@@ -207,7 +218,7 @@ def cmd_train(args) -> int:
             if not a.startswith("--nproc="):
                 argv.append(a)
         return launch_torchrun(args.nproc, argv)
-    from scarce.train import train
+    from scarce.segment.task import train
 
     train_db, test_db = _train_db_paths(args)
     summary = train(
@@ -229,7 +240,8 @@ def cmd_train(args) -> int:
 
 def cmd_ingest(args) -> int:
     """``scarce ingest``."""
-    from scarce.ingest import format_inspection, ingest, inspect_database
+    from scarce.data.ingest import ingest
+    from scarce.data.inspect import format_inspection, inspect_database
 
     ingest(
         args.images,
@@ -251,7 +263,7 @@ def cmd_ingest(args) -> int:
 
 def cmd_inspect(args) -> int:
     """``scarce inspect``."""
-    from scarce.ingest import format_inspection, inspect_database
+    from scarce.data.inspect import format_inspection, inspect_database
 
     info = inspect_database(args.path)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
@@ -260,7 +272,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_predict(args) -> int:
     """``scarce predict``."""
-    from scarce.predict import predict_files
+    from scarce.segment.predict import predict_files
 
     written = predict_files(
         args.model,
@@ -282,7 +294,8 @@ def cmd_predict(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """``scarce evaluate``."""
-    from scarce.evaluate import DEFAULT_THRESHOLDS, evaluate_folders, format_summary
+    from scarce.segment.evaluate import evaluate_folders, format_summary
+    from scarce.segment.metrics import DEFAULT_THRESHOLDS
 
     thresholds = DEFAULT_THRESHOLDS
     if args.iou_thresholds:
@@ -304,7 +317,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     """``scarce export``."""
-    from scarce.export import export_model
+    from scarce.segment.predict import export_model
 
     out = export_model(args.model, args.format, args.out)
     print(f"exported {args.format} model to {out} (metadata: {out}.json)")
@@ -321,7 +334,7 @@ def cmd_demo(args) -> int:
 
 def cmd_history(args) -> int:
     """``scarce history``."""
-    from scarce.history import collect_runs, format_diff, format_history
+    from scarce.engine.history import collect_runs, format_diff, format_history
 
     runs = collect_runs(args.runs)
     if args.json:
@@ -336,7 +349,8 @@ def cmd_history(args) -> int:
 def cmd_benchmark_readers(args) -> int:
     """``scarce benchmark-readers``."""
     from scarce.config import load_config, override
-    from scarce.readers import benchmark_readers, format_benchmark
+    from scarce.data.monitor import format_benchmark
+    from scarce.segment.readers import benchmark_readers
 
     cfg = load_config(args.config)
     values = {"data.patch_size": args.patch_size, "data.batch_size": args.batch_size}
@@ -371,23 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    from scarce.checkpoint import CheckpointError
-    from scarce.config import ConfigError
-    from scarce.io import ImageFileError
-    from scarce.store import StoreError
+    from scarce.errors import ScarceError
 
-    user_errors = (
-        ConfigError,
-        ImageFileError,
-        StoreError,
-        CheckpointError,
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-    )
     try:
         return COMMANDS[args.verb](args)
-    except user_errors as exc:
+    except ScarceError as exc:
         print(f"scarce {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,25 +1,45 @@
-"""Training configuration: frozen dataclasses loaded from YAML, overridable from the CLI.
+"""Run configuration: frozen dataclasses loaded from YAML, overridable from the CLI.
 
-One dataclass per concern (data, augmentation, model, loss, optimiser, prediction), gathered
-in :class:`TrainConfig`. Every field has a comment that says what it means and its unit.
-Unknown keys in a YAML file are errors (a typo must never silently fall back to a default).
-The resolved config is saved in the run folder and inside every checkpoint.
+:class:`EngineConfig` holds what the training engine reads for any task (steps, time budget,
+evaluation interval, early stopping, mixed precision, device, optimiser); a task's config
+extends it with one dataclass per concern. :class:`TrainConfig` is segmentation's (data,
+augmentation, model, loss, prediction). Every field has a comment that says what it means and
+its unit. Unknown keys in a YAML file are errors (a typo must never silently fall back to a
+default). The allowed values of every choice live in :data:`CHOICES`, and only there. The
+resolved config is saved in the run folder and inside every checkpoint.
+
+Presets ship with the package (``scarce/configs/*.yaml``): ``load_config("default")`` and
+``--config default`` find them by name from an installed wheel as well as from a checkout.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from scarce.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+# The allowed values of every config choice, by dotted key; modules that check a value import
+# their tuple from here (e.g. the losses take CHOICES["loss.name"]).
+CHOICES: dict[str, tuple] = {
+    "amp": ("auto", "off", "bf16", "fp16"),
+    "data.normalization": ("zscore", "percentile", "dataset"),
+    "data.target": ("auto", "class", "semantic", "boundary"),
+    "augment.interpolation": ("linear", "cubic"),
+    "model.norm": ("batch", "group", "instance", "none"),
+    "model.upsampling": ("transpose", "bilinear"),
+    "loss.name": ("ce", "dice", "dice_ce"),
+    "loss.class_weights": (None, "inverse_frequency"),
+    "optim.schedule": ("cosine", "plateau", "constant"),
+    "predict.blend": ("gaussian", "constant"),
+}
+AMP_MODES = CHOICES["amp"]  # TrainConfig.amp; resolved by scarce.engine.distributed.resolve_amp
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,42 @@ class AugmentConfig:
     cutout_p: float = 0.3  # probability of each enabled cutout kind
     cutout_max_fraction: float = 0.25  # max cutout side as a fraction of the patch side
 
+    def __post_init__(self) -> None:
+        _check_augment(self)
+
+
+def _check_augment(cfg: AugmentConfig) -> None:
+    """Validate the value ranges of an augmentation config.
+
+    Raises
+    ------
+    ConfigError
+        Naming every ``augment.<key>`` outside its valid range, and that range.
+    """
+    switches = [f.name for f in fields(cfg) if f.name.endswith("_p")]
+    problems = [
+        f"augment.{k} = {getattr(cfg, k)} must be in [0, 1]"
+        for k in switches
+        if not 0.0 <= getattr(cfg, k) <= 1.0
+    ]
+    lo, hi = cfg.rotation_degrees
+    g_lo, g_hi = cfg.gamma_range
+    checks = [
+        (lo <= hi, f"augment.rotation_degrees = {cfg.rotation_degrees} needs low <= high"),
+        (cfg.jitter_fraction >= 0, "augment.jitter_fraction must be >= 0"),
+        (0 <= cfg.scale_fraction < 1, "augment.scale_fraction must be in [0, 1)"),
+        (cfg.elastic_grid >= 2, "augment.elastic_grid must be >= 2 grid points per axis"),
+        (cfg.elastic_sigma >= 0, "augment.elastic_sigma must be >= 0 pixels"),
+        (cfg.noise_fraction >= 0, "augment.noise_fraction must be >= 0"),
+        (cfg.blur_max_sigma >= 0, "augment.blur_max_sigma must be >= 0 pixels"),
+        (0 <= cfg.intensity_fraction < 1, "augment.intensity_fraction must be in [0, 1)"),
+        (0 < g_lo <= g_hi, f"augment.gamma_range = {cfg.gamma_range} needs 0 < low <= high"),
+        (0 < cfg.cutout_max_fraction <= 1, "augment.cutout_max_fraction must be in (0, 1]"),
+    ]
+    problems += [message for ok, message in checks if not ok]
+    if problems:
+        raise ConfigError("; ".join(problems) + " (fix the augment section of the config)")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -134,8 +190,12 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs besides the databases and the run folder."""
+class EngineConfig:
+    """What the training engine reads for any task; task configs extend it.
+
+    A task's config also has a ``data`` section with ``starvation_ms`` (the engine's
+    input-queue monitor threshold).
+    """
 
     seed: int = 0  # seeds model init, reader generators and everything random
     max_steps: int = 2000  # stop after this many optimiser steps
@@ -149,47 +209,48 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads per process; 0 = torch default
-    plot_test_images: int = 4  # test images drawn in plots/step_XXXXX.png
+    plot_test_images: int = 4  # test examples drawn in plots/step_XXXXX.png
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.test_every_n_steps < 1:
+            raise ConfigError("test_every_n_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig(EngineConfig):
+    """Everything a segmentation training run needs besides the databases and the run folder."""
+
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
     def __post_init__(self) -> None:
-        _check_choices(self)
+        super().__post_init__()
+        _check_segmentation(self)
 
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")  # TrainConfig.amp; resolved by distributed.resolve_amp
-
-_CHOICES = {
-    ("data", "normalization"): ("zscore", "percentile", "dataset"),
-    ("data", "target"): ("auto", "class", "semantic", "boundary"),
-    ("augment", "interpolation"): ("linear", "cubic"),
-    ("model", "norm"): ("batch", "group", "instance", "none"),
-    ("model", "upsampling"): ("transpose", "bilinear"),
-    ("loss", "name"): ("ce", "dice", "dice_ce"),
-    ("loss", "class_weights"): (None, "inverse_frequency"),
-    ("optim", "schedule"): ("cosine", "plateau", "constant"),
-    ("predict", "blend"): ("gaussian", "constant"),
-    ("", "amp"): AMP_MODES,
-}
+def check_choices(cfg) -> None:
+    """Raise :class:`ConfigError` for a value outside :data:`CHOICES` (keys ``cfg`` lacks skip)."""
+    for dotted, allowed in CHOICES.items():
+        obj, parts = cfg, dotted.split(".")
+        for part in parts:
+            if not hasattr(obj, part):
+                break
+            obj = getattr(obj, part)
+        else:
+            if obj not in allowed:
+                raise ConfigError(f"{dotted} = {obj!r} is not one of {list(allowed)}")
 
 
-def _check_choices(cfg: TrainConfig) -> None:
-    for (section, key), allowed in _CHOICES.items():
-        obj = getattr(cfg, section) if section else cfg
-        value = getattr(obj, key)
-        if value not in allowed:
-            name = f"{section}.{key}" if section else key
-            raise ConfigError(f"{name} = {value!r} is not one of {list(allowed)}")
+def _check_segmentation(cfg: TrainConfig) -> None:
     if cfg.data.patch_size < 8:
         raise ConfigError(f"data.patch_size = {cfg.data.patch_size} is too small (>= 8)")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size = {cfg.data.batch_size} must be >= 1")
-    if cfg.test_every_n_steps < 1:
-        raise ConfigError("test_every_n_steps must be >= 1")
     if not 0.0 <= cfg.predict.overlap < 1.0:
         raise ConfigError(f"predict.overlap = {cfg.predict.overlap} must be in [0, 1)")
 
@@ -212,25 +273,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, bool):  # YAML 1.1 reads unquoted off/no as false, on/yes as true
+    if hint in _SCALARS:
+        if hint is str and isinstance(value, bool):  # YAML 1.1 reads unquoted off as false
             return "on" if value else "off"
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+        accepted, what = _SCALARS[hint]
+        if (isinstance(value, bool) and hint is not bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{where}: expected {what}, got {value!r}")
+        return float(value) if hint is float else value
     return value
+
+
+_SCALARS = {
+    bool: (bool, "true/false"),
+    int: (int, "an integer"),
+    float: (int | float, "a number"),
+    str: (str, "a string"),
+}
 
 
 def _from_dict(cls: type, data: dict, where: str) -> Any:
@@ -254,20 +312,27 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict | None) -> TrainConfig:
-    """Build a :class:`TrainConfig` from nested plain values (as in a YAML file).
+def config_from_dict(data: dict | None, cls: type = None) -> Any:
+    """Build a config (default :class:`TrainConfig`) from nested plain values (as in YAML).
 
     Missing keys take their defaults.
+
+    Parameters
+    ----------
+    data : dict or None
+        Nested plain values.
+    cls : type, optional
+        The config dataclass to build (:class:`TrainConfig` when omitted).
 
     Raises
     ------
     ConfigError
         On an unknown key, a value of the wrong type or a value outside its choices.
     """
-    return _from_dict(TrainConfig, data or {}, "")
+    return _from_dict(cls or TrainConfig, data or {}, "")
 
 
-def config_to_dict(cfg: TrainConfig) -> dict:
+def config_to_dict(cfg) -> dict:
     """Nested plain values (lists for tuples) suitable for YAML, JSON and checkpoints."""
 
     def plain(v: Any) -> Any:
@@ -280,31 +345,67 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return plain(cfg)
 
 
-def load_config(path: str | Path | None) -> TrainConfig:
-    """Read a YAML config file; ``None`` gives the defaults.
+def preset_names() -> list[str]:
+    """Names of the presets shipped with Scarce (``scarce/configs/NAME.yaml``), sorted."""
+    folder = resources.files("scarce") / "configs"
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> str:
+    """The YAML text of the preset ``name`` (with or without ``.yaml``).
 
     Raises
     ------
     ConfigError
-        If the file is missing, is not valid YAML, or has unknown keys or bad values
+        If no preset has that name (the message lists them).
+    """
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    file = resources.files("scarce") / "configs" / f"{stem}.yaml"
+    if not file.is_file():
+        raise ConfigError(
+            f"config {name!r} is neither a file nor a preset; presets: {', '.join(preset_names())}"
+        )
+    return file.read_text()
+
+
+def load_config(path: str | Path | None, cls: type = None) -> Any:
+    """Read a YAML config file or a preset by name; ``None`` gives the defaults.
+
+    Parameters
+    ----------
+    path : path-like or str or None
+        A YAML file, or the name of a preset shipped with Scarce (``default``,
+        ``quick-cpu``, ...; see :func:`preset_names`). An existing file wins over a preset.
+    cls : type, optional
+        The config dataclass (:class:`TrainConfig` when omitted).
+
+    Raises
+    ------
+    ConfigError
+        If the file or preset is missing, is not valid YAML, or has unknown keys or bad values
         (the message names the file).
     """
+    cls = cls or TrainConfig
     if path is None:
-        return TrainConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        return cls()
+    file = Path(path)
+    if file.is_file():
+        where, text = str(file), file.read_text()
+    elif file.suffix in ("", ".yaml") and file.parent == Path("."):
+        where, text = f"preset {file.stem}", read_preset(str(path))
+    else:
+        raise ConfigError(f"config file {file} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, cls)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
+def save_config(cfg, path: str | Path) -> None:
     """Write ``cfg`` as YAML to ``path`` atomically (temp file, then rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -312,7 +413,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def override(cfg: TrainConfig, assignments: dict[str, Any]) -> TrainConfig:
+def override(cfg, assignments: dict[str, Any]):
     """Return a copy of ``cfg`` with dotted keys replaced, e.g. ``{"data.batch_size": 4}``.
 
     Values may be Python values or YAML strings (``"4"``, ``"[1, 99]"``, ``"true"``).
@@ -335,25 +436,4 @@ def override(cfg: TrainConfig, assignments: dict[str, Any]) -> TrainConfig:
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key {dotted!r}")
         node[parts[-1]] = value
-    return config_from_dict(data)
-
-
-__all__ = [
-    "AugmentConfig",
-    "ConfigError",
-    "DataConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "PredictConfig",
-    "TrainConfig",
-    "config_from_dict",
-    "config_to_dict",
-    "load_config",
-    "override",
-    "replace",
-    "save_config",
-]
-
-# re-exported so callers can write config.replace(cfg.data, batch_size=4)
-_ = dataclasses
+    return config_from_dict(data, type(cfg))

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from scarce.config import load_config, override
+from scarce.errors import MissingInputError
 from scarce.io import list_image_files, read_image, read_mask, stem_of
 
 logger = logging.getLogger("scarce")
-PRESETS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def every_nth_split(images_dir: str | os.PathLike, n: int = 5) -> dict:
@@ -74,22 +74,23 @@ def run_demo(
 
     Raises
     ------
-    FileNotFoundError
+    MissingInputError
         If ``data`` has no ``images/`` and ``masks/`` folders (the message says what to pass).
     """
-    from scarce.evaluate import evaluate_folders, format_summary
-    from scarce.ingest import ingest
-    from scarce.predict import predict_files
-    from scarce.train import train
+    from scarce.data.ingest import ingest
+    from scarce.segment.evaluate import evaluate_folders, format_summary
+    from scarce.segment.predict import predict_files
+    from scarce.segment.task import train
 
     data, out = Path(data), Path(out)
     if not (data / "images").is_dir() or not (data / "masks").is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{data}: expected a folder with images/ and masks/ inside; pass one with "
             "`scarce demo --data DIR` (or `make demo DATA=DIR`), e.g. ../shared/data/nist_rpe"
         )
-    preset = Path(config) if config else PRESETS / "quick-cpu.yaml"
-    cfg = override(load_config(preset), {"max_minutes": minutes, "max_steps": 100000})
+    cfg = override(
+        load_config(config or "quick-cpu"), {"max_minutes": minutes, "max_steps": 100000}
+    )
     split = every_nth_split(data / "images")
     db = out / "db"
     ingest(data / "images", data / "masks", db, split=split, overwrite=True, progress=False)

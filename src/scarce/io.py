@@ -23,26 +23,13 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from scarce.errors import ImageFileError, MissingInputError
+
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp")
 IMAGE_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
 MASK_DTYPES = ("uint8", "uint16", "int32", "uint32", "int8", "int16", "int64", "uint64")
 MAX_CHANNELS = 16  # an axis this short (or shorter) is taken as the channel axis
-
-
-class ImageFileError(ValueError):
-    """A file cannot be used: unreadable, wrong dtype, wrong shape, bad values.
-
-    Attributes
-    ----------
-    path : pathlib.Path
-        The file the problem is in.
-    """
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def list_image_files(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
@@ -57,7 +44,7 @@ def list_image_files(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> 
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a directory")
+        raise MissingInputError(f"{folder} is not a directory")
     return sorted(
         p
         for p in folder.iterdir()

@@ -1,15 +1,15 @@
-"""Tests of scarce.augment: the single-warp image/mask contract, limits, dtypes, borders."""
+"""Tests of scarce.data.augment: the single-warp image/mask contract, limits, dtypes, borders."""
 
 from __future__ import annotations
 
 import faulthandler
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from scarce.augment import (
+from scarce.config import AugmentConfig, ConfigError
+from scarce.data.augment import (
     AugmentParams,
     Cutout,
     apply_photometric,
@@ -18,9 +18,9 @@ from scarce.augment import (
     draw_params,
     sampling_grid,
 )
-from scarce.config import AugmentConfig, ConfigError
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 P = 96  # patch side used by most tests (small: fast)
 GEOMETRY_ONLY = dict(noise=False, blur=False, intensity=False, gamma=False)
 ELASTIC = AugmentConfig(elastic=True, elastic_sigma=6.0, **GEOMETRY_ONLY)

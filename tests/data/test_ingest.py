@@ -1,4 +1,4 @@
-"""Tests of scarce.ingest on real data subsets and on small bad files made here."""
+"""Tests of scarce.data.ingest on real data subsets and on small bad files made here."""
 
 import json
 import shutil
@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from scarce import ingest as ingest_module
-from scarce import io, store
-from scarce.ingest import (
-    IngestError,
-    format_inspection,
-    ingest,
-    inspect_database,
-    split_stems,
-    tile_origins,
-)
+from scarce import io
+from scarce.data import ingest as ingest_module
+from scarce.data import store
+from scarce.data.ingest import ingest, split_stems
+from scarce.data.inspect import format_inspection, inspect_database
+from scarce.data.records import tile_origins
+from scarce.errors import IngestError
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _dataset(name: str) -> Path:

@@ -1,22 +1,22 @@
-"""Tests of scarce.normalize on real microscopy images and edge cases."""
+"""Tests of scarce.data.normalize on real microscopy images and edge cases."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from scarce.normalize import (
+from scarce.data.normalize import (
     MAX_STAT_PIXELS,
     NORMALIZATION_MODES,
     normalization_params,
     normalization_spec,
     normalize,
 )
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def real_image(dataset: str) -> np.ndarray:

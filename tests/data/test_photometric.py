@@ -1,4 +1,4 @@
-"""Tests of scarce.photometric: dynamic-range transforms, cutouts, and the draw order."""
+"""Tests of scarce.data.photometric: dynamic-range transforms, cutouts, and the draw order."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import scarce.augment
-from scarce.augment import AugmentParams, draw_params
 from scarce.config import AugmentConfig
-from scarce.photometric import Cutout, apply_photometric, draw_photometric
+from scarce.data.augment import AugmentParams, draw_params
+from scarce.data.photometric import Cutout, apply_photometric, draw_photometric
 
 ALL_ON = AugmentConfig(
     elastic=True,
@@ -84,8 +83,3 @@ def test_unknown_cutout_kind_is_refused_before_the_patch_changes():
     with pytest.raises(ValueError, match=r"unknown cutout kind.*'holes'.*missing"):
         apply_photometric(patch, params, rng)
     np.testing.assert_array_equal(patch, before)
-
-
-def test_augment_re_exports_the_photometric_names():
-    assert scarce.augment.Cutout is Cutout
-    assert scarce.augment.apply_photometric is apply_photometric

@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_predict import SPEC, tiny_unet, write_checkpoint
 
-from scarce.checkpoint import load_model
-from scarce.export import export_model, read_export_metadata
+from scarce.data.normalize import normalize
+from scarce.engine.checkpoint import load_model
+from scarce.engine.export import read_export_metadata
 from scarce.io import read_image
-from scarce.normalize import normalize
+from scarce.segment.predict import export_model
+from scarce.segment.task import target_of
+from tests.segment.test_predict import SPEC, tiny_unet, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def real_inputs(shared_data) -> list[torch.Tensor]:
 
 def check_metadata(meta: dict, ckpt: dict) -> None:
     assert meta["normalization"] == SPEC
-    assert meta["class_names"] == ckpt["class_names"]
+    assert meta["class_names"] == list(target_of(ckpt).class_names)
     assert (meta["in_channels"], meta["num_classes"], meta["size_multiple"]) == (1, 2, 8)
     assert meta["target"] == "semantic" and "multiples of size_multiple" in meta["input"]
 

@@ -7,14 +7,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_predict import SPEC, tiny_unet
 
-import scarce.predict
-from scarce import tiling
+from scarce.data.normalize import normalize
+from scarce.engine import tiling
+from scarce.engine.tiling import sliding_window_logits, tile_starts
 from scarce.io import read_image
 from scarce.models import UNet
-from scarce.normalize import normalize
-from scarce.tiling import sliding_window_logits, tile_starts
+from tests.segment.test_predict import SPEC, tiny_unet
 
 
 def whole_image_logits(model, image: np.ndarray) -> torch.Tensor:
@@ -112,7 +111,7 @@ def test_low_overlap_warns_once_and_bad_arguments_say_what_is_wrong(caplog):
     model = UNet(1, 2, depth=2, width=4).eval()  # halo > 8 px, size_multiple 4
     image = torch.randn(1, 40, 52)
     tiling._warned.clear()
-    with caplog.at_level(logging.WARNING, logger="scarce.tiling"):
+    with caplog.at_level(logging.WARNING, logger="scarce.engine.tiling"):
         for _ in range(2):
             sliding_window_logits(model, image, tile_size=16, overlap=0.25)
     warnings = [r.getMessage() for r in caplog.records]
@@ -129,8 +128,3 @@ def test_low_overlap_warns_once_and_bad_arguments_say_what_is_wrong(caplog):
         kwargs = {"image": image, "tile_size": 16, **change}
         with pytest.raises(error, match=message):
             sliding_window_logits(model, **kwargs)
-
-
-def test_predict_re_exports_the_sliding_window():
-    assert scarce.predict.sliding_window_logits is sliding_window_logits
-    assert scarce.predict.tile_starts is tile_starts

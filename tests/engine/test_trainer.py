@@ -10,9 +10,12 @@ import socket
 import pytest
 import torch
 
-from scarce.checkpoint import CheckpointError, load_checkpoint, load_model
 from scarce.config import TrainConfig, override
-from scarce.train import RunDirExistsError, Trainer, learning_rate, train
+from scarce.engine.checkpoint import CheckpointError, load_checkpoint, load_model
+from scarce.engine.schedule import learning_rate
+from scarce.engine.trainer import Trainer
+from scarce.errors import OutputExistsError
+from scarce.segment.task import SegmentationTask, target_of, train
 
 TINY = {
     "data.patch_size": 64,
@@ -85,8 +88,8 @@ def test_existing_run_dir_is_refused(nist_db, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "something.txt").write_text("x")
-    with pytest.raises(RunDirExistsError, match="--resume.*--overwrite"):
-        Trainer(nist_db / "train.lmdb", nist_db / "test.lmdb", run, tiny_config())
+    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
+        train(nist_db / "train.lmdb", nist_db / "test.lmdb", run, tiny_config())
     summary = train(
         nist_db / "train.lmdb",
         nist_db / "test.lmdb",
@@ -127,19 +130,15 @@ def test_segnet_trains_and_checkpoint_rebuilds(nist_db, tmp_path):
     train(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "seg", cfg)
     model, ckpt = load_model(tmp_path / "seg")
     assert type(model).__name__ == "SegNet" and ckpt["step"] == 2
-    assert ckpt["normalization"]["mode"] == "zscore" and ckpt["target"] == "class"
+    assert ckpt["task"] == "segment" and ckpt["format_version"] == 2
+    assert ckpt["extras"]["normalization"]["mode"] == "zscore"
+    assert target_of(ckpt).rule == "class"
 
 
 def test_fine_tune_from_another_run(nist_db, tmp_path):
     train(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "a", tiny_config(max_steps=2))
-    trainer = Trainer(
-        nist_db / "train.lmdb",
-        nist_db / "test.lmdb",
-        tmp_path / "b",
-        tiny_config(max_steps=0),
-        init_from=tmp_path / "a",
-    )
-    trainer.fit()
+    task = SegmentationTask(nist_db / "train.lmdb", nist_db / "test.lmdb", tiny_config(max_steps=0))
+    Trainer(task, tmp_path / "b", init_from=tmp_path / "a").fit()
     a, b = state_of(tmp_path / "a"), state_of(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -175,12 +174,8 @@ def _ddp_worker(rank, world, port, db, run, out):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    trainer = Trainer(
-        db / "train.lmdb",
-        db / "test.lmdb",
-        run,
-        tiny_config(max_steps=4, test_every_n_steps=4, device="cpu"),
-    )
+    cfg = tiny_config(max_steps=4, test_every_n_steps=4, device="cpu")
+    trainer = Trainer(SegmentationTask(db / "train.lmdb", db / "test.lmdb", cfg), run)
     trainer.fit()
     torch.save(
         {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
@@ -210,7 +205,7 @@ def test_ddp_two_processes_keep_parameters_equal(nist_db, tmp_path):
 
 
 def test_amp_auto_follows_the_hardware(monkeypatch):
-    from scarce import distributed
+    from scarce.engine import distributed
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)

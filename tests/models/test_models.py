@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from scarce.io import list_image_files, read_image, read_mask
-from scarce.losses import SegmentationLoss
-from scarce.models import MODELS, SegNet, UNet, build_model, measure_receptive_field
+from scarce.models import MODELS, SegNet, UNet, build_model
+from scarce.models.blocks import group_count
+from scarce.models.receptive import measure_receptive_field
 from scarce.models.segnet import MaxUnpool2x2, segnet_receptive_field
-from scarce.models.unet import group_count, unet_receptive_field
+from scarce.models.unet import unet_receptive_field
+from scarce.segment.losses import SegmentationLoss
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 TRAINER_OPTIONS = dict(
     depth=4, width=4, widths=None, norm="batch", dropout=0.0, upsampling="transpose"
 )

@@ -1,4 +1,4 @@
-"""Tests of scarce.evaluate: many images, folder evaluation on BBBC039, re-exported metrics."""
+"""Tests of scarce.segment.evaluate: many images, folder evaluation on BBBC039."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from skimage.segmentation import find_boundaries
 
-from scarce import evaluate, metrics
-from scarce.evaluate import (
+from scarce.io import list_image_files, read_mask
+from scarce.segment.evaluate import (
     EvaluationError,
     confusion_matrix,
     evaluate_arrays,
@@ -21,31 +21,15 @@ from scarce.evaluate import (
     label_components,
     to_instances,
 )
-from scarce.io import list_image_files, read_mask
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def square(shape=(30, 30), top=5, left=5, side=10, value=1):
     out = np.zeros(shape, dtype=np.int64)
     out[top : top + side, left : left + side] = value
     return out
-
-
-def test_metric_functions_are_re_exported():
-    names = [
-        "DEFAULT_THRESHOLDS",
-        "confusion_matrix",
-        "pixel_metrics",
-        "label_components",
-        "rand_error",
-        "match_instances",
-        "sum_counts",
-        "object_metrics",
-    ]
-    for name in names:
-        assert getattr(evaluate, name) is getattr(metrics, name), name
-        assert name in evaluate.__all__
 
 
 def test_label_components_and_to_instances():

@@ -1,4 +1,4 @@
-"""Tests for scarce.losses: class weights and segmentation losses."""
+"""Tests for scarce.segment.losses: class weights and segmentation losses."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scarce import losses, targets
-from scarce.losses import SegmentationLoss, class_weights_from_counts
+from scarce.segment.losses import SegmentationLoss, class_weights_from_counts
 
 
 def test_class_weights_from_counts_inverse_frequency():
@@ -97,8 +96,3 @@ def test_loss_errors():
         SegmentationLoss("ce", 3)(logits, target[:, :8])
     with pytest.raises(ValueError, match="class_weights must be 3 finite"):
         SegmentationLoss("ce", 3, class_weights=torch.tensor([1.0, float("inf"), 1.0]))
-
-
-def test_target_functions_are_re_exported_from_losses():
-    for name in ("derive_target", "border_weight_map", "num_target_classes", "instances_to_target"):
-        assert getattr(losses, name) is getattr(targets, name)

@@ -1,4 +1,4 @@
-"""Tests of scarce.metrics: metric values worked out by hand on small label images."""
+"""Tests of scarce.segment.metrics: metric values worked out by hand on small label images."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scarce.metrics import (
+from scarce.segment.metrics import (
     DEFAULT_THRESHOLDS,
     confusion_matrix,
     match_instances,

@@ -11,19 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from scarce.checkpoint import load_model, save_checkpoint
 from scarce.config import TrainConfig, config_to_dict
+from scarce.data.normalize import normalize
+from scarce.engine.checkpoint import load_model, save_checkpoint
+from scarce.engine.distributed import resolve_device
 from scarce.io import read_image, read_mask
 from scarce.models import UNet
-from scarce.normalize import normalize
-from scarce.predict import (
-    instances_from_prediction,
-    predict_files,
-    predict_image,
-    resolve_device,
-)
+from scarce.segment.predict import instances_from_prediction, predict_files, predict_image
+from scarce.segment.targets import TargetSpec
+from tests.shared import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPEC = {"mode": "zscore", "percentiles": [1, 99.8], "mean": None, "std": None}
 
 
@@ -52,22 +49,22 @@ def tiny_unet(in_channels: int = 1, num_classes: int = 2, seed: int = 0) -> UNet
 def write_checkpoint(path: Path, model: UNet, target: str = "semantic") -> Path:
     """A Scarce checkpoint for ``model`` as the trainer writes it (no training state)."""
     names = ["background", "interior", "boundary"] if target == "boundary" else None
+    spec = TargetSpec(
+        mask_kind="instance",
+        rule=target,
+        boundary_width=2,
+        ignore_label=None,
+        num_classes=model.num_classes,
+        class_names=tuple(names or [f"class_{k}" for k in range(model.num_classes)]),
+    )
     return save_checkpoint(
         path,
         {
-            "model": {
-                "name": "unet",
-                "in_channels": model.in_channels,
-                "num_classes": model.num_classes,
-                "options": model.options,
-            },
+            "task": "segment",
+            "model": {"name": "unet", "arguments": model.arguments},
             "model_state": model.state_dict(),
             "config": config_to_dict(TrainConfig()),
-            "normalization": SPEC,
-            "class_names": names or [f"class_{k}" for k in range(model.num_classes)],
-            "mask_kind": "instance",
-            "target": target,
-            "ignore_label": None,
+            "extras": {"normalization": SPEC, "target": spec.to_dict()},
         },
     )
 
@@ -182,7 +179,8 @@ def test_predict_files_on_isbi2012_writes_maps_probabilities_instances(tmp_path,
         np.testing.assert_array_equal(probs.argmax(0), classes)
         inst = read_mask(row["instances"])
         assert inst.shape == (512, 512) and not (inst > 0)[classes == 0].any()
-        assert json.dumps({k: str(v) for k, v in row.items()})
+        # the rows are plain JSON values (paths as str, shape as a list), as the CLI prints them
+        assert json.loads(json.dumps(row)) == {**row, "shape": list(row["shape"])}
     png = predict_files(
         ckpt_path, images / "01.png", tmp_path / "png", fmt="png", tile_size=256, progress=False
     )
@@ -218,7 +216,7 @@ def test_resolve_device():
 _BIG = """
 import json, resource, sys, time, numpy as np, tifffile
 from scarce.io import read_image
-from scarce.predict import predict_files
+from scarce.segment.predict import predict_files
 tile = read_image(sys.argv[1])[0]
 tifffile.imwrite(sys.argv[2] + "/big.tif", np.tile(tile, (8, 8)))
 start = time.perf_counter()

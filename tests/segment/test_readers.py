@@ -1,108 +1,70 @@
-"""Tests of scarce.readers on small LMDB databases built from real images (nist_rpe, bbbc039)."""
+"""Tests of scarce.segment.readers on small LMDB databases built from real images (nist_rpe, bbbc039)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from scarce import monitor, readers, workers
-from scarce.config import AugmentConfig, DataConfig, LossConfig, TrainConfig, replace
-from scarce.io import list_image_files, read_image, read_mask, stem_of
-from scarce.normalize import normalization_spec
-from scarce.readers import (
-    StarvationMonitor,
-    benchmark_readers,
-    format_benchmark,
-    iter_test_images,
-    make_train_loader,
-    resolve_reader_count,
-)
-from scarce.store import (
+from scarce.config import AugmentConfig, DataConfig, LossConfig, TrainConfig
+from scarce.data import workers
+from scarce.data.ingest import ingest
+from scarce.data.monitor import StarvationMonitor, format_benchmark
+from scarce.data.normalize import normalization_spec
+from scarce.data.store import (
     METADATA_KEY,
     SampleStore,
     StoreError,
-    encode_sample,
     open_env,
     read_metadata,
 )
+from scarce.data.workers import resolve_reader_count
+from scarce.io import list_image_files
+from scarce.segment.readers import benchmark_readers, iter_test_images, make_train_loader
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def write_db(path: Path, pairs: list[tuple[str, np.ndarray, np.ndarray]], mask_kind: str) -> Path:
-    """Write ``(name, image (C, H, W), mask (H, W))`` samples and the metadata record."""
-    samples, counts = [], {}
-    env = open_env(path, write=True, map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        for i, (name, image, mask) in enumerate(pairs):
-            labels = (mask > 0).astype(np.uint8) if mask_kind == "instance" else mask
-            values, n = np.unique(labels, return_counts=True)
-            classes = [int(v) for v in values]
-            for v, k in zip(classes, n):
-                counts[v] = counts.get(v, 0) + int(k)
-            txn.put(b"%08d" % i, encode_sample(name, name, (0, 0), image, mask, classes))
-            samples.append(
-                {
-                    "name": name,
-                    "source": name,
-                    "origin": [0, 0],
-                    "shape": list(mask.shape),
-                    "classes": classes,
-                }
-            )
-        pixels = np.concatenate([img.ravel() for _, img, _ in pairs]).astype(np.float64)
-        meta = {
-            "format_version": 1,
-            "num_samples": len(pairs),
-            "channels": pairs[0][1].shape[0],
-            "mask_kind": mask_kind,
-            "class_ids": sorted(counts),
-            "class_pixel_counts": {str(k): v for k, v in sorted(counts.items())},
-            "intensity": {
-                "mean": [pixels.mean()],
-                "std": [pixels.std()],
-                "p1": [np.percentile(pixels, 1)],
-                "p99": [np.percentile(pixels, 99)],
-            },
-            "samples": samples,
-        }
-        txn.put(METADATA_KEY, json.dumps(meta).encode())
-    env.close()
-    return path
+DATA = SHARED_DATA
 
 
-def real_pairs(name: str, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def ingested(tmp_path_factory, name: str, count: int, mask_kind: str) -> Path:
+    """``train.lmdb`` of the first ``count`` pairs of a real dataset, written by ``ingest``."""
     folder = DATA / name
     if not folder.is_dir():
-        pytest.skip(f"real data {folder} is absent (see /work/shared/data/{name}/README.md)")
-    files = list_image_files(folder / "images")[:count]
-    masks = {stem_of(p): p for p in list_image_files(folder / "masks")}
-    return [(stem_of(p), read_image(p), read_mask(masks[stem_of(p)])) for p in files]
+        pytest.skip(f"real data {folder} is absent (see ../shared/data/{name}/README.md)")
+    root = tmp_path_factory.mktemp(name)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir()
+        for f in list_image_files(folder / sub)[:count]:
+            (root / sub / f.name).symlink_to(f)
+    ingest(
+        root / "images",
+        root / "masks",
+        root / "db",
+        train_fraction=1.0,
+        mask_kind=mask_kind,
+        progress=False,
+    )
+    return root / "db" / "train.lmdb"
 
 
 @pytest.fixture(scope="module")
 def nist_lmdb(tmp_path_factory) -> Path:
     """20 nist_rpe images (256 x 256 uint16, classes 0/1)."""
-    return write_db(
-        tmp_path_factory.mktemp("nist") / "train.lmdb", real_pairs("nist_rpe", 20), "class"
-    )
+    return ingested(tmp_path_factory, "nist_rpe", 20, "class")
 
 
 @pytest.fixture(scope="module")
 def bbbc_lmdb(tmp_path_factory) -> Path:
     """3 bbbc039 images (520 x 696 uint16) with instance masks."""
-    return write_db(
-        tmp_path_factory.mktemp("bbbc") / "train.lmdb", real_pairs("bbbc039", 3), "instance"
-    )
+    return ingested(tmp_path_factory, "bbbc039", 3, "instance")
 
 
 def small_cfg(**data) -> TrainConfig:
@@ -243,7 +205,7 @@ def test_broken_batch_handover_names_the_dead_worker(nist_lmdb):
 
 
 def test_hung_worker_is_killed_and_raises(nist_lmdb, monkeypatch):
-    monkeypatch.setattr(readers, "WORKER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(workers, "WORKER_TIMEOUT_S", 1.0)
     cfg = small_cfg(reader_count=2)
     with make_train_loader(nist_lmdb, cfg, norm_spec=spec_for(cfg, nist_lmdb)) as batches:
         next(batches)
@@ -285,7 +247,7 @@ def test_instance_masks_give_semantic_and_boundary_targets_and_weights(bbbc_lmdb
 
 def test_border_weights_are_absent_for_class_masks(nist_lmdb, caplog):
     cfg = replace(small_cfg(), loss=LossConfig(border_weights=True))
-    with caplog.at_level(logging.WARNING, logger="scarce.readers"):
+    with caplog.at_level(logging.WARNING, logger="scarce.segment.readers"):
         batch = first_batches(nist_lmdb, cfg, 1)[0]
     assert "weight" not in batch and "needs instance masks" in caplog.text
 
@@ -312,7 +274,7 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
             yield i
 
     watch = StarvationMonitor(slow_then_fast(), threshold_ms=50.0)
-    with caplog.at_level(logging.INFO, logger="scarce.monitor"):
+    with caplog.at_level(logging.INFO, logger="scarce.data.monitor"):
         items = []
         for item in watch:
             time.sleep(0.02)  # the "training step"
@@ -331,13 +293,6 @@ def test_starvation_monitor_logs_once_and_recovers(caplog):
     fraction = watch.wait_fraction()
     assert 0.4 < fraction < 0.95, fraction  # 0.36 s of waiting in about 0.5 s
     assert watch.wait_fraction() < 0.05  # reset
-
-
-def test_readers_re_exports_the_monitor_and_the_workers():
-    for name in ("StarvationMonitor", "benchmark_readers", "format_benchmark"):
-        assert getattr(readers, name) is getattr(monitor, name) and name in readers.__all__
-    for name in ("ReaderError", "TrainBatches", "WORKER_TIMEOUT_S"):
-        assert getattr(readers, name) is getattr(workers, name) and name in readers.__all__
 
 
 def test_bad_arguments_are_refused_before_work(nist_lmdb, tmp_path):
@@ -381,7 +336,7 @@ def test_benchmark_reports_rates(nist_lmdb):
 
 
 def test_uniform_centres_keep_the_patch_inside_the_image():
-    from scarce.readers import _inside_centre
+    from scarce.segment.readers import _inside_centre
 
     rng = np.random.default_rng(0)
     for size, patch in ((256, 256), (300, 128), (520, 256), (40, 64), (129, 128)):

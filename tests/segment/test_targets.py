@@ -1,22 +1,21 @@
-"""Tests for scarce.targets: class maps from masks, border weights, number of classes."""
+"""Tests for scarce.segment.targets: class maps from masks, border weights, number of classes."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from scarce.io import list_image_files, read_mask
-from scarce.targets import (
+from scarce.segment.targets import (
     border_weight_map,
     derive_target,
     instances_to_target,
     num_target_classes,
 )
+from tests.shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def touching_squares() -> np.ndarray:

@@ -14,27 +14,25 @@ often as needed), so remap reads only inside the padded region. This is 1.6x (ed
 remap, which misreads more than one reflection outside the image. The region is converted
 to float32; normalisation ``(x - offset) / scale`` is applied to the P x P result, which
 equals normalising first because linear and cubic weights sum to one. The photometric
-transforms of :mod:`scarce.photometric` (``Cutout`` and ``apply_photometric`` are re-exported
-here) then act on the image patch only. Every parameter comes from
+transforms of :mod:`scarce.data.photometric` then act on the image patch only. The padded
+region cut and the remap themselves are in :mod:`scarce.data.remap`. Every parameter comes from
 :class:`scarce.config.AugmentConfig`. Measured speed (about 0.75 ms per 256 x 256 patch) and
 threading advice: ``docs/augmentations.md``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from scarce.config import AugmentConfig, ConfigError
+from scarce.config import AugmentConfig
+from scarce.data.photometric import Cutout, apply_photometric, draw_photometric
+from scarce.data.remap import axis_cut, remap_image, remap_mask
 from scarce.io import IMAGE_DTYPES
-from scarce.photometric import Cutout, apply_photometric, draw_photometric
 
-_PAD = cv2.BORDER_REFLECT_101  # the image border: padded before the warp, never by remap
-_INSIDE = cv2.BORDER_CONSTANT  # remap reads only inside the padded region (see _axis_cut)
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 _MARGIN = {"linear": 2, "cubic": 3}  # taps beyond floor(coordinate), plus one for rounding
 
@@ -80,52 +78,6 @@ class AugmentParams:
     cutouts: tuple[Cutout, ...] = ()
 
 
-@functools.lru_cache(maxsize=16)
-def check_augment_config(cfg: AugmentConfig) -> AugmentConfig:
-    """Validate the value ranges of an augmentation config (cached per config).
-
-    Raises
-    ------
-    ConfigError
-        Naming every ``augment.<key>`` outside its valid range, and that range.
-    """
-    problems = [
-        f"augment.{k}_p = {getattr(cfg, k + '_p')} must be in [0, 1]"
-        for k in (
-            "flip_x",
-            "flip_y",
-            "rotation",
-            "jitter",
-            "scale",
-            "elastic",
-            "noise",
-            "blur",
-            "intensity",
-            "gamma",
-            "cutout",
-        )
-        if not 0.0 <= getattr(cfg, k + "_p") <= 1.0
-    ]
-    lo, hi = cfg.rotation_degrees
-    g_lo, g_hi = cfg.gamma_range
-    checks = [
-        (lo <= hi, f"augment.rotation_degrees = {cfg.rotation_degrees} needs low <= high"),
-        (cfg.jitter_fraction >= 0, "augment.jitter_fraction must be >= 0"),
-        (0 <= cfg.scale_fraction < 1, "augment.scale_fraction must be in [0, 1)"),
-        (cfg.elastic_grid >= 2, "augment.elastic_grid must be >= 2 grid points per axis"),
-        (cfg.elastic_sigma >= 0, "augment.elastic_sigma must be >= 0 pixels"),
-        (cfg.noise_fraction >= 0, "augment.noise_fraction must be >= 0"),
-        (cfg.blur_max_sigma >= 0, "augment.blur_max_sigma must be >= 0 pixels"),
-        (0 <= cfg.intensity_fraction < 1, "augment.intensity_fraction must be in [0, 1)"),
-        (0 < g_lo <= g_hi, f"augment.gamma_range = {cfg.gamma_range} needs 0 < low <= high"),
-        (0 < cfg.cutout_max_fraction <= 1, "augment.cutout_max_fraction must be in (0, 1]"),
-    ]
-    problems += [message for ok, message in checks if not ok]
-    if problems:
-        raise ConfigError("; ".join(problems) + " (fix the augment section of the config)")
-    return cfg
-
-
 def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -> AugmentParams:
     """Draw one sample's augmentation parameters.
 
@@ -148,17 +100,15 @@ def draw_params(cfg: AugmentConfig, patch_size: int, rng: np.random.Generator) -
 
     Raises
     ------
-    ConfigError
-        If a config value is outside its range (see :func:`check_augment_config`).
     ValueError
-        If ``patch_size`` is not a positive integer.
+        If ``patch_size`` is not a positive integer. (Value ranges of ``cfg`` are checked
+        when it is made: :class:`~scarce.config.AugmentConfig`.)
 
     References
     ----------
     Ronneberger, Fischer & Brox, "U-Net", MICCAI 2015, doi:10.1007/978-3-319-24574-4_28
     (elastic deformation on a coarse grid); NIST semantic-segmentation-unet (defaults).
     """
-    check_augment_config(cfg)
     _check_patch_size(patch_size)
     if not cfg.enabled:
         return AugmentParams()
@@ -245,68 +195,6 @@ def sampling_grid(
     return dy + np.float32(centre[0]), dx + np.float32(centre[1])
 
 
-def _axis_cut(lo: float, hi: float, n: int, margin: int) -> tuple[int, int, int, int]:
-    """What a warp reads along one axis of length ``n``: cut ``[start, stop)``, then pad.
-
-    The warp reads source indices ``floor(lo) - margin .. floor(hi) + margin``. Returns
-    ``(start, stop, before, after)``: the slice of the image to cut and the pixels to add
-    before and after it by ``REFLECT_101``, so that the padded slice holds every index read.
-    Padding happens only at a true image border (``before > 0`` implies ``start == 0``,
-    ``after > 0`` implies ``stop == n``), and the slice includes every pixel a reflection
-    there copies (the whole axis when both ends reflect, or when reflecting several times).
-    """
-    a, b = math.floor(lo) - margin, math.floor(hi) + margin
-    c, d = a, b
-    if a < 0:
-        d = max(d, -a)  # REFLECT_101 about 0 copies indices 1 .. -a
-    if d > n - 1:
-        c = min(c, 2 * (n - 1) - d)  # reflection about n - 1
-    if c < 0 and d > n - 1:
-        c, d = 0, n - 1  # reflections at both ends (or several): the whole axis
-    return max(c, 0), min(d, n - 1) + 1, max(0, -a), max(0, b - (n - 1))
-
-
-def _pad(src: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
-    """``src`` (h, w) or (h, w, k) extended by ``pads`` = (top, bottom, left, right), REFLECT_101."""
-    return cv2.copyMakeBorder(src, *pads, _PAD) if any(pads) else src
-
-
-def _remap_image(
-    region: np.ndarray,
-    pads: tuple[int, int, int, int],
-    map_x: np.ndarray,
-    map_y: np.ndarray,
-    interpolation: int,
-) -> np.ndarray:
-    """Pad and warp a (C, h, w) region of any dtype to float32 (C, P, P), 4 channels per call."""
-    if region.shape[0] == 1:
-        src = _pad(region[0].astype(np.float32, copy=False), pads)
-        return cv2.remap(src, map_x, map_y, interpolation, borderMode=_INSIDE)[None]
-    out = np.empty((region.shape[0],) + map_x.shape, dtype=np.float32)
-    for c0 in range(0, region.shape[0], 4):  # cv2 interleaves at most 4 channels portably
-        group = np.ascontiguousarray(region[c0 : c0 + 4].transpose(1, 2, 0), dtype=np.float32)
-        warped = cv2.remap(_pad(group, pads), map_x, map_y, interpolation, borderMode=_INSIDE)
-        out[c0 : c0 + 4] = warped.reshape(map_x.shape + (-1,)).transpose(2, 0, 1)
-    return out
-
-
-def _remap_mask(
-    region: np.ndarray, pads: tuple[int, int, int, int], map_x: np.ndarray, map_y: np.ndarray
-) -> np.ndarray:
-    """Pad and nearest-neighbour warp an integer (h, w) mask, exact for every integer dtype.
-
-    cv2.remap has no 32/64-bit integer support, so the label bytes are viewed as 1, 2 or 4
-    uint16 planes (uint8 for 1-byte labels) and copied, never interpolated.
-    """
-    plane = np.uint8 if region.dtype.itemsize == 1 else np.uint16
-    planes = region.dtype.itemsize // np.dtype(plane).itemsize
-    src = (region if planes == 1 else np.ascontiguousarray(region)).view(plane)
-    if planes > 1:
-        src = src.reshape(region.shape + (planes,))
-    out = cv2.remap(_pad(src, pads), map_x, map_y, cv2.INTER_NEAREST, borderMode=_INSIDE)
-    return np.ascontiguousarray(out).reshape(map_x.shape[0], -1).view(region.dtype)
-
-
 def _check_patch_size(patch_size) -> None:
     if (
         isinstance(patch_size, bool)
@@ -353,7 +241,7 @@ def _check_inputs(image, mask, centre, patch_size, offset, scale):
             if name == "scale" and np.any(values <= 0):
                 raise ValueError(
                     f"scale must be > 0 per channel, got {values.tolist()}; "
-                    "scarce.normalize.normalization_params floors it"
+                    "scarce.data.normalize.normalization_params floors it"
                 )
         checked.append(values)
     return checked
@@ -463,7 +351,7 @@ def augment_patch(
     rng : numpy.random.Generator
         Draws the parameters and the noise fields.
     offset, scale : array_like of float, shape (C,), optional
-        Normalisation ``(x - offset) / scale`` (see :mod:`scarce.normalize`); None skips it.
+        Normalisation ``(x - offset) / scale`` (see :mod:`scarce.data.normalize`); None skips it.
     params : AugmentParams, optional
         Use these instead of drawing (``rng`` then only feeds noise and noise cutouts).
 
@@ -486,7 +374,6 @@ def augment_patch(
     Simard, Steinkraus & Platt, ICDAR 2003, doi:10.1109/ICDAR.2003.1227801 (elastic warps).
     """
     offset, scale = _check_inputs(image, mask, centre, patch_size, offset, scale)
-    check_augment_config(cfg)
     if params is None:
         if not cfg.enabled:
             return crop_patch(image, mask, centre, patch_size, offset=offset, scale=scale)
@@ -494,26 +381,23 @@ def augment_patch(
     map_y, map_x = _relative_grid(params, patch_size)
     cy, cx = float(centre[0]), float(centre[1])
     margin = _MARGIN[cfg.interpolation]
-    y0, y1, top, bottom = _axis_cut(cy + map_y.min(), cy + map_y.max(), image.shape[1], margin)
-    x0, x1, left, right = _axis_cut(cx + map_x.min(), cx + map_x.max(), image.shape[2], margin)
+    y0, y1, top, bottom = axis_cut(cy + map_y.min(), cy + map_y.max(), image.shape[1], margin)
+    x0, x1, left, right = axis_cut(cx + map_x.min(), cx + map_x.max(), image.shape[2], margin)
     pads = (top, bottom, left, right)
     map_y += np.float32(cy - y0 + top)  # coordinates in the padded region
     map_x += np.float32(cx - x0 + left)
-    patch = _remap_image(
+    patch = remap_image(
         image[:, y0:y1, x0:x1], pads, map_x, map_y, _INTERPOLATION[cfg.interpolation]
     )
     _normalize_(patch, offset, scale)
-    out_mask = None if mask is None else _remap_mask(mask[y0:y1, x0:x1], pads, map_x, map_y)
+    out_mask = None if mask is None else remap_mask(mask[y0:y1, x0:x1], pads, map_x, map_y)
     return apply_photometric(patch, params, rng), out_mask
 
 
 __all__ = [
     "AugmentParams",
-    "Cutout",
     "affine_matrix",
-    "apply_photometric",
     "augment_patch",
-    "check_augment_config",
     "crop_patch",
     "draw_params",
     "sampling_grid",

@@ -2,7 +2,7 @@
 
 Nothing here writes. Each check adds a line naming the file or folder to a list of problems
 rather than stopping at the first; :func:`validate_folders` raises one :class:`IngestError`
-listing them all. :func:`scarce.ingest.ingest` runs these checks before writing anything.
+listing them all. :func:`scarce.data.ingest.ingest` runs these checks before writing anything.
 
 Rules where the issue left a choice:
 
@@ -34,7 +34,8 @@ import yaml
 from tqdm import tqdm
 
 from scarce import io
-from scarce.ingest_records import StoragePlan, label_counts
+from scarce.data.records import StoragePlan, label_counts
+from scarce.errors import IngestError
 
 __all__ = [
     "IngestError",
@@ -67,21 +68,6 @@ _DATASET_RULES = {  # dataset.yaml key: (accepts the value, what it must be)
     "ignore_label": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
 }
 DATASET_KEYS = tuple(_DATASET_RULES)
-
-
-class IngestError(ValueError):
-    """Validation failed; nothing was written.
-
-    Attributes
-    ----------
-    problems : list of str
-        One line per problem, each starting with the file (or folder) it is about.
-    """
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) found, nothing was written:\n{lines}")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Three steps, in this order:
 
-1. **Validate** every image/mask pair (:mod:`scarce.ingest_checks`): pairing by file stem,
+1. **Validate** every image/mask pair (:mod:`scarce.data.checks`): pairing by file stem,
    the file checks of :mod:`scarce.io`, shape agreement, channel counts, dtypes and the
    optional ``dataset.yaml``. All problems are collected; if there is any, :class:`IngestError`
    lists them (one line each, naming the file) and nothing is written.
@@ -10,13 +10,12 @@ Three steps, in this order:
    never land in both splits; or take a given split (``split.json`` or a dict).
 3. **Write** each split into a temporary directory beside ``DB_DIR``, then rename it into
    place: a crash or Ctrl-C leaves the old database or none, never half of one. Worker
-   threads decode (if needed), tile and encode the next images (:mod:`scarce.ingest_records`)
+   threads decode (if needed), tile and encode the next images (:mod:`scarce.data.records`)
    while the main thread writes and folds in the statistics.
 
 Decoded arrays from step 1 are kept for step 3 while they fit in ``CACHE_BYTES``; files beyond
 that are decoded again, on the worker threads (measured on dsb2018 in
-``benchmarks/results/ingest.md``). The public names of :mod:`scarce.ingest_checks` and
-:mod:`scarce.ingest_records` are importable from here too.
+``benchmarks/results/ingest.md``).
 
 Rules where the issue left a choice:
 
@@ -25,8 +24,8 @@ Rules where the issue left a choice:
   1 train image when ``train_fraction < 1`` and ``n >= 2``. A single image always goes to train
   (a warning says there is no test set) and, like ``train_fraction=1``, no ``test.lmdb`` is
   written. A given split must name every stem exactly once and nothing else.
-- Channels, dtypes and masks: see :mod:`scarce.ingest_checks`; statistics: see
-  :mod:`scarce.ingest_records`.
+- Channels, dtypes and masks: see :mod:`scarce.data.checks`; statistics: see
+  :mod:`scarce.data.records`.
 
 Metadata record of each database (JSON under ``store.METADATA_KEY``): ``format_version``,
 ``split``, ``num_samples``, ``channels``, ``image_dtype``, ``mask_dtype``, ``mask_kind``,
@@ -53,8 +52,6 @@ import json
 import logging
 import math
 import os
-import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,20 +59,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scarce import io, store
-from scarce.ingest_checks import (
+from scarce import io
+from scarce.data import store
+from scarce.data.checks import (
     CACHE_BYTES,
-    DATASET_KEYS,
     IngestError,
     Source,
-    check_dataset,
     check_folders,
     map_ahead,
-    pair_files,
-    read_dataset_metadata,
-    validate_folders,
 )
-from scarce.ingest_records import (
+from scarce.data.records import (
     PERCENTILE_PIXELS,
     IntensityStats,
     StoragePlan,
@@ -84,25 +77,9 @@ from scarce.ingest_records import (
     split_metadata,
     tile_origins,
 )
-from scarce.store import format_inspection, inspect_database
+from scarce.errors import InputError
 
-__all__ = [
-    "DATASET_KEYS",
-    "IngestError",
-    "Source",
-    "StoragePlan",
-    "check_dataset",
-    "encode_source",
-    "format_inspection",
-    "ingest",
-    "inspect_database",
-    "load_split",
-    "pair_files",
-    "read_dataset_metadata",
-    "split_stems",
-    "tile_origins",
-    "validate_folders",
-]
+__all__ = ["OUTPUT_NAMES", "ingest", "load_split", "split_stems"]
 
 log = logging.getLogger(__name__)
 
@@ -302,46 +279,15 @@ def _write_split(
 # ----------------------------------------------------------------------------- ingest
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out_dir`` unless overwriting one that holds only ingest output."""
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{out_dir} exists; pass overwrite=True (--overwrite) to replace "
-            "it or choose another output folder"
-        )
-    if not out_dir.is_dir() or set(os.listdir(out_dir)) - OUTPUT_NAMES:
-        raise FileExistsError(
-            f"refusing to replace {out_dir}: it is not a Scarce database folder "
-            f"(it holds files other than {', '.join(sorted(OUTPUT_NAMES))})"
-        )
-
-
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside, then deleted."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _check_arguments(tile_size, tile_stride, mask_kind, channel_axis, train_fraction) -> None:
-    """Raise ValueError for arguments no file can fix (``train_fraction=None``: not used)."""
+    """Raise InputError for arguments no file can fix (``train_fraction=None``: not used)."""
     tile_origins(1, 1, tile_size, tile_stride)  # checks the tiling arguments
     if mask_kind not in (None, "class", "instance"):
-        raise ValueError(f"mask_kind must be 'class' or 'instance', got {mask_kind!r}")
+        raise InputError(f"mask_kind must be 'class' or 'instance', got {mask_kind!r}")
     if channel_axis not in (None, 0, -1, 2):
-        raise ValueError(f"channel_axis must be None, 0 or -1, got {channel_axis!r}")
+        raise InputError(f"channel_axis must be None, 0 or -1, got {channel_axis!r}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        raise InputError(f"train_fraction must be in (0, 1], got {train_fraction}")
 
 
 def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) -> dict:
@@ -353,10 +299,7 @@ def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) 
     by_stem = {s.stem: s for s in sources}
     seeds = dict(zip(("train", "test"), np.random.SeedSequence(seed).spawn(2)))
     metas = {}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
+    with store.install_folder(out_dir, overwrite=True, replaceable=OUTPUT_NAMES) as tmp:
         for name in (n for n in ("train", "test") if chosen[n]):
             metas[name] = _write_split(
                 tmp / f"{name}.lmdb",
@@ -367,10 +310,6 @@ def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) 
                 progress,
             )
         (tmp / "split.json").write_text(json.dumps(chosen, indent=1) + "\n")
-        _install(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return metas
 
 
@@ -429,7 +368,7 @@ def ingest(
 
     Raises
     ------
-    ValueError
+    InputError
         For bad arguments (fraction, tiling, mask kind, channel axis).
     FileExistsError
         If ``out_dir`` exists and not ``overwrite``, or holds other files.
@@ -445,7 +384,7 @@ def ingest(
         channel_axis,
         None if split is not None else train_fraction,
     )
-    _check_out_dir(out_dir, overwrite)
+    store.check_output_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES)
     if metadata is None and (images_dir / "dataset.yaml").is_file():
         metadata = images_dir / "dataset.yaml"
     workers = workers or min(8, os.cpu_count() or 1)

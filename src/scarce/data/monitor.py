@@ -1,20 +1,14 @@
 """How fast the readers deliver: starvation while training, throughput on demand.
 
 :class:`StarvationMonitor` wraps the trainer's batch stream and times every wait for the next
-batch; :func:`benchmark_readers` measures augmented patches per second on this machine (the
-``scarce benchmark-readers`` verb). :mod:`scarce.readers` re-exports all three names.
+batch; :func:`measure_batches` measures how many batches per second a running stream delivers
+(``scarce benchmark-readers`` builds the stream in :mod:`scarce.segment.readers`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
-
-from scarce.config import TrainConfig, replace
-from scarce.normalize import normalization_spec
-from scarce.store import read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +26,11 @@ class StarvationMonitor:
     Parameters
     ----------
     iterable : iterable
-        Typically a :class:`scarce.readers.TrainBatches`.
+        Typically a :class:`scarce.segment.readers.TrainBatches`.
     threshold_ms : float
         Wait above which the consumer is starving, milliseconds (>= 0).
     logger : logging.Logger, optional
-        Defaults to this module's logger (``scarce.monitor``).
+        Defaults to this module's logger (``scarce.data.monitor``).
 
     Attributes
     ----------
@@ -121,71 +115,44 @@ class StarvationMonitor:
         return fraction
 
 
-def benchmark_readers(
-    db_path: str | os.PathLike,
-    cfg: TrainConfig,
-    *,
-    seconds: float = 20.0,
-    reader_count: int | None = None,
-    warmup_batches: int | None = None,
-) -> dict:
-    """Measure how fast the readers deliver augmented training batches on this machine.
+def measure_batches(batches, *, seconds: float, warmup_batches: int, batch_size: int) -> dict:
+    """Draw batches from a running stream for ``seconds`` and report the rate.
 
     Parameters
     ----------
-    db_path : path-like
-        A training LMDB directory, or a database folder holding ``train.lmdb``.
-    cfg : TrainConfig
-        Patch size, batch size, augmentation and normalisation to measure.
+    batches : iterator
+        A started batch stream (e.g. :class:`scarce.data.workers.TrainBatches`).
     seconds : float
         Measuring time after the warm-up, seconds (> 0).
-    reader_count : int, optional
-        Worker processes (-1 = auto, see :func:`scarce.readers.resolve_reader_count`);
-        default ``cfg.data.reader_count``.
-    warmup_batches : int, optional
-        Batches drawn (and not timed) first so workers are started and queues are full;
-        default ``2 * max(reader_count, 1)``.
+    warmup_batches : int
+        Batches drawn first and not timed (workers started, queues full).
+    batch_size : int
+        Samples per batch, to turn batches/s into samples/s.
 
     Returns
     -------
     dict
         ``patches_per_second``, ``batches_per_second``, ``seconds_per_batch`` (s),
-        ``reader_count`` (resolved), ``patch_size`` (pixels), ``batch_size``, ``batches``
-        (timed) and ``seconds`` (measured wall time).
+        ``batch_size``, ``batches`` (timed) and ``seconds`` (measured wall time).
 
     Raises
     ------
     ValueError
-        If ``seconds`` <= 0 or ``reader_count`` < -1.
-    scarce.store.StoreError
-        If no database is found at ``db_path``.
+        If ``seconds`` <= 0.
     """
-    from scarce.readers import make_train_loader, resolve_reader_count  # (readers imports us)
-
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
-    count = resolve_reader_count(cfg.data.reader_count if reader_count is None else reader_count)
-    path = Path(db_path)
-    if not (path / "data.mdb").is_file() and (path / "train.lmdb").is_dir():
-        path = path / "train.lmdb"
-    cfg = replace(cfg, data=replace(cfg.data, reader_count=count))
-    warmup = 2 * max(count, 1) if warmup_batches is None else warmup_batches
-    spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(path))
-    with make_train_loader(path, cfg, norm_spec=spec) as batches:
-        for _ in range(warmup):
-            next(batches)
-        done, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            next(batches)
-            done += 1
-    n = cfg.data.batch_size
+    for _ in range(warmup_batches):
+        next(batches)
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        next(batches)
+        done += 1
     return {
-        "patches_per_second": done * n / elapsed,
+        "patches_per_second": done * batch_size / elapsed,
         "batches_per_second": done / elapsed,
         "seconds_per_batch": elapsed / max(done, 1),
-        "reader_count": count,
-        "patch_size": cfg.data.patch_size,
-        "batch_size": n,
+        "batch_size": batch_size,
         "batches": done,
         "seconds": elapsed,
     }
@@ -214,4 +181,4 @@ def format_benchmark(result: dict) -> str:
     )
 
 
-__all__ = ["StarvationMonitor", "benchmark_readers", "format_benchmark"]
+__all__ = ["StarvationMonitor", "format_benchmark", "measure_batches"]

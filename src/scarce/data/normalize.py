@@ -27,7 +27,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-NORMALIZATION_MODES = ("zscore", "percentile", "dataset")
+from scarce.config import CHOICES
+
+NORMALIZATION_MODES = CHOICES["data.normalization"]
 MAX_STAT_PIXELS = 4_000_000  # above this many pixels per channel, statistics use a subsample
 _RELATIVE_FLOOR = 1e-6
 

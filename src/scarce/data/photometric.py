@@ -1,25 +1,23 @@
 """Photometric augmentation: gamma, intensity, blur, noise and cutouts on an image patch.
 
 These transforms act on the image patch only, after the geometric warp of
-:mod:`scarce.augment` (masks are never touched), in a fixed order: gamma, intensity, blur,
+:mod:`scarce.data.augment` (masks are never touched), in a fixed order: gamma, intensity, blur,
 noise, cutouts. Each works per channel on the patch's *current* dynamic range (its min and
 max at that step), so it behaves the same for any normalisation. Their parameters are drawn
-by :func:`draw_photometric` (called by :func:`scarce.augment.draw_params`, after the
-geometric draws) and stored in :class:`scarce.augment.AugmentParams`.
+by :func:`draw_photometric` (called by :func:`scarce.data.augment.draw_params`, after the
+geometric draws) and stored in :class:`scarce.data.augment.AugmentParams`, which
+:func:`apply_photometric` reads (this module does not import it: augment builds on it).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 from scarce.config import AugmentConfig
-
-if TYPE_CHECKING:
-    from scarce.augment import AugmentParams
 
 _BORDER = cv2.BORDER_REFLECT_101
 _EPS = 1e-12  # floor of a channel's dynamic range (flat patches)
@@ -50,7 +48,7 @@ def draw_photometric(cfg: AugmentConfig, patch_size: int, rng: np.random.Generat
     Each transform is drawn only if its switch is on and a Bernoulli draw with its
     probability succeeds (a switched-off transform uses no random number); then one draw per
     switched-on cutout kind (see :class:`Cutout`). ``cfg`` is taken as valid:
-    :func:`scarce.augment.draw_params` checks it first.
+    :func:`scarce.data.augment.draw_params` checks it first.
 
     Parameters
     ----------
@@ -109,9 +107,7 @@ def _draw_cutouts(cfg: AugmentConfig, size: int, rng: np.random.Generator) -> tu
     return tuple(cutouts)
 
 
-def apply_photometric(
-    patch: np.ndarray, params: AugmentParams, rng: np.random.Generator
-) -> np.ndarray:
+def apply_photometric(patch: np.ndarray, params, rng: np.random.Generator) -> np.ndarray:
     """Apply gamma, intensity, blur, noise and cutouts (in this order) to an image patch.
 
     Each step works per channel on the patch's *current* dynamic range ``[lo, lo + span]``

@@ -1,7 +1,7 @@
 """What ingest puts into a database: tiles, sample records and per-split statistics.
 
 - :class:`StoragePlan`: the channel count and dtypes all samples are stored in (from the
-  checks of :mod:`scarce.ingest_checks`);
+  checks of :mod:`scarce.data.checks`);
 - :func:`tile_origins` cuts a source image into tiles; :func:`encode_source` turns the
   arrays of one validated source image into ``(entry, record)`` pairs;
 - :func:`label_counts` / :func:`class_pixel_counts`: pixels per label value of a mask and per
@@ -10,7 +10,7 @@
   split, folded in one image at a time. The mean and std are exact over all pixels; the
   percentiles are exact for uint8/uint16 images (histograms) and for other dtypes up to
   ``PERCENTILE_PIXELS`` pixels per split, estimated beyond on a seeded uniform subsample;
-- :func:`split_metadata`: the metadata record (keys listed in :mod:`scarce.ingest`).
+- :func:`split_metadata`: the metadata record (keys listed in :mod:`scarce.data.ingest`).
 
 References
 ----------
@@ -28,7 +28,9 @@ from datetime import datetime, timezone
 import cv2
 import numpy as np
 
-from scarce import __version__, store
+from scarce import __version__
+from scarce.data import store
+from scarce.errors import InputError
 
 __all__ = [
     "IntensityStats",
@@ -85,14 +87,14 @@ def tile_origins(
 
     Raises
     ------
-    ValueError
+    InputError
         For a non-positive tile size or a stride outside ``1 .. tile_size``.
     """
     if tile_size is None:
         return [(0, 0)], (height, width)
     stride = tile_size if tile_stride is None else tile_stride
     if tile_size < 1 or not 1 <= stride <= tile_size:
-        raise ValueError(
+        raise InputError(
             f"need tile_size >= 1 and 1 <= tile_stride <= tile_size (a larger "
             f"stride skips pixels), got {tile_size} and {tile_stride}"
         )
@@ -122,7 +124,7 @@ def encode_source(
 
     Parameters
     ----------
-    source : scarce.ingest_checks.Source
+    source : scarce.data.checks.Source
         Stem, shape and labels of the pair.
     image : ndarray, shape (C_file, H, W), dtype ``plan.image_dtype``
         ``C_file`` is ``plan.channels`` or 1 (then repeated to ``plan.channels``).
@@ -136,7 +138,7 @@ def encode_source(
     -------
     list of (dict, bytes)
         Row-major; the metadata entry ``{"name", "source", "origin", "shape", "classes"}``
-        and the record of :func:`scarce.store.encode_sample` of each tile.
+        and the record of :func:`scarce.data.store.encode_sample` of each tile.
     """
     stored = image if len(image) == plan.channels else np.repeat(image, plan.channels, axis=0)
     origins, (th, tw) = tile_origins(*source.shape, *tiling)
@@ -150,9 +152,8 @@ def encode_source(
             if whole and plan.mask_kind == "class"
             else _classes_present(tile_mask, plan.mask_kind)
         )
-        record = store.encode_sample(
-            name, source.stem, (y, x), stored[:, y : y + th, x : x + tw], tile_mask, classes
-        )
+        arrays = {"image": stored[:, y : y + th, x : x + tw], "mask": tile_mask}
+        record = store.encode_sample(name, source.stem, (y, x), arrays, classes)
         samples.append(
             (
                 {
@@ -232,7 +233,7 @@ def class_pixel_counts(sources, mask_kind: str) -> tuple[dict[int, int], int | N
 
     Parameters
     ----------
-    sources : list of scarce.ingest_checks.Source
+    sources : list of scarce.data.checks.Source
         Each with ``shape`` (H, W) and ``labels``/``counts`` from :func:`label_counts`.
     mask_kind : {"class", "instance"}
 
@@ -365,12 +366,12 @@ def split_metadata(
     dataset: dict,
     folders: dict,
 ) -> dict:
-    """The metadata record of one split (keys documented in :mod:`scarce.ingest`).
+    """The metadata record of one split (keys documented in :mod:`scarce.data.ingest`).
 
     Parameters
     ----------
     split : {"train", "test"}
-    sources : list of scarce.ingest_checks.Source
+    sources : list of scarce.data.checks.Source
         The split's source images, in key order.
     plan : StoragePlan
     entries : list of dict
@@ -380,7 +381,7 @@ def split_metadata(
     tiling : (int or None, int or None)
         ``(tile_size, tile_stride)``, pixels.
     dataset : dict
-        From ``dataset.yaml`` (:func:`scarce.ingest_checks.read_dataset_metadata`).
+        From ``dataset.yaml`` (:func:`scarce.data.checks.read_dataset_metadata`).
     folders : dict
         ``{"images": path, "masks": path}``, absolute.
     """

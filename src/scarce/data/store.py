@@ -2,39 +2,46 @@
 
 Layout of a database (an LMDB environment directory, e.g. ``DB_DIR/train.lmdb``):
 
-- key ``b"__metadata__"``: UTF-8 JSON, the metadata record (see ``scarce.ingest``);
+- key ``b"__metadata__"``: UTF-8 JSON, the metadata record (keys listed in
+  :mod:`scarce.data.ingest` for image/mask databases);
 - keys ``b"%08d" % i`` for ``i`` in ``0..num_samples-1``: one sample each.
 
-A sample record is ``[4-byte little-endian header length][JSON header][image bytes][mask bytes]``.
-The header holds ``name`` (unique sample name), ``source`` (stem of the source image),
-``origin`` ``[y, x]`` of the tile in the source image (pixels), ``image`` and ``mask``
-(``shape``, ``dtype``, ``offset``, ``nbytes``) and ``classes`` (label values present; for
-instance masks the classes 0/1 = background/foreground present). Arrays are decoded with
-``np.frombuffer`` straight on the LMDB buffer: no copy is made.
+A sample record (format version 2) is ``[4-byte little-endian header length][JSON header]``
+followed by the bytes of its named arrays. The header holds ``name`` (unique sample name),
+``source`` (stem of the source image or name of the source stack), ``origin`` ``[y, x]`` of the
+sample in its source (pixels), ``classes`` (label values present; for instance masks 0/1 =
+background/foreground), ``info`` (plain values a task adds, e.g. ``{"z": 4}`` for a stack
+slice) and ``arrays``: name -> ``shape``, ``dtype``, ``offset``, ``nbytes``. Image/mask
+databases store ``image`` ``(C, H, W)`` and ``mask`` ``(H, W)``; stack databases ``image``
+``(1, H, W)`` and optionally ``mask``. Version-1 records (``image`` and ``mask`` at the top of
+the header) still decode. Arrays are decoded with ``np.frombuffer`` straight on the LMDB
+buffer: no copy is made.
 
-:func:`inspect_database` and :func:`format_inspection` summarise a database from its metadata
-records alone (``scarce inspect``); the metadata keys are listed in :mod:`scarce.ingest`.
+:func:`install_folder` is the one way a database folder comes into place: written into a
+temporary folder beside it, then renamed, so a crash leaves the old database or none.
+:mod:`scarce.data.inspect` summarises databases from their metadata records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import struct
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
-FORMAT_VERSION = 1
+from scarce.errors import OutputExistsError, StoreError
+
+FORMAT_VERSION = 2  # 2: named arrays per record; 1: image + mask only (still read)
 METADATA_KEY = b"__metadata__"
 _HEADER = struct.Struct("<I")
-
-
-class StoreError(ValueError):
-    """A database is missing, unreadable, or not a Scarce database (message names the path)."""
 
 
 @dataclass(frozen=True)
@@ -44,26 +51,37 @@ class Sample:
     Attributes
     ----------
     name : str
-        Unique sample name (``stem`` or ``stem@y,x`` for tiles).
+        Unique sample name (``stem`` or ``stem@y,x`` for tiles, ``stack@z`` for slices).
     source : str
-        Stem of the source image; all tiles of one image share it.
+        Stem of the source image (all tiles of one image share it) or name of the stack.
     origin : tuple of int
-        ``(y, x)`` of the sample's top-left pixel in the source image, pixels.
-    image : ndarray, shape (C, H, W)
-        Stored dtype (uint8, uint16, int16, int32, uint32 or float32). Read-only; it may be a
-        view on the LMDB buffer, valid only while its transaction is open unless copied.
-    mask : ndarray, shape (H, W)
-        Integer labels (class ids or instance ids), read-only.
+        ``(y, x)`` of the sample's top-left pixel in its source, pixels.
+    arrays : dict of str to ndarray
+        The named arrays, e.g. ``image`` ``(C, H, W)`` in the stored dtype and ``mask``
+        ``(H, W)`` integer labels. Read-only; they may be views on the LMDB buffer, valid only
+        while its transaction is open unless copied.
     classes : tuple of int
         Label values present (for instance masks: 0 and/or 1).
+    info : dict
+        Plain values the writer added (e.g. ``{"z": 4}``); empty for image/mask databases.
     """
 
     name: str
     source: str
     origin: tuple[int, int]
-    image: np.ndarray
-    mask: np.ndarray
-    classes: tuple[int, ...]
+    arrays: dict[str, np.ndarray]
+    classes: tuple[int, ...] = ()
+    info: dict = field(default_factory=dict)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The ``image`` array ``(C, H, W)``."""
+        return self.arrays["image"]
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The ``mask`` array ``(H, W)``, or ``None`` when the record has none."""
+        return self.arrays.get("mask")
 
 
 def sample_key(index: int) -> bytes:
@@ -75,51 +93,65 @@ def encode_sample(
     name: str,
     source: str,
     origin: tuple[int, int],
-    image: np.ndarray,
-    mask: np.ndarray,
-    classes: list[int],
+    arrays: Mapping[str, np.ndarray],
+    classes=(),
+    info: Mapping | None = None,
 ) -> bytes:
     """Serialise one sample to a record (see the module docstring for the layout).
 
     Parameters
     ----------
-    image : ndarray, shape (C, H, W)
-    mask : ndarray, shape (H, W)
-        Same H and W as ``image``.
+    name, source : str
+        Sample name and source name.
+    origin : tuple of int
+        ``(y, x)`` in the source, pixels.
+    arrays : mapping of str to ndarray
+        Named arrays in the order they are stored; ``image`` ``(C, H, W)`` and ``mask``
+        ``(H, W)`` must agree in H and W when both are present.
+    classes : iterable of int
+        Label values present.
+    info : mapping, optional
+        Plain JSON values stored in the header.
 
     Raises
     ------
     ValueError
-        If the shapes disagree.
+        If there is no array, or ``image`` and ``mask`` do not match.
     """
-    if image.ndim != 3 or mask.ndim != 2 or image.shape[1:] != mask.shape:
+    if not arrays:
+        raise ValueError(f"{name}: a record needs at least one array")
+    image, mask = arrays.get("image"), arrays.get("mask")
+    if (
+        image is not None
+        and mask is not None
+        and (image.ndim != 3 or mask.ndim != 2 or image.shape[1:] != mask.shape)
+    ):
         raise ValueError(f"{name}: image {image.shape} and mask {mask.shape} do not match")
-    image = np.ascontiguousarray(image)
-    mask = np.ascontiguousarray(mask)
+    specs, chunks, offset = {}, [], 0
+    for key, value in arrays.items():
+        value = np.ascontiguousarray(value)
+        specs[key] = {
+            "shape": list(value.shape),
+            "dtype": value.dtype.str,
+            "offset": offset,
+            "nbytes": value.nbytes,
+        }
+        chunks.append(value.data.cast("B") if value.nbytes else b"")
+        offset += value.nbytes
     header = {
         "name": name,
         "source": source,
         "origin": [int(origin[0]), int(origin[1])],
         "classes": [int(c) for c in classes],
-        "image": {
-            "shape": list(image.shape),
-            "dtype": image.dtype.str,
-            "offset": 0,
-            "nbytes": image.nbytes,
-        },
-        "mask": {
-            "shape": list(mask.shape),
-            "dtype": mask.dtype.str,
-            "offset": image.nbytes,
-            "nbytes": mask.nbytes,
-        },
+        "info": dict(info or {}),
+        "arrays": specs,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((_HEADER.pack(len(head)), head, image.data.cast("B"), mask.data.cast("B")))
+    return b"".join((_HEADER.pack(len(head)), head, *chunks))
 
 
 def decode_sample(buffer) -> Sample:
-    """Decode a record without copying the pixel data.
+    """Decode a record (format 1 or 2) without copying the pixel data.
 
     Parameters
     ----------
@@ -129,6 +161,7 @@ def decode_sample(buffer) -> Sample:
     (head_len,) = _HEADER.unpack_from(buffer, 0)
     start = _HEADER.size + head_len
     header = json.loads(bytes(buffer[_HEADER.size : start]))
+    specs = header.get("arrays") or {k: header[k] for k in ("image", "mask")}  # format 1
 
     def array(spec):
         count = int(np.prod(spec["shape"]))
@@ -141,9 +174,9 @@ def decode_sample(buffer) -> Sample:
         name=header["name"],
         source=header["source"],
         origin=tuple(header["origin"]),
-        image=array(header["image"]),
-        mask=array(header["mask"]),
+        arrays={key: array(spec) for key, spec in specs.items()},
         classes=tuple(header["classes"]),
+        info=header.get("info", {}),
     )
 
 
@@ -291,13 +324,9 @@ class SampleStore:
             raise IndexError(f"sample {index} out of range 0..{self.num_samples - 1}")
         with self.env.begin(buffers=True) as txn:
             sample = decode_sample(txn.get(sample_key(index)))
+            arrays = {key: value.copy() for key, value in sample.arrays.items()}
             return Sample(
-                sample.name,
-                sample.source,
-                sample.origin,
-                sample.image.copy(),
-                sample.mask.copy(),
-                sample.classes,
+                sample.name, sample.source, sample.origin, arrays, sample.classes, sample.info
             )
 
     def read_raw(self, index: int) -> bytes:
@@ -316,141 +345,96 @@ class SampleStore:
         self.close()
 
 
-def _describe(db: Path) -> dict:
-    """Facts about one database from its metadata record (no sample is decoded)."""
-    env = open_env(db)
-    try:
-        meta = read_metadata(env)
-        entries = env.stat()["entries"]
-    finally:
-        env.close()
-    shapes = Counter(f"{h}x{w}" for h, w in (s["shape"] for s in meta["samples"]))
-    counts = {k: int(v) for k, v in meta["class_pixel_counts"].items()}
-    total = sum(counts.values()) or 1
-    keys = (
-        "split",
-        "num_samples",
-        "channels",
-        "image_dtype",
-        "mask_dtype",
-        "mask_kind",
-        "class_ids",
-        "class_pixel_counts",
-        "num_instances",
-        "intensity",
-        "tiling",
-        "class_names",
-        "channel_names",
-        "pixel_size_um",
-        "description",
-        "ignore_label",
-        "source",
-        "created",
-        "format_version",
-        "scarce_version",
-    )
-    info = {k: meta.get(k) for k in keys}
-    info.update(
-        path=str(db),
-        num_sources=len(meta["sources"]),
-        records=entries - 1,
-        records_match=entries - 1 == meta["num_samples"],
-        size_bytes=(db / "data.mdb").stat().st_size,
-        class_fractions={k: v / total for k, v in counts.items()},
-        shapes={
-            "distinct": len(shapes),
-            "most_common": shapes.most_common(5),
-            "min": [min(s["shape"][i] for s in meta["samples"]) for i in (0, 1)]
-            if meta["samples"]
-            else None,
-            "max": [max(s["shape"][i] for s in meta["samples"]) for i in (0, 1)]
-            if meta["samples"]
-            else None,
-        },
-    )
-    return info
-
-
-def inspect_database(path: str | os.PathLike) -> dict:
-    """Summarise a database folder (``DB_DIR`` with ``train.lmdb``/``test.lmdb``) or one LMDB.
-
-    Only metadata records are read, so this is fast on any size.
+def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool, replaceable=None) -> None:
+    """Refuse an existing ``out_dir`` unless overwriting one that holds only replaceable names.
 
     Parameters
     ----------
-    path : path-like
-        ``DB_DIR`` as written by ``scarce ingest``, or one ``*.lmdb`` directory.
-
-    Returns
-    -------
-    dict
-        ``path``, ``split`` (the ``split.json`` contents or ``None``) and ``databases``: split
-        name -> facts (``num_samples``, ``num_sources``, ``records``/``records_match`` (record
-        count against the metadata), shapes ``(H, W)`` in pixels, dtypes, ``class_fractions``,
-        ``intensity``, dataset metadata, ``size_bytes``, ...), JSON-serialisable.
+    out_dir : path-like
+        The folder a writer is about to create.
+    overwrite : bool
+        Whether an existing folder may be replaced.
+    replaceable : set of str, optional
+        Names an existing folder may hold for an overwrite; ``None`` accepts any content.
 
     Raises
     ------
-    StoreError
-        If ``path`` holds no Scarce database.
+    OutputExistsError
+        If ``out_dir`` exists and ``overwrite`` is false, is not a folder, or holds a name
+        outside ``replaceable``.
     """
-    path = Path(path)
-    if (path / "data.mdb").is_file():
-        dbs = {path.stem: path}
-    else:
-        dbs = {n: path / f"{n}.lmdb" for n in ("train", "test") if (path / f"{n}.lmdb").is_dir()}
-    if not dbs:
-        raise StoreError(
-            f"{path}: no train.lmdb/test.lmdb inside and not an LMDB directory; "
-            "pass the folder written by `scarce ingest`"
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out_dir} exists; pass overwrite=True (--overwrite) to replace "
+            "it or choose another output folder"
         )
-    split_file = path / "split.json"
-    split = json.loads(split_file.read_text()) if split_file.is_file() else None
-    return {
-        "path": str(path),
-        "split": split,
-        "databases": {name: _describe(db) for name, db in dbs.items()},
-    }
-
-
-def format_inspection(info: dict) -> str:
-    """Human summary of :func:`inspect_database` output: one block per database."""
-    lines = [f"Database {info['path']}"]
-    if info["split"] is not None:
-        lines.append(
-            f"  split.json: {len(info['split']['train'])} train / "
-            f"{len(info['split']['test'])} test source images"
+    if not out_dir.is_dir() or (
+        replaceable is not None and set(os.listdir(out_dir)) - set(replaceable)
+    ):
+        raise OutputExistsError(
+            f"refusing to replace {out_dir}: it is not a Scarce database folder "
+            f"(it holds files other than {', '.join(sorted(replaceable or ()))})"
         )
-    for name, d in info["databases"].items():
-        shapes = ", ".join(f"{s} ({n})" for s, n in d["shapes"]["most_common"])
-        lines += [
-            f"[{name}] {d['path']}  ({d['size_bytes'] / 1e6:.1f} MB)",
-            f"  samples: {d['num_samples']} from {d['num_sources']} source image(s)"
-            + ("" if d["records_match"] else f"  (WARNING: {d['records']} records found)"),
-            f"  shapes (HxW, {d['shapes']['distinct']} distinct): {shapes}",
-            f"  image: {d['channels']} channel(s) {d['image_dtype']};  mask: {d['mask_kind']} "
-            f"{d['mask_dtype']}"
-            + (f", {d['num_instances']} instances" if d["num_instances"] is not None else ""),
-            "  classes: "
-            + ", ".join(
-                f"{c}{_name(d['class_names'], c)} {100 * f:.2f}%"
-                for c, f in d["class_fractions"].items()
-            ),
-        ]
-        for i, stat in enumerate(zip(*(d["intensity"][k] for k in ("mean", "std", "p1", "p99")))):
-            lines.append(
-                f"  channel {i}{_name(d['channel_names'], i)}: mean {stat[0]:.4g} "
-                f"std {stat[1]:.4g} p1 {stat[2]:.4g} p99 {stat[3]:.4g}"
-            )
-        extra = {
-            k: d[k]
-            for k in ("tiling", "pixel_size_um", "description", "ignore_label")
-            if d[k] is not None
-        }
-        lines += [f"  {k}: {v}" for k, v in extra.items()]
-    return "\n".join(lines)
 
 
-def _name(names, index) -> str:
-    index = int(index)
-    return f" ({names[index]})" if names and 0 <= index < len(names) else ""
+@contextlib.contextmanager
+def install_folder(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, replaceable=None
+) -> Iterator[Path]:
+    """Write a database folder atomically: yield a temporary folder, then rename it into place.
+
+    The temporary folder ``.NAME.tmp-XXXXXXXX`` is made beside ``out_dir``. When the ``with``
+    block ends normally it replaces ``out_dir`` (an existing one is moved aside, then deleted);
+    on any exception, ``KeyboardInterrupt`` included, it is removed and ``out_dir`` is left as
+    it was. So ``out_dir`` is always the old folder, the new one, or absent: never half.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Final folder, e.g. ``db/nist``.
+    overwrite : bool
+        Replace an existing ``out_dir``.
+    replaceable : set of str, optional
+        Names ``out_dir`` may hold for an overwrite (e.g. ``{"train.lmdb", "test.lmdb",
+        "split.json"}``); anything else makes it refuse. ``None`` accepts any content.
+
+    Yields
+    ------
+    pathlib.Path
+        The empty temporary folder to write into.
+
+    Raises
+    ------
+    OutputExistsError
+        Before anything is written: ``out_dir`` exists and ``overwrite`` is false, or it holds
+        files outside ``replaceable``.
+    """
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, overwrite=overwrite, replaceable=replaceable)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _rename_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside, then deleted."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,13 +1,13 @@
 """Reader worker processes: fork server, DataLoader wiring, watchdog, the batch stream.
 
-:func:`scarce.readers.make_train_loader` builds a batch maker (an object with
+:func:`scarce.segment.readers.make_train_loader` builds a batch maker (an object with
 ``batch(b) -> dict of tensors``, ``cfg``, ``db_path`` and ``close()``) and hands it to
 :class:`TrainBatches`, which runs it in ``reader_count`` worker processes of a torch
 ``DataLoader`` over an ``IterableDataset`` (or in the calling process when 0). Worker ``w``
 of ``W`` builds batches ``start + w, start + w + W, ...``; the DataLoader returns them in
 round-robin order, so the consumer receives ``start, start + 1, ...`` whatever ``W``.
 
-Workers are forked from a clean fork server that has imported :mod:`scarce.readers` but
+Workers are forked from a clean fork server that has imported :mod:`scarce.segment.readers` but
 started no thread (see :func:`worker_context`), and run one thread each. A worker that dies
 raises :class:`ReaderError` in the consumer within about 5 s (the DataLoader's liveness
 check); a worker that hangs is killed by a watchdog thread after ``timeout_s`` without a
@@ -27,21 +27,19 @@ import time
 import weakref
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from scarce.errors import ReaderError
 
 log = logging.getLogger(__name__)
 
 WORKER_TIMEOUT_S = 120.0  # no batch for this long = hung workers: kill them, raise
-_PRELOAD = "scarce.readers"  # what the fork server imports once for every worker
-
-
-class ReaderError(RuntimeError):
-    """A reader worker died, hung or failed; the message says which and what to check."""
 
 
 class BatchMaker(Protocol):
-    """What :class:`TrainBatches` runs in its workers (``scarce.readers._BatchMaker``)."""
+    """What :class:`TrainBatches` runs in its workers (``scarce.segment.readers._BatchMaker``)."""
 
     cfg: object  # TrainConfig; its ``seed`` seeds the DataLoader's own generator
     db_path: os.PathLike
@@ -68,6 +66,89 @@ class _BatchStream(IterableDataset):
             yield self.maker.batch(b)
 
 
+def batch_generator(seed: int, rank: int, batch: int) -> np.random.Generator:
+    """The generator that draws everything random in one training batch.
+
+    Parameters
+    ----------
+    seed : int
+        ``TrainConfig.seed``.
+    rank : int
+        DDP rank of the consuming process (0 without DDP).
+    batch : int
+        Index of the batch in the stream (= optimiser step), counted from 0.
+
+    Returns
+    -------
+    numpy.random.Generator
+        PCG64 generator seeded with ``SeedSequence(seed, spawn_key=(rank, batch))``.
+
+    References
+    ----------
+    NumPy ``SeedSequence.spawn``: child ``i`` of ``SeedSequence(s)`` is
+    ``SeedSequence(s, spawn_key=(i,))``; here the key ``(rank, batch)`` names one child per
+    rank and batch, independent streams without a shared counter (NumPy NEP 19).
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(rank, batch)))
+
+
+def resolve_reader_count(n: int) -> int:
+    """The number of reader worker processes that ``data.reader_count = n`` asks for.
+
+    Parameters
+    ----------
+    n : int
+        Workers per device: ``>= 1`` as given, ``0`` = read in the training process, ``-1`` =
+        auto: half the CPU cores this process may run on, at least 1 and at most 8.
+
+    Returns
+    -------
+    int
+        ``n`` when ``n >= 0``; else ``max(1, min(8, cores // 2))`` with ``cores`` from
+        ``os.sched_getaffinity(0)`` (respects taskset and container CPU sets) where the
+        platform has it, else ``os.cpu_count()`` (2 if unknown).
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not an integer or is below -1.
+
+    References
+    ----------
+    PyTorch's ``DataLoader`` counts usable cores the same way (``os.sched_getaffinity``) when
+    it warns about too many workers; the other half of the cores is left to the trainer.
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < -1:
+        raise ValueError(
+            f"data.reader_count must be an integer >= -1 (-1 = auto, 0 = in the "
+            f"trainer, k = k worker processes), got {n!r}"
+        )
+    if n >= 0:
+        return int(n)
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores // 2))
+
+
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when ``shared`` (a worker's batch output).
+
+    A batch made in a reader worker crosses to the trainer through shared memory; allocating
+    it there from the start saves a copy.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : torch.dtype
+    shared : bool
+        Allocate in shared memory (true inside a worker: ``get_worker_info() is not None``).
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    return tensor.share_memory_() if shared else tensor
+
+
 def init_worker(worker_id: int) -> None:
     """Give a fresh worker process one thread (the workers are the parallelism).
 
@@ -83,14 +164,20 @@ def init_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
+def worker_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
     """Fork workers from a clean server process that has imported Scarce but run nothing.
 
     Plain ``fork`` copies the parent's thread pools (OpenCV, OpenMP) in whatever state they
     are in: a worker forked after the parent used ``cv2`` with threads hung in
     ``cv2.setNumThreads`` (pthread_cond_destroy). ``spawn`` is safe but re-imports torch in
-    every worker (seconds each). The fork server imports :mod:`scarce.readers` once, without
+    every worker (seconds each). The fork server imports the ``preload`` modules (the module
+    of the batch maker, e.g. :mod:`scarce.segment.readers`, and with it torch) once, without
     starting any thread, and forks the workers from it (milliseconds each, after the first).
+
+    Parameters
+    ----------
+    preload : tuple of str
+        Module names the fork server imports before forking (used when it first starts).
 
     Returns
     -------
@@ -104,7 +191,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([_PRELOAD])
+    context.set_forkserver_preload([__name__, *preload])
     return context
 
 
@@ -140,7 +227,7 @@ class TrainBatches:
     weights (``target`` is widened to int64 here; workers may send it as uint8). Iterating
     again continues the same stream. ``next_batch`` is the stream index of the batch the
     next call returns. Use as a context manager, or call :meth:`close`, to shut the workers
-    down. Made by :func:`scarce.readers.make_train_loader`.
+    down. Made by :func:`scarce.segment.readers.make_train_loader`.
 
     Parameters
     ----------
@@ -191,7 +278,7 @@ class TrainBatches:
             timeout=0,
             worker_init_fn=init_worker,
             pin_memory=torch.cuda.is_available(),
-            multiprocessing_context=worker_context(),
+            multiprocessing_context=worker_context((type(maker).__module__,)),
             generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
         )
         self._iterator = iter(loader)
@@ -261,9 +348,11 @@ class TrainBatches:
 
 __all__ = [
     "BatchMaker",
-    "ReaderError",
     "TrainBatches",
     "WORKER_TIMEOUT_S",
+    "batch_generator",
+    "empty_tensor",
     "init_worker",
+    "resolve_reader_count",
     "worker_context",
 ]

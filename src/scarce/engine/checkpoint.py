@@ -1,23 +1,30 @@
 """Checkpoints: save atomically, load safely (``weights_only=True``), rebuild the model.
 
 A checkpoint is a dict of tensors and plain Python values, so that
-``torch.load(path, weights_only=True)`` can read it and a planted pickle payload cannot run code:
+``torch.load(path, weights_only=True)`` can read it and a planted pickle payload cannot run code.
+Format version 2:
 
 - ``format`` (``"scarce-checkpoint"``) and ``format_version``;
-- ``model``: ``{"name", "in_channels", "num_classes", "options"}`` and ``model_state``;
-- ``config``: the resolved :class:`~scarce.config.TrainConfig` as nested plain values;
-- ``normalization``: the spec from :func:`scarce.normalize.normalization_spec`;
-- ``class_names``, ``mask_kind`` (of the training database), ``target`` (resolved rule:
-  ``class`` | ``semantic`` | ``boundary``), ``ignore_label``;
+- ``task``: the task that trained it (``"segment"`` or ``"align"``);
+- ``model``: ``{"name", "arguments"}`` (rebuilt with ``build_model(name, **arguments)``) and
+  ``model_state``;
+- ``config``: the resolved task config as nested plain values;
+- ``extras``: what the task needs to use the model (segmentation: ``normalization`` and
+  ``target``, the :class:`~scarce.segment.targets.TargetSpec` as a dict);
 - training state (only in training checkpoints): ``step``, ``best``, ``optimizer``,
   ``scheduler``, ``scaler``, ``rng``;
 - ``versions``: scarce, torch and python versions that wrote it.
+
+Version 1 (segmentation only; model ``{"name", "in_channels", "num_classes", "options"}``
+and ``normalization``, ``class_names``, ``mask_kind``, ``target``, ``ignore_label`` at the top)
+is upgraded to version 2 when loaded.
 
 Training, prediction and export all use this module, so the predictor never imports the trainer.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import platform
@@ -26,12 +33,13 @@ from typing import Any
 
 import torch
 
+from scarce.errors import CheckpointError
+from scarce.models import build_model
+
+logger = logging.getLogger("scarce")
+
 FORMAT = "scarce-checkpoint"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unsafe, corrupt or not a Scarce checkpoint (names the file)."""
+FORMAT_VERSION = 2
 
 
 def versions() -> dict:
@@ -139,8 +147,39 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{file}: checkpoint format {ckpt['format_version']} is newer than "
             f"this Scarce understands ({FORMAT_VERSION}); upgrade Scarce"
         )
+    if ckpt.get("format_version", 1) == 1:
+        ckpt = _upgrade_v1(ckpt)
     ckpt["path"] = str(file)
     return ckpt
+
+
+def _upgrade_v1(ckpt: dict) -> dict:
+    """A version-1 checkpoint (segmentation only) in the version-2 layout."""
+    spec = ckpt["model"]
+    target = {
+        "mask_kind": ckpt.get("mask_kind", "class"),
+        "rule": ckpt.get("target", "class"),
+        "boundary_width": int(ckpt.get("config", {}).get("data", {}).get("boundary_width", 2)),
+        "ignore_label": ckpt.get("ignore_label"),
+        "num_classes": int(spec["num_classes"]),
+        "class_names": list(ckpt.get("class_names") or []),
+    }
+    moved = ("normalization", "class_names", "mask_kind", "target", "ignore_label")
+    upgraded = {k: v for k, v in ckpt.items() if k not in moved}
+    upgraded.update(
+        format_version=FORMAT_VERSION,
+        task="segment",
+        model={
+            "name": spec["name"],
+            "arguments": {
+                "in_channels": spec["in_channels"],
+                "num_classes": spec["num_classes"],
+                **spec["options"],
+            },
+        },
+        extras={"normalization": ckpt["normalization"], "target": target},
+    )
+    return upgraded
 
 
 def build_model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -151,10 +190,8 @@ def build_model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") 
     CheckpointError
         If the stored weights do not fit the stored architecture.
     """
-    from scarce.models import build_model
-
     spec = ckpt["model"]
-    model = build_model(spec["name"], spec["in_channels"], spec["num_classes"], **spec["options"])
+    model = build_model(spec["name"], **spec["arguments"])
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
@@ -173,7 +210,29 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     model : torch.nn.Module
         In eval mode on ``device``.
     ckpt : dict
-        The checkpoint, for its normalisation, class names, target rule and config.
+        The checkpoint (version-2 layout), for its task, extras and config.
     """
     ckpt = load_checkpoint(path, map_location="cpu")
     return build_model_from_checkpoint(ckpt, device), ckpt
+
+
+def load_matching_weights(model: torch.nn.Module, path) -> None:
+    """Copy the tensors of checkpoint ``path`` whose names and shapes match into ``model``.
+
+    Used to fine-tune from another run (``--init-from``): tensors whose shapes differ (e.g. a
+    classifier for another number of classes) keep their initial values and are logged.
+
+    Raises
+    ------
+    CheckpointError
+        If ``path`` is not a usable checkpoint or run folder.
+    """
+    state = load_checkpoint(path)["model_state"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    logger.info(
+        "Initialised from %s (%d tensors; %d kept their initial values%s)",
+        *(path, len(usable), len(skipped), f": {skipped[:6]}" if skipped else ""),
+    )

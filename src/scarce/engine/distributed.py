@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from scarce.config import AMP_MODES
+from scarce.errors import DeviceError
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,49 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """Turn ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` into a device.
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """Turn a device name into a :class:`torch.device`; the one place Scarce does this.
+
+    Parameters
+    ----------
+    name : {"auto", "cpu", "cuda", "cuda:N"} or torch.device or None
+        ``"auto"`` (or ``None``) picks ``cuda`` when available, else ``cpu``.
+    local_rank : int
+        Under ``torchrun``, plain ``cuda`` (and ``auto`` on a GPU machine) means
+        ``cuda:LOCAL_RANK``.
+
+    Returns
+    -------
+    torch.device
 
     Raises
     ------
-    RuntimeError
-        If CUDA is asked for but not available.
+    DeviceError
+        For an unknown name, or when CUDA is asked for but not available (or the index is
+        out of range); the message says what to use instead.
     """
-    if name == "auto":
+    if name is None or str(name) == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device {name!r} asked for, but CUDA is not available here; use --device cpu"
+            raise DeviceError(
+                f"device {str(name)!r} asked for, but CUDA is not available here "
+                "(CPU-only torch or no GPU); use --device cpu or auto"
             )
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are "
+                "visible"
+            )
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device {str(name)!r}; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:
@@ -100,13 +126,15 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
     Raises
     ------
+    DeviceError
+        For ``fp16`` on a device that is not CUDA.
     ValueError
-        For ``fp16`` on a device that is not CUDA, or an unknown mode.
+        For an unknown mode.
     """
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}; got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp fp16 needs a CUDA device; use --amp bf16 (or auto) on the CPU")
+        raise DeviceError("amp fp16 needs a CUDA device; use --amp bf16 (or auto) on the CPU")
     if amp != "auto":
         return amp
     if device.type == "cuda":

@@ -1,11 +1,11 @@
-"""Export a trained model to TorchScript or ONNX, with its metadata, for use outside Scarce.
+"""Export a trained network to TorchScript or ONNX, with its metadata, for use outside Scarce.
 
-The exported network maps normalised images ``(N, C, H, W)`` float32 to logits
-``(N, K, H, W)`` float32 for any N and any H, W that are multiples of ``size_multiple``
-(dynamic axes). What a user needs to prepare inputs and read outputs travels with it: the
-normalisation spec, class names, channel counts, ``size_multiple`` and the target rule are
-stored in the file (TorchScript ``_extra_files["scarce.json"]``, ONNX ``metadata_props``
-key ``"scarce"``) and in a JSON file beside it (``<out>.json``).
+The exported network takes ``(N, C, H, W)`` float32 for any N and any H, W that are multiples of
+``size_multiple`` (dynamic axes). What a user needs to prepare inputs and read outputs travels
+with it, in the file (TorchScript ``_extra_files["scarce.json"]``, ONNX ``metadata_props``
+key ``"scarce"``) and in a JSON file beside it (``<out>.json``): the engine's part (model,
+``size_multiple``, halo, versions) and the task's part (for segmentation the normalisation,
+class names and target rule: :func:`scarce.segment.predict.export_model` adds them).
 
 Every export is checked before it is reported done: the exported model runs on an input of
 another size and batch than the export example and must give the PyTorch logits within
@@ -26,52 +26,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scarce.checkpoint import load_model
+from scarce.engine.checkpoint import load_model
+from scarce.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("torchscript", "onnx")
 CHECK_ATOL = 1e-4  # largest |exported - PyTorch| logit difference accepted by the check
-INPUT_LAYOUT = "(N, C, H, W) float32 normalised; H, W multiples of size_multiple"
-OUTPUT_LAYOUT = "(N, K, H, W) float32 logits (softmax over K gives class probabilities)"
 
 
-def export_metadata(model: torch.nn.Module, ckpt: dict, fmt: str) -> dict:
-    """Plain-JSON description of an exported model: how to feed it and read its output.
+def base_metadata(model: torch.nn.Module, ckpt: dict, fmt: str) -> dict:
+    """The engine's part of an exported model's metadata.
 
     Parameters
     ----------
     model : torch.nn.Module
         The rebuilt network (``size_multiple``, ``halo`` are read).
     ckpt : dict
-        Its checkpoint (normalisation, class names, model spec, target, predict config).
+        Its checkpoint (task, model spec, extras, predict config, versions).
     fmt : {"torchscript", "onnx"}
 
     Returns
     -------
     dict
-        Keys ``format``, ``export_format``, ``model``, ``in_channels``, ``num_classes``,
-        ``size_multiple``, ``halo`` (pixels), ``normalization``, ``class_names``, ``target``,
-        ``mask_kind``, ``ignore_label``, ``predict`` (sliding-window defaults), ``input``,
-        ``output``, ``source_checkpoint``, ``versions``.
+        ``format``, ``export_format``, ``task``, ``model`` (name and constructor
+        arguments), ``in_channels``, ``size_multiple``, ``halo`` (pixels), ``predict``
+        (sliding-window defaults), ``extras`` (the task's checkpoint extras),
+        ``source_checkpoint``, ``versions``.
     """
-    spec = ckpt["model"]
     return {
         "format": "scarce-export",
         "export_format": fmt,
-        "model": {k: spec[k] for k in ("name", "in_channels", "num_classes", "options")},
-        "in_channels": int(spec["in_channels"]),
-        "num_classes": int(spec["num_classes"]),
+        "task": ckpt.get("task"),
+        "model": dict(ckpt["model"]),
+        "in_channels": int(model.arguments["in_channels"]),
         "size_multiple": int(getattr(model, "size_multiple", 1)),
         "halo": int(getattr(model, "halo", 0)),
-        "normalization": ckpt["normalization"],
-        "class_names": list(ckpt.get("class_names") or []),
-        "target": ckpt.get("target"),
-        "mask_kind": ckpt.get("mask_kind"),
-        "ignore_label": ckpt.get("ignore_label"),
         "predict": dict(ckpt.get("config", {}).get("predict", {})),
-        "input": INPUT_LAYOUT,
-        "output": OUTPUT_LAYOUT,
+        "extras": ckpt.get("extras"),
         "source_checkpoint": ckpt.get("path"),
         "versions": {k: str(v) for k, v in (ckpt.get("versions") or {}).items()},
     }
@@ -204,7 +196,9 @@ def _export_onnx(model, example: torch.Tensor, out: Path, meta: dict) -> None:
     )
 
 
-def export_model(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
+def export_network(
+    model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, *, describe=None
+) -> Path:
     """Export a checkpoint's network to TorchScript or ONNX, with metadata, checked.
 
     Parameters
@@ -221,7 +215,10 @@ def export_model(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike
     out : path-like
         Model file to write (e.g. ``model.pt`` or ``model.onnx``); its folder is created.
         ``<out>.json`` is written beside it with the same metadata (see
-        :func:`export_metadata`).
+        :func:`base_metadata`).
+    describe : callable, optional
+        ``describe(model, ckpt) -> dict``: the task's part of the metadata, merged over the
+        engine's (segmentation: :func:`scarce.segment.predict.export_metadata`).
 
     Returns
     -------
@@ -230,14 +227,14 @@ def export_model(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike
 
     Raises
     ------
-    ValueError
+    InputError
         For an unknown ``fmt`` or an output folder that cannot be created.
     ImportError
         For ONNX without onnx/onnxscript installed (says ``pip install 'scarce[onnx]'``).
     RuntimeError
         If the exported model's logits differ from PyTorch's by more than ``CHECK_ATOL`` on
         an input of another size (``3 x C x 6m x 3m``, m = ``size_multiple``).
-    scarce.checkpoint.CheckpointError
+    scarce.engine.checkpoint.CheckpointError
         For a missing or invalid checkpoint.
 
     References
@@ -246,18 +243,18 @@ def export_model(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike
     specification, https://onnx.ai (model ``metadata_props``).
     """
     if fmt not in FORMATS:
-        raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+        raise InputError(f"export format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(
+        raise InputError(
             f"cannot create the folder of {out} ({exc}); choose another --out"
         ) from exc
     if fmt == "onnx":
         _onnx_modules()  # fail before loading anything if the extra is missing
     model, ckpt = load_model(model_path, "cpu")
-    meta = export_metadata(model, ckpt, fmt)
+    meta = {**base_metadata(model, ckpt, fmt), **(describe(model, ckpt) if describe else {})}
     m = meta["size_multiple"]
     example = probe_input(2, meta["in_channels"], 4 * m, 5 * m)  # N=2: N=1 would specialise
     if fmt == "torchscript":

@@ -1,8 +1,9 @@
 """``scarce history``: compare training runs without opening TensorBoard.
 
-One row per run folder (a folder with ``config.yaml``): model, patch and batch size, steps,
-wall time, best test loss and mean Dice with the step they were reached, and why the run ended.
-``--diff`` lists the config values that differ between the runs.
+One row per run folder (a folder with ``config.yaml``) of any task: task, model, patch and batch
+size, steps, wall time, best test loss and the task's headline metric (segmentation: mean
+foreground Dice; the best value and its step), and why the run ended. ``--diff`` lists the
+config values that differ between the runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from scarce.runlog import read_metrics
+from scarce.engine.runlog import read_metrics
+from scarce.errors import MissingInputError
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -21,46 +23,58 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
     Raises
     ------
-    FileNotFoundError
+    MissingInputError
         If a path does not exist or holds no run folder.
     """
     runs: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
-            raise FileNotFoundError(f"{p}: no such folder")
+            raise MissingInputError(f"{p}: no such folder")
         if (p / "config.yaml").is_file():
             runs.append(p)
             continue
         found = sorted(c for c in p.iterdir() if (c / "config.yaml").is_file())
         if not found:
-            raise FileNotFoundError(f"{p}: not a run folder (no config.yaml) and holds none")
+            raise MissingInputError(f"{p}: not a run folder (no config.yaml) and holds none")
         runs.extend(found)
     return runs
 
 
 def run_row(run: Path) -> dict:
-    """Facts of one run folder, from ``config.yaml``, ``metrics.csv`` and ``summary.json``."""
+    """Facts of one run folder, from ``config.yaml``, ``metrics.csv`` and ``summary.json``.
+
+    The headline metric is the one ``summary.json`` names (``headline``); runs without it
+    (still running, killed, or written before tasks named it) use ``mean_dice``. Its best
+    value is the largest for ``mean_dice`` and the smallest for error metrics (names ending
+    in ``_px`` or ``error``).
+    """
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = read_metrics(run / "metrics.csv")
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    headline = summary.get("headline", "mean_dice")
+    lower_is_better = headline.endswith(("_px", "error"))
     tested = [r for r in rows if r.get("test_loss") is not None]
     best_loss = min(tested, key=lambda r: r["test_loss"]) if tested else None
-    dice_rows = [r for r in rows if r.get("mean_dice") is not None]
-    best_dice = max(dice_rows, key=lambda r: r["mean_dice"]) if dice_rows else None
+    scored = [r for r in rows if r.get(headline) is not None]
+    pick = min if lower_is_better else max
+    best_metric = pick(scored, key=lambda r: r[headline]) if scored else None
     steps = summary.get("steps", int(rows[-1]["step"]) if rows else 0)
+    model, data = cfg.get("model", {}), cfg.get("data", {})
     return {
         "run": str(run),
-        "model": cfg["model"]["name"],
-        "width": cfg["model"]["width"],
-        "patch": cfg["data"]["patch_size"],
-        "batch": cfg["data"]["batch_size"],
+        "task": summary.get("task", "segment"),
+        "model": model.get("name"),
+        "width": model.get("width"),
+        "patch": data.get("patch_size"),
+        "batch": data.get("batch_size"),
         "steps": steps,
         "wall_time_s": summary.get("wall_time_s"),
         "best_test_loss": best_loss["test_loss"] if best_loss else None,
         "best_loss_step": int(best_loss["step"]) if best_loss else None,
-        "best_mean_dice": best_dice["mean_dice"] if best_dice else None,
-        "best_dice_step": int(best_dice["step"]) if best_dice else None,
+        "headline": headline,
+        "best_headline": best_metric[headline] if best_metric else None,
+        "best_headline_step": int(best_metric["step"]) if best_metric else None,
         "stop_reason": summary.get("stop_reason", "running or killed"),
         "config": cfg,
     }
@@ -83,6 +97,7 @@ def format_history(runs: list[dict]) -> str:
     """A fixed-width table, one row per run."""
     head = [
         "run",
+        "task",
         "model",
         "width",
         "patch",
@@ -91,12 +106,13 @@ def format_history(runs: list[dict]) -> str:
         "wall s",
         "best test loss",
         "@step",
-        "best Dice",
+        "best headline metric",
         "@step",
         "ended by",
     ]
     keys = [
         "run",
+        "task",
         "model",
         "width",
         "patch",
@@ -105,11 +121,17 @@ def format_history(runs: list[dict]) -> str:
         "wall_time_s",
         "best_test_loss",
         "best_loss_step",
-        "best_mean_dice",
-        "best_dice_step",
+        "best_headline",
+        "best_headline_step",
         "stop_reason",
     ]
-    table = [head] + [[_cell(r[k]) for k in keys] for r in runs]
+
+    def cell(r: dict, k: str) -> str:
+        if k == "best_headline" and r[k] is not None:
+            return f"{r['headline']} {_cell(r[k])}"
+        return _cell(r[k])
+
+    table = [head] + [[cell(r, k) for k in keys] for r in runs]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table)
 

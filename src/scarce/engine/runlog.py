@@ -7,11 +7,12 @@ Run folder layout (see the README)::
     RUN_DIR/metrics.csv           one row per evaluation
     RUN_DIR/summary.json          steps, wall time, best test loss/Dice, why the run ended
     RUN_DIR/tensorboard/          TensorBoard events
-    RUN_DIR/plots/loss.png        train and test loss curves
-    RUN_DIR/plots/step_XXXXX.png  test images with truth and prediction outlines
+    RUN_DIR/plots/loss.png        train and test loss curves, and the task's headline metric
+    RUN_DIR/plots/step_XXXXX.png  test examples, drawn by the task at each evaluation
     RUN_DIR/checkpoints/{last,best}.pt
 
-Only rank 0 creates a :class:`RunLog`.
+The metrics columns after ``test_loss`` come from the task (segmentation: IoU and Dice per
+class and the mean foreground Dice). Only rank 0 creates a :class:`RunLog`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
+from scarce.config import config_from_dict
+from scarce.engine.checkpoint import load_checkpoint
+from scarce.errors import MissingInputError, OutputExistsError
 
 logger = logging.getLogger("scarce")
 
@@ -41,16 +46,20 @@ class RunLog:
     ----------
     run_dir : pathlib.Path
         Existing run folder.
-    class_names : list of str
-        Names of the K target classes (``metrics.csv`` gets ``iou_<name>``/``dice_<name>``).
+    columns : sequence of str
+        The task's metric columns, written between ``test_loss`` and ``lr``.
+    headline : str
+        The task's main metric (one of ``columns``), drawn beside the losses.
     tensorboard : bool
         Write TensorBoard events (needs the ``tensorboard`` package).
     """
 
-    def __init__(self, run_dir: Path, class_names: list[str], tensorboard: bool = True):
+    def __init__(
+        self, run_dir: Path, columns: Sequence[str], headline: str, tensorboard: bool = True
+    ):
         self.run_dir = Path(run_dir)
         (self.run_dir / "plots").mkdir(parents=True, exist_ok=True)
-        self.class_names = class_names
+        self.headline = headline
         self.metrics_path = self.run_dir / "metrics.csv"
         self.handler = logging.FileHandler(self.run_dir / "log.txt")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -60,9 +69,8 @@ class RunLog:
         self._saved_level = logger.level
         if not logger.isEnabledFor(logging.INFO):
             logger.setLevel(logging.INFO)
-        self.columns = ["step", "time_s", "train_loss", "test_loss"]
-        self.columns += [f"iou_{n}" for n in class_names] + [f"dice_{n}" for n in class_names]
-        self.columns += ["mean_dice", "lr", "data_wait_pct"]
+        self.columns = ["step", "time_s", "train_loss", "test_loss", *columns]
+        self.columns += ["lr", "data_wait_pct"]
         self.writer = None
         if tensorboard:
             try:
@@ -97,7 +105,7 @@ class RunLog:
         return read_metrics(self.metrics_path)
 
     def plot_losses(self) -> None:
-        """Draw ``plots/loss.png``: train and test loss against steps, and mean Dice."""
+        """Draw ``plots/loss.png``: train and test loss against steps, and the headline metric."""
         rows = self.read_metrics()
         if not rows:
             return
@@ -113,45 +121,17 @@ class RunLog:
         ax1.set_xlabel("step")
         ax1.set_ylabel("loss")
         ax1.legend()
-        ax2.plot(steps, [r["mean_dice"] for r in rows], "o-", color="C2")
+        ax2.plot(steps, [r.get(self.headline) for r in rows], "o-", color="C2")
         ax2.set_xlabel("step")
-        ax2.set_ylabel("test mean foreground Dice")
+        ax2.set_ylabel(f"test {self.headline}")
         fig.tight_layout()
         fig.savefig(self.run_dir / "plots" / "loss.png", dpi=80)
         plt.close(fig)
 
-    def plot_predictions(self, step: int, examples: list[tuple]) -> Path | None:
-        """Draw ``plots/step_XXXXX.png``: each test image with truth and prediction outlines.
-
-        Parameters
-        ----------
-        examples : list of (name, image (C, H, W) float32, truth (H, W), prediction (H, W))
-        """
-        if not examples:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from skimage.segmentation import find_boundaries
-
-        fig, axes = plt.subplots(1, len(examples), figsize=(4 * len(examples), 4), squeeze=False)
-        for ax, (name, image, truth, pred) in zip(axes[0], examples):
-            show = image[:3].transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
-            lo, hi = np.percentile(show, (1, 99.5))
-            ax.imshow(np.clip((show - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
-            for labels, colour in ((truth, (0, 1, 0, 1)), (pred, (1, 0, 1, 1))):
-                edge = find_boundaries(labels, mode="inner")
-                overlay = np.zeros((*edge.shape, 4))
-                overlay[edge] = colour
-                ax.imshow(overlay)
-            ax.set_title(f"{name}\ngreen: truth, magenta: prediction", fontsize=8)
-            ax.axis("off")
-        fig.tight_layout()
-        path = self.run_dir / "plots" / f"step_{step:05d}.png"
-        fig.savefig(path, dpi=72)
-        plt.close(fig)
-        return path
+    @property
+    def plots_dir(self) -> Path:
+        """``RUN_DIR/plots``, where the task draws its examples."""
+        return self.run_dir / "plots"
 
     def summary(self, data: dict) -> None:
         """Write ``summary.json`` (read by ``scarce history``)."""
@@ -184,3 +164,47 @@ def read_metrics(path: Path) -> list[dict]:
             {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
             for row in csv.DictReader(fh)
         ]
+
+
+def open_run(run_dir, cfg, *, resume: bool = False, overwrite: bool = False):
+    """Check a run folder before a task is built; on resume, return the saved config.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        The run folder.
+    cfg : EngineConfig subclass
+        The requested config. On resume only its ``max_steps``, ``max_minutes`` and
+        ``early_stopping`` are used (they may be raised to continue a finished run); the rest
+        comes from ``last.pt``.
+    resume, overwrite : bool
+        Continue ``run_dir/checkpoints/last.pt``; replace an existing folder.
+
+    Returns
+    -------
+    cfg : EngineConfig subclass
+        The config to build the task with.
+    checkpoint : dict or None
+        ``last.pt`` when resuming.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``run_dir`` exists (and is not empty) without ``resume`` or ``overwrite``.
+    MissingInputError
+        If ``resume`` is asked and there is no ``last.pt``.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        last = run_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise MissingInputError(f"--resume: {last} does not exist; nothing to resume")
+        ckpt = load_checkpoint(last)
+        saved = config_from_dict(ckpt["config"], type(cfg))
+        keep = {k: getattr(cfg, k) for k in ("max_steps", "max_minutes", "early_stopping")}
+        return replace(saved, **keep), ckpt
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it"
+        )
+    return cfg, None

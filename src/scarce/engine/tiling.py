@@ -12,7 +12,7 @@ Exactness needs a network whose output is translation-equivariant in steps of
 ``size_multiple``: batch norm in eval mode is, per-sample normalisation (``norm="instance"``
 or ``"group"``) is not (its statistics change with the tile), so those models give close but
 not equal results. Checkpoint-level prediction (normalisation, TTA, files) is in
-:mod:`scarce.predict`.
+:mod:`scarce.segment.predict`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from scarce.config import CHOICES
+from scarce.errors import InputError
+
 logger = logging.getLogger(__name__)
 
-BLENDS = ("gaussian", "constant")
+BLENDS = CHOICES["predict.blend"]
 GAUSSIAN_FLOOR = 1e-3  # floor of the 1D Gaussian weight, so the 2D weight is >= 1e-6
 TILE_BAR_MIN = 16  # images with at least this many tiles get a progress bar over tiles
 
@@ -118,20 +121,20 @@ def _check_window_args(model, image, tile_size, overlap, blend, batch_size):
     if not image.is_floating_point():
         raise TypeError(
             f"image must be a normalised float array, got {image.dtype}; "
-            "normalise it first (scarce.normalize.normalize) or use predict_image"
+            "normalise it first (scarce.data.normalize.normalize) or use predict_image"
         )
     net = getattr(model, "module", model)  # unwrap DDP
     in_channels = getattr(net, "in_channels", image.shape[0])
     if image.shape[0] != in_channels:
-        raise ValueError(f"image has {image.shape[0]} channel(s), the model takes {in_channels}")
+        raise InputError(f"image has {image.shape[0]} channel(s), the model takes {in_channels}")
     if int(tile_size) < 1:
-        raise ValueError(f"tile_size must be >= 1 pixel, got {tile_size}")
+        raise InputError(f"tile_size must be >= 1 pixel, got {tile_size}")
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if blend not in BLENDS:
-        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        raise InputError(f"blend must be one of {BLENDS}, got {blend!r}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     return net, image.float()
 
 

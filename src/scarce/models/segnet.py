@@ -22,12 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scarce.models.unet import (
+from scarce.models.blocks import check_input, check_options, conv_norm_relu, skip_input_checks
+from scarce.models.receptive import (
     Window,
-    check_input,
-    check_options,
-    conv_norm_relu,
-    skip_input_checks,
     window_conv,
     window_extent,
     window_identity,
@@ -167,6 +164,7 @@ class SegNet(nn.Module):
         self.in_channels, self.num_classes = in_channels, num_classes
         self.depth = depth
         self.options = dict(depth=depth, width=width, norm=norm)
+        self.arguments = dict(in_channels=in_channels, num_classes=num_classes, **self.options)
         self.size_multiple = 2**depth
         self.receptive_field = segnet_receptive_field(depth)
         self.halo = self.receptive_field // 2

@@ -1,4 +1,4 @@
-"""U-Net (Ronneberger et al. 2015) with ``same`` padding, and the building blocks SegNet shares.
+"""U-Net (Ronneberger et al. 2015) with ``same`` padding.
 
 The network keeps the paper's shape (two 3x3 convolutions per level, 2x2 max-pooling, an
 up-sampling step and a skip concatenation per decoder level, a 1x1 classifier) with the
@@ -14,134 +14,30 @@ References
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import cache
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-NORMS = ("batch", "group", "instance", "none")
-UPSAMPLINGS = ("transpose", "bilinear")
-MAX_GROUPS = 8
+from scarce.config import CHOICES
+from scarce.errors import InputError
+from scarce.models.blocks import (
+    check_input,
+    check_options,
+    double_conv,
+    skip_input_checks,
+)
+from scarce.models.receptive import (
+    Window,
+    window_conv,
+    window_extent,
+    window_identity,
+    window_pool,
+    window_union,
+    window_upsample,
+)
 
-
-def group_count(channels: int, max_groups: int = MAX_GROUPS) -> int:
-    """Number of GroupNorm groups for ``channels``: the largest divisor <= ``max_groups``.
-
-    With the default of 8, a 32-channel stage gets 8 groups of 4 channels and a 4-channel
-    stage (tiny test widths) gets 4 groups of 1 channel (instance-norm-like); a 12-channel
-    stage gets 6 groups. A divisor is needed because GroupNorm splits channels evenly.
-
-    References
-    ----------
-    .. [1] Y. Wu, K. He, "Group Normalization", ECCV 2018. doi:10.1007/978-3-030-01261-8_1
-       (the paper uses 32 groups; 8 keeps several channels per group at small widths).
-    """
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-
-
-def norm_layer(norm: str, channels: int) -> nn.Module:
-    """Normalisation layer for ``(N, channels, H, W)`` activations.
-
-    Parameters
-    ----------
-    norm : {"batch", "group", "instance", "none"}
-        ``batch``: BatchNorm2d; ``group``: GroupNorm with :func:`group_count` groups;
-        ``instance``: InstanceNorm2d with learned affine parameters and no running
-        statistics; ``none``: identity.
-    channels : int
-        Number of channels.
-
-    Raises
-    ------
-    ValueError
-        If ``norm`` is not one of :data:`NORMS`.
-    """
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "group":
-        return nn.GroupNorm(group_count(channels), channels)
-    if norm == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm = {norm!r} is not one of {list(NORMS)}")
-
-
-def conv_norm_relu(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
-    """3x3 convolution (zero ``same`` padding), normalisation, ReLU.
-
-    Maps ``(N, in_channels, H, W)`` to ``(N, out_channels, H, W)``. The convolution has no
-    bias when a normalisation layer follows (the norm's shift makes it redundant).
-    """
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none"),
-        norm_layer(norm, out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-def double_conv(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
-    """Two :func:`conv_norm_relu` blocks: ``(N, in, H, W) -> (N, out, H, W)``."""
-    return nn.Sequential(
-        conv_norm_relu(in_channels, out_channels, norm),
-        conv_norm_relu(out_channels, out_channels, norm),
-    )
-
-
-def check_options(in_channels: int, num_classes: int, depth: int, width: int, norm: str) -> None:
-    """Validate the constructor options shared by all models.
-
-    Raises
-    ------
-    ValueError
-        If a count is not a positive integer or ``norm`` is unknown; the message names the
-        option, the value that arrived and what is expected.
-    """
-    for name, value in (
-        ("in_channels", in_channels),
-        ("num_classes", num_classes),
-        ("depth", depth),
-        ("width", width),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm = {norm!r} is not one of {list(NORMS)}")
-
-
-def skip_input_checks() -> bool:
-    """True while tracing, compiling or exporting, when Python-side shape checks must not run."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-
-
-@torch.jit.unused
-def check_input(x: torch.Tensor, in_channels: int, multiple: int, model: str) -> None:
-    """Check that ``x`` is ``(N, in_channels, H, W)`` with H and W multiples of ``multiple``.
-
-    Raises
-    ------
-    ValueError
-        On a wrong number of axes or channels, or a side that is not a multiple of
-        ``multiple``; the message names the input size and the nearest valid sizes below
-        and above (pad the image, as the sliding-window predictor does, or crop it).
-    """
-    if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(
-            f"{model} expects input (N, {in_channels}, H, W); got shape {tuple(x.shape)}"
-        )
-    height, width = int(x.shape[2]), int(x.shape[3])
-    bad = [(name, s) for name, s in (("height", height), ("width", width)) if s % multiple]
-    if bad:
-        hints = []
-        for name, s in bad:
-            below, above = (s // multiple) * multiple, (s // multiple + 1) * multiple
-            valid = f"{below} or {above}" if below > 0 else f"{above}"
-            hints.append(f"{name} {s} -> nearest valid {valid}")
-        raise ValueError(
-            f"{model} input size {height}x{width} (HxW) is not a multiple of {multiple} "
-            f"(2**depth); {'; '.join(hints)}. Pad or crop the image to a valid size."
-        )
+UPSAMPLINGS = CHOICES["model.upsampling"]
 
 
 class UpStage(nn.Module):
@@ -163,7 +59,7 @@ class UpStage(nn.Module):
                 nn.Conv2d(in_channels, out_channels, 1),
             )
         else:
-            raise ValueError(f"upsampling = {upsampling!r} is not one of {list(UPSAMPLINGS)}")
+            raise InputError(f"upsampling = {upsampling!r} is not one of {list(UPSAMPLINGS)}")
         self.conv = double_conv(2 * out_channels, out_channels, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -247,14 +143,14 @@ class UNet(nn.Module):
             if len(widths) != depth + 1 or any(
                 isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in widths
             ):
-                raise ValueError(
+                raise InputError(
                     f"widths must be depth + 1 = {depth + 1} positive integers (full "
                     f"resolution first, bottleneck last); got {widths!r}"
                 )
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
         if upsampling not in UPSAMPLINGS:
-            raise ValueError(f"upsampling = {upsampling!r} is not one of {list(UPSAMPLINGS)}")
+            raise InputError(f"upsampling = {upsampling!r} is not one of {list(UPSAMPLINGS)}")
         self.in_channels, self.num_classes = in_channels, num_classes
         self.depth = depth
         self.options = dict(
@@ -265,6 +161,7 @@ class UNet(nn.Module):
             dropout=float(dropout),
             upsampling=upsampling,
         )
+        self.arguments = dict(in_channels=in_channels, num_classes=num_classes, **self.options)
         self.size_multiple = 2**depth
         self.receptive_field = unet_receptive_field(depth, upsampling)
         self.halo = self.receptive_field // 2
@@ -339,48 +236,3 @@ def unet_receptive_field(depth: int, upsampling: str = "transpose") -> int:
         window = window_upsample(window, upsampling)
         window = window_conv(window_union(skips[level], window), 2)
     return window_extent(window, 2**depth)
-
-
-# 1-D receptive windows: a window maps a position on a feature map to the (first, last)
-# input pixel that can reach it. Each layer type turns the window of its input into the
-# window of its output; caching keeps the recursion linear in the number of layers.
-
-Window = Callable[[int], tuple[int, int]]
-
-
-def window_identity(x: int) -> tuple[int, int]:
-    return (x, x)
-
-
-def window_conv(window: Window, count: int = 1) -> Window:
-    """Window after ``count`` 3x3 (stride 1, ``same``) convolutions."""
-    for _ in range(count):
-        window = (lambda w: cache(lambda x: (w(x - 1)[0], w(x + 1)[1])))(window)
-    return window
-
-
-def window_pool(window: Window) -> Window:
-    """Window after a 2x2 stride-2 pooling: coarse pixel m reads fine pixels 2m and 2m+1."""
-    return cache(lambda m: (window(2 * m)[0], window(2 * m + 1)[1]))
-
-
-def window_upsample(window: Window, mode: str) -> Window:
-    """Window after x2 up-sampling: ``transpose`` (2x2 stride 2), ``unpool`` or ``bilinear``.
-
-    A 2x2 stride-2 transposed convolution and max-unpooling give fine pixel x the coarse
-    pixel ``x // 2``; bilinear interpolation (align_corners=False) reads ``(x - 1) // 2``
-    and ``(x + 1) // 2``.
-    """
-    if mode == "bilinear":
-        return cache(lambda x: (window((x - 1) // 2)[0], window((x + 1) // 2)[1]))
-    return cache(lambda x: window(x // 2))
-
-
-def window_union(a: Window, b: Window) -> Window:
-    """Window after concatenating two feature maps of the same size."""
-    return cache(lambda x: (min(a(x)[0], b(x)[0]), max(a(x)[1], b(x)[1])))
-
-
-def window_extent(window: Window, period: int) -> int:
-    """Largest window size, pixels, over output positions ``0 .. period - 1``."""
-    return max(window(x)[1] - window(x)[0] + 1 for x in range(period))

@@ -4,7 +4,7 @@ Pixel metrics come from one confusion matrix summed over all images (a large ima
 than a small one; nothing is averaged per image). Object metrics match predicted to true
 objects one-to-one and sum TP/FP/FN over images before computing ratios. The Rand error is
 the exception: it is computed per image and averaged, as in the ISBI 2012 challenge. The metric
-functions themselves live in :mod:`scarce.metrics` and are re-exported here.
+functions themselves are in :mod:`scarce.segment.metrics`.
 """
 
 from __future__ import annotations
@@ -19,35 +19,26 @@ from pathlib import Path
 import numpy as np
 import skimage.measure
 
+from scarce.errors import EvaluationError, InputError
 from scarce.io import MASK_EXTENSIONS, ImageFileError, list_image_files, read_mask, stem_of
-from scarce.metrics import (
+from scarce.segment.metrics import (
     DEFAULT_THRESHOLDS,
-    _check_labels,
-    _check_thresholds,
+    check_labels,
+    check_thresholds,
     confusion_matrix,
     label_components,
     match_instances,
     object_metrics,
     pixel_metrics,
     rand_error,
-    sum_counts,
 )
 
 __all__ = [
     "COMPANION_SUFFIXES",
-    "DEFAULT_THRESHOLDS",
     "LABEL_KINDS",
-    "EvaluationError",
-    "confusion_matrix",
     "evaluate_arrays",
     "evaluate_folders",
     "format_summary",
-    "label_components",
-    "match_instances",
-    "object_metrics",
-    "pixel_metrics",
-    "rand_error",
-    "sum_counts",
     "to_instances",
 ]
 
@@ -55,15 +46,6 @@ log = logging.getLogger(__name__)
 
 LABEL_KINDS = ("auto", "instances", "classes")
 COMPANION_SUFFIXES = ("_instances", "_prob")  # extra outputs of `scarce predict`
-
-
-class EvaluationError(ValueError):
-    """Prediction and truth folders do not fit together; ``problems`` lists one line per file."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) with the evaluation files:\n{lines}")
 
 
 def to_instances(labels, kind: str = "auto") -> np.ndarray:
@@ -74,7 +56,7 @@ def to_instances(labels, kind: str = "auto") -> np.ndarray:
     labels : ndarray, shape (H, W), non-negative integers
     kind : {"auto", "instances", "classes"}
         ``"instances"`` keeps the labels; ``"classes"`` numbers the 4-connected components of
-        the foreground (:func:`scarce.metrics.label_components`). ``"auto"`` reads the array
+        the foreground (:func:`scarce.segment.metrics.label_components`). ``"auto"`` reads the array
         as a class map when at least half of its nonzero values are split into several
         8-connected pieces (a class map of many nuclei has one value in many pieces; instance
         labels have one piece per value, with rare exceptions). Pass the kind when you know it.
@@ -102,20 +84,20 @@ def to_instances(labels, kind: str = "auto") -> np.ndarray:
 
 def _check_options(iou_thresholds, num_classes, kinds) -> tuple[float, ...]:
     """Check the options shared by evaluate_arrays and evaluate_folders; the thresholds."""
-    thresholds = _check_thresholds(iou_thresholds)
+    thresholds = check_thresholds(iou_thresholds)
     for kind in kinds:
         if kind not in LABEL_KINDS:
             raise ValueError(f"pred_kind/truth_kind must be one of {LABEL_KINDS}, got {kind!r}")
     if num_classes is not None and int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+        raise InputError(f"num_classes must be >= 1 or None, got {num_classes}")
     return thresholds
 
 
 def _evaluate_one(name, truth, pred, num_classes, instances, thresholds, ignore_label, kinds):
     """Confusion matrix, object counts and the per-image row of one (truth, pred) pair."""
     try:
-        t = _check_labels(np.asarray(truth), "truth")
-        p = _check_labels(np.asarray(pred), "pred")
+        t = check_labels(np.asarray(truth), "truth")
+        p = check_labels(np.asarray(pred), "pred")
         if t.shape != p.shape:
             raise ValueError(f"truth shape {t.shape} != pred shape {p.shape}")
         valid = np.ones(t.shape, bool) if ignore_label is None else t != ignore_label

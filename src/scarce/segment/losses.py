@@ -3,7 +3,7 @@
 The losses take logits ``(N, K, H, W)`` and class maps ``(N, H, W)`` and skip an optional
 ignore label; :func:`class_weights_from_counts` turns pixel counts into inverse-frequency
 class weights. Class maps and per-pixel border weights come from masks in
-:mod:`scarce.targets`, whose public names are re-exported here.
+:mod:`scarce.segment.targets`.
 
 References
 ----------
@@ -20,30 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scarce.targets import (
-    MASK_KINDS,
-    RULES,
-    TARGETS,
-    border_weight_map,
-    derive_target,
-    instances_to_target,
-    num_target_classes,
-)
+from scarce.config import CHOICES
 
-__all__ = [
-    "LOSSES",
-    "MASK_KINDS",
-    "RULES",
-    "TARGETS",
-    "SegmentationLoss",
-    "border_weight_map",
-    "class_weights_from_counts",
-    "derive_target",
-    "instances_to_target",
-    "num_target_classes",
-]
+__all__ = ["LOSSES", "SegmentationLoss", "class_weights_from_counts"]
 
-LOSSES = ("ce", "dice", "dice_ce")
+LOSSES = CHOICES["loss.name"]
 
 
 def class_weights_from_counts(

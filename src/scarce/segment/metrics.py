@@ -2,7 +2,7 @@
 
 Label arrays are ``(H, W)`` (any shape works where the two arrays agree) non-negative integers,
 0 = background. Undefined values (0/0) are ``None``, never NaN, so results are plain JSON.
-:mod:`scarce.evaluate` applies these functions to many images and to folders.
+:mod:`scarce.segment.evaluate` applies these functions to many images and to folders.
 """
 
 from __future__ import annotations
@@ -271,14 +271,30 @@ def _assign(ti, pi, iou, threshold: float) -> np.ndarray:
     return np.concatenate([iou[alone], matched[matched > 0]])
 
 
-def _check_thresholds(thresholds) -> tuple[float, ...]:
+def check_thresholds(thresholds) -> tuple[float, ...]:
+    """IoU thresholds as a tuple of floats.
+
+    Raises
+    ------
+    ValueError
+        If there is none or one is outside (0, 1].
+    """
     values = tuple(float(t) for t in np.atleast_1d(np.asarray(thresholds, dtype=float)))
     if not values or any(not 0.0 < t <= 1.0 for t in values):
         raise ValueError(f"IoU thresholds must be in (0, 1], got {thresholds!r}")
     return values
 
 
-def _check_labels(a: np.ndarray, what: str) -> np.ndarray:
+def check_labels(a: np.ndarray, what: str) -> np.ndarray:
+    """Return ``a`` if it holds non-negative integer labels (any shape).
+
+    Raises
+    ------
+    TypeError
+        If ``a`` is not of an integer or bool dtype.
+    ValueError
+        If ``a`` has a negative label; ``what`` names the array in the message.
+    """
     if a.dtype.kind not in "biu":
         raise TypeError(f"{what} must hold integer labels, got dtype {a.dtype}")
     if a.size and a.min() < 0:
@@ -321,13 +337,13 @@ def match_instances(truth_labels, pred_labels, thresholds=DEFAULT_THRESHOLDS) ->
     Caicedo et al., "Nucleus segmentation across imaging experiments: the 2018 Data Science
     Bowl", Nat. Methods 16 (2019), doi:10.1038/s41592-019-0612-7.
     """
-    t = _check_labels(np.asarray(truth_labels), "truth_labels")
-    p = _check_labels(np.asarray(pred_labels), "pred_labels")
+    t = check_labels(np.asarray(truth_labels), "truth_labels")
+    p = check_labels(np.asarray(pred_labels), "pred_labels")
     if t.shape != p.shape:
         raise ValueError(f"truth_labels shape {t.shape} != pred_labels shape {p.shape}")
     ti, pi, iou, n_true, n_pred = _overlaps(t, p)
     result = {}
-    for thr in _check_thresholds(thresholds):
+    for thr in check_thresholds(thresholds):
         ious = _assign(ti, pi, iou, thr)
         tp = int(ious.size)
         result[thr] = {

@@ -1,7 +1,7 @@
 """Prediction from a checkpoint: raw images of any size to class maps, probabilities, instances.
 
 :func:`predict_image` normalises an image with the checkpoint's statistics and runs the
-sliding window of :mod:`scarce.tiling` (re-exported here), optionally over the 8 dihedral
+sliding window of :mod:`scarce.engine.tiling`, optionally over the 8 dihedral
 transforms; :func:`instances_from_prediction` turns probabilities into objects;
 :func:`predict_files` does both for a folder and writes the results beside the image stems.
 """
@@ -20,8 +20,13 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
-from scarce.checkpoint import load_model
 from scarce.config import PredictConfig
+from scarce.data.normalize import normalize
+from scarce.engine.checkpoint import load_model
+from scarce.engine.distributed import resolve_device
+from scarce.engine.export import export_network
+from scarce.engine.tiling import sliding_window_logits
+from scarce.errors import InputError, MissingInputError
 from scarce.io import (
     IMAGE_EXTENSIONS,
     ImageFileError,
@@ -31,51 +36,9 @@ from scarce.io import (
     write_float_image,
     write_label_image,
 )
-from scarce.normalize import normalize
-
-# re-exported: train.py, tests and benchmarks import the sliding window from here
-from scarce.tiling import BLENDS, sliding_window_logits, tile_starts  # noqa: F401
+from scarce.segment.task import target_of
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """Turn a device name into a :class:`torch.device`.
-
-    Parameters
-    ----------
-    name : {"auto", "cpu", "cuda", "cuda:N"} or torch.device or None
-        ``"auto"`` (or ``None``) picks ``cuda`` when available, else ``cpu``.
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    ValueError
-        For an unknown name, or when CUDA is asked for but not available (or the index is
-        out of range).
-    """
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {name!r} asked for, but CUDA is not available here "
-                "(CPU-only torch or no GPU); use --device cpu or auto"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -101,25 +64,25 @@ def _predict_options(ckpt: dict, **given) -> dict:
 
 
 def check_channels(image_channels: int, ckpt: dict, name: str = "image") -> None:
-    """Raise a ValueError if an image's channel count is not the model's.
+    """Raise an InputError if an image's channel count is not the model's.
 
     Parameters
     ----------
     image_channels : int
         C of the image ``(C, H, W)``.
     ckpt : dict
-        The checkpoint; ``ckpt["model"]["in_channels"]`` is the model's count.
+        The checkpoint; ``ckpt["model"]["arguments"]["in_channels"]`` is the model's count.
     name : str
         What to call the image in the message (e.g. its path).
 
     Raises
     ------
-    ValueError
+    InputError
         Naming both counts and how to fix it.
     """
-    expected = int(ckpt["model"]["in_channels"])
+    expected = int(ckpt["model"]["arguments"]["in_channels"])
     if image_channels != expected:
-        raise ValueError(
+        raise InputError(
             f"{name} has {image_channels} channel(s) but the model was trained on "
             f"{expected}-channel images; convert the images to {expected} channel(s) "
             "(e.g. grayscale <-> RGB) or use a model trained on such images"
@@ -144,7 +107,7 @@ def predict_image(
     Parameters
     ----------
     model : torch.nn.Module
-        In eval mode (e.g. from :func:`scarce.checkpoint.load_model`).
+        In eval mode (e.g. from :func:`scarce.engine.checkpoint.load_model`).
     image : ndarray, shape (C, H, W)
         Raw image as :func:`scarce.io.read_image` returns it (any supported dtype).
     ckpt : dict
@@ -186,7 +149,7 @@ def predict_image(
         ckpt, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
     )
     tta = kwargs.pop("tta")
-    x = torch.from_numpy(np.ascontiguousarray(normalize(image, ckpt["normalization"])))
+    x = torch.from_numpy(np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"])))
     kwargs.update(device=device, progress=progress)
     if not tta:
         return torch.softmax(sliding_window_logits(model, x, **kwargs), dim=0)
@@ -207,7 +170,7 @@ def instances_from_prediction(
     probabilities : ndarray or Tensor, shape (K, H, W), float
         Per-class probabilities (or any scores whose argmax is the class map).
     target : {"semantic", "class", "boundary"}
-        How the model's classes were made (``ckpt["target"]``). ``semantic``/``class``:
+        How the model's classes were made (the checkpoint's ``TargetSpec.rule``). ``semantic``/``class``:
         instances are the 4-connected components of the foreground (argmax > 0); with more
         than 2 classes all foreground classes count as one foreground (touching objects of
         different classes merge). ``boundary`` (0 background, 1 interior, 2 boundary): seeds
@@ -262,14 +225,14 @@ def _collect_images(images) -> list[Path]:
     if path.is_dir():
         files = list_image_files(path)
         if not files:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"
             )
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file or folder")
+        raise MissingInputError(f"{path}: no such image file or folder")
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(
+        raise InputError(
             f"{path}: unsupported image format {path.suffix!r}; supported: "
             f"{', '.join(IMAGE_EXTENSIONS)}"
         )
@@ -290,22 +253,22 @@ def _check_all(files: list[Path], ckpt: dict) -> None:
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(
+        raise InputError(
             f"{len(problems)} of {len(files)} image(s) cannot be predicted:\n  {shown}{more}"
         )
 
 
 def _make_out_dir(out_dir) -> Path:
-    """Create the output folder, or raise a ValueError saying why it cannot be used."""
+    """Create the output folder, or raise an InputError saying why it cannot be used."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError, PermissionError) as exc:
-        raise ValueError(
+        raise InputError(
             f"cannot create output folder {out} ({exc}); choose another --out"
         ) from exc
     if not os.access(out, os.W_OK):
-        raise ValueError(f"output folder {out} is not writable; choose another --out")
+        raise InputError(f"output folder {out} is not writable; choose another --out")
     return out
 
 
@@ -317,9 +280,7 @@ def _write_outputs(stem: Path, probs, fmt, probabilities, instances, ckpt) -> di
         row["probabilities"] = str(write_float_image(f"{stem}_prob.tif", probs.numpy()))
     if instances:
         min_size = _predict_options(ckpt, min_object_size=None)["min_object_size"]
-        labels = instances_from_prediction(
-            probs, ckpt.get("target", "semantic"), min_object_size=min_size
-        )
+        labels = instances_from_prediction(probs, target_of(ckpt).rule, min_object_size=min_size)
         row["instances"] = str(write_label_image(f"{stem}_instances.tif", labels))
     return row
 
@@ -369,17 +330,17 @@ def predict_files(
 
     Raises
     ------
-    FileNotFoundError
+    MissingInputError
         If ``images`` does not exist or holds no image.
-    ValueError
+    InputError
         Before any prediction: a bad ``fmt``, an output folder that cannot be made, or (one
         error listing all) unreadable images, images whose channel count is not the model's,
         or two images with the same stem.
-    scarce.checkpoint.CheckpointError
+    scarce.engine.checkpoint.CheckpointError
         For a missing or invalid checkpoint.
     """
     if fmt not in ("tif", "png"):
-        raise ValueError(f"fmt must be 'tif' or 'png', got {fmt!r}")
+        raise InputError(f"fmt must be 'tif' or 'png', got {fmt!r}")
     files = _collect_images(images)
     out = _make_out_dir(out_dir)
     model, ckpt = load_model(model_path, resolve_device(device))
@@ -398,3 +359,67 @@ def predict_files(
         logger.info("%s: %dx%d in %.2f s", file.name, *row["shape"], row["seconds"])
         results.append(row)
     return results
+
+
+INPUT_LAYOUT = "(N, C, H, W) float32 normalised; H, W multiples of size_multiple"
+OUTPUT_LAYOUT = "(N, K, H, W) float32 logits (softmax over K gives class probabilities)"
+
+
+def export_metadata(model, ckpt: dict) -> dict:
+    """Segmentation's part of an exported model's metadata: how to feed it, how to read it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The rebuilt network.
+    ckpt : dict
+        Its checkpoint.
+
+    Returns
+    -------
+    dict
+        ``in_channels``, ``num_classes``, ``normalization`` (apply it before the network:
+        :func:`scarce.data.normalize.normalize`), ``class_names``, ``target`` (rule),
+        ``mask_kind``, ``ignore_label``, ``input`` and ``output`` (layouts).
+    """
+    target = target_of(ckpt)
+    return {
+        "in_channels": int(model.in_channels),
+        "num_classes": int(model.num_classes),
+        "normalization": ckpt["extras"]["normalization"],
+        "class_names": list(target.class_names),
+        "target": target.rule,
+        "mask_kind": target.mask_kind,
+        "ignore_label": target.ignore_label,
+        "input": INPUT_LAYOUT,
+        "output": OUTPUT_LAYOUT,
+    }
+
+
+def export_model(model_path, fmt: str, out) -> Path:
+    """Export a segmentation checkpoint to TorchScript or ONNX with its metadata (``scarce export``).
+
+    :func:`scarce.engine.export.export_network` with :func:`export_metadata`: the file and
+    ``<out>.json`` say how to normalise inputs and read the logits.
+
+    Parameters
+    ----------
+    model_path : path-like
+        Checkpoint file or run folder.
+    fmt : {"torchscript", "onnx"}
+    out : path-like
+        Model file to write.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+
+    Raises
+    ------
+    scarce.errors.InputError
+        For an unknown ``fmt`` or an output folder that cannot be created.
+    scarce.errors.CheckpointError
+        For a missing, invalid or non-segmentation checkpoint.
+    """
+    return export_network(model_path, fmt, out, describe=export_metadata)

@@ -3,109 +3,49 @@
 Worker processes (a torch ``DataLoader`` over an ``IterableDataset``, forked from a clean
 fork server) each open the LMDB environment read-only and build whole batches: pick a sample
 (uniformly or class-balanced), pick a patch centre, cut and augment the patch straight from
-the zero-copy LMDB views (:func:`scarce.augment.augment_patch`), normalise it with per-sample
-parameters cached in the worker, and turn the mask into a class map
-(:func:`scarce.targets.derive_target`).
+the zero-copy LMDB views (:func:`scarce.data.augment.augment_patch`), normalise it with per-sample
+parameters cached in the worker, and turn the mask into a class map with the run's
+:class:`~scarce.segment.targets.TargetSpec`.
 
 Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
 its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
 of workers or on timing, and training resumes the stream exactly from ``start_batch``.
 
-The process machinery (fork server, DataLoader wiring, watchdog, :class:`TrainBatches`,
-:class:`ReaderError`) lives in :mod:`scarce.workers`: a worker that dies raises
-:class:`ReaderError` in the consumer within about 5 s; one that hangs is killed after
-``WORKER_TIMEOUT_S`` seconds without a batch (the value here when :func:`make_train_loader`
-is called) and raises the same way. :class:`StarvationMonitor`, :func:`benchmark_readers`
-and :func:`format_benchmark` live in :mod:`scarce.monitor`. Both are re-exported here.
+The process machinery (fork server, DataLoader wiring, watchdog,
+:class:`~scarce.data.workers.TrainBatches`) lives in :mod:`scarce.data.workers`: a worker that
+dies raises :class:`~scarce.errors.ReaderError` in the consumer within about 5 s; one that
+hangs is killed after ``scarce.data.workers.WORKER_TIMEOUT_S`` seconds without a batch and
+raises the same way. :func:`benchmark_readers` measures this machine's reader throughput.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from scarce.augment import augment_patch
 from scarce.config import TrainConfig
-from scarce.monitor import StarvationMonitor, benchmark_readers, format_benchmark
-from scarce.normalize import normalization_params, normalize
-from scarce.store import decode_sample, open_env, read_metadata, sample_key
-from scarce.targets import border_weight_map, derive_target
-from scarce.workers import WORKER_TIMEOUT_S, ReaderError, TrainBatches
+from scarce.data.augment import augment_patch
+from scarce.data.monitor import measure_batches
+from scarce.data.normalize import normalization_params, normalization_spec, normalize
+from scarce.data.store import decode_sample, open_env, read_metadata, sample_key
+from scarce.data.workers import (
+    TrainBatches,
+    batch_generator,
+    empty_tensor,
+    resolve_reader_count,
+)
+from scarce.errors import InputError
+from scarce.segment.targets import TargetSpec, border_weight_map, resolve_target
 
 log = logging.getLogger(__name__)
 
 _INDEX_CACHE_BYTES = 256 << 20  # per-worker budget for cached class-pixel indices
-
-
-def batch_generator(seed: int, rank: int, batch: int) -> np.random.Generator:
-    """The generator that draws everything random in one training batch.
-
-    Parameters
-    ----------
-    seed : int
-        ``TrainConfig.seed``.
-    rank : int
-        DDP rank of the consuming process (0 without DDP).
-    batch : int
-        Index of the batch in the stream (= optimiser step), counted from 0.
-
-    Returns
-    -------
-    numpy.random.Generator
-        PCG64 generator seeded with ``SeedSequence(seed, spawn_key=(rank, batch))``.
-
-    References
-    ----------
-    NumPy ``SeedSequence.spawn``: child ``i`` of ``SeedSequence(s)`` is
-    ``SeedSequence(s, spawn_key=(i,))``; here the key ``(rank, batch)`` names one child per
-    rank and batch, independent streams without a shared counter (NumPy NEP 19).
-    """
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(rank, batch)))
-
-
-def resolve_reader_count(n: int) -> int:
-    """The number of reader worker processes that ``data.reader_count = n`` asks for.
-
-    Parameters
-    ----------
-    n : int
-        Workers per device: ``>= 1`` as given, ``0`` = read in the training process, ``-1`` =
-        auto: half the CPU cores this process may run on, at least 1 and at most 8.
-
-    Returns
-    -------
-    int
-        ``n`` when ``n >= 0``; else ``max(1, min(8, cores // 2))`` with ``cores`` from
-        ``os.sched_getaffinity(0)`` (respects taskset and container CPU sets) where the
-        platform has it, else ``os.cpu_count()`` (2 if unknown).
-
-    Raises
-    ------
-    ValueError
-        If ``n`` is not an integer or is below -1.
-
-    References
-    ----------
-    PyTorch's ``DataLoader`` counts usable cores the same way (``os.sched_getaffinity``) when
-    it warns about too many workers; the other half of the cores is left to the trainer.
-    """
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < -1:
-        raise ValueError(
-            f"data.reader_count must be an integer >= -1 (-1 = auto, 0 = in the "
-            f"trainer, k = k worker processes), got {n!r}"
-        )
-    if n >= 0:
-        return int(n)
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 2
-    return max(1, min(8, cores // 2))
 
 
 def _inside_centre(size: int, patch: int, rng: np.random.Generator) -> int:
@@ -124,21 +64,24 @@ def _inside_centre(size: int, patch: int, rng: np.random.Generator) -> int:
 class _BatchMaker:
     """Builds batch ``b`` in whichever process owns it; opens LMDB lazily in that process."""
 
-    def __init__(self, db_path: Path, cfg: TrainConfig, norm_spec: dict, rank: int):
+    def __init__(
+        self, db_path: Path, cfg: TrainConfig, norm_spec: dict, rank: int, target: TargetSpec
+    ):
         meta = read_metadata(db_path)  # opens and closes: nothing stays open across fork
         self.db_path, self.cfg, self.norm_spec, self.rank = db_path, cfg, norm_spec, rank
+        self.target = target
         self.mask_kind = meta["mask_kind"]
         self.channels = int(meta["channels"])
         self.shapes = [tuple(s["shape"]) for s in meta["samples"]]
         self.weights = cfg.loss.border_weights and self.mask_kind == "instance"
         # targets cross the process boundary in the smallest dtype (fresh shared memory costs
         # page faults per byte); TrainBatches widens them to int64 in the consumer
-        top = max([2, *meta.get("class_ids", [255]), cfg.data.ignore_label or 0])
+        top = max([2, *meta.get("class_ids", [255]), target.ignore_label or 0])
         self.transfer_dtype = torch.uint8 if top <= 255 else torch.int64
         present: dict[int, list[int]] = {}
         for index, entry in enumerate(meta["samples"]):
             for c in entry["classes"]:
-                if c != cfg.data.ignore_label:
+                if c != target.ignore_label:
                     present.setdefault(int(c), []).append(index)
         self.classes = sorted(present)
         self.samples_with = [np.asarray(present[c]) for c in self.classes]
@@ -169,8 +112,8 @@ class _BatchMaker:
             return cached
         if self.mask_kind == "instance":  # class 1 = any object, 0 = background
             hit = mask != 0 if cls == 1 else mask == 0
-            if cls == 1 and self.cfg.data.ignore_label is not None:
-                hit &= mask != self.cfg.data.ignore_label
+            if cls == 1 and self.target.ignore_label is not None:
+                hit &= mask != self.target.ignore_label
         else:
             hit = mask == cls
         flat = np.flatnonzero(hit).astype(np.int32 if mask.size < 2**31 else np.int64)
@@ -207,14 +150,16 @@ class _BatchMaker:
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         """Batch ``b``: ``image`` (N, C, P, P) float32, ``target`` (N, P, P) int64, [``weight``]."""
         rng = batch_generator(self.cfg.seed, self.rank, b)
-        data, n, p = self.cfg.data, self.cfg.data.batch_size, self.cfg.data.patch_size
+        n, p = self.cfg.data.batch_size, self.cfg.data.patch_size
         shared = get_worker_info() is not None  # results go through shared memory: allocate there
         out = {
-            "image": _empty((n, self.channels, p, p), torch.float32, shared),
-            "target": _empty((n, p, p), self.transfer_dtype if shared else torch.int64, shared),
+            "image": empty_tensor((n, self.channels, p, p), torch.float32, shared),
+            "target": empty_tensor(
+                (n, p, p), self.transfer_dtype if shared else torch.int64, shared
+            ),
         }
         if self.weights:
-            out["weight"] = _empty((n, p, p), torch.float32, shared)
+            out["weight"] = empty_tensor((n, p, p), torch.float32, shared)
         views = {key: value.numpy() for key, value in out.items()}
         with self._txn() as txn:
             for i in range(n):
@@ -231,23 +176,12 @@ class _BatchMaker:
                     scale=scale,
                 )
                 views["image"][i] = image
-                views["target"][i] = derive_target(
-                    mask,
-                    self.mask_kind,
-                    data.target,
-                    data.boundary_width,
-                    ignore_label=data.ignore_label,
-                )
+                views["target"][i] = self.target.derive(mask)
                 if self.weights:
                     views["weight"][i] = border_weight_map(
                         mask, self.cfg.loss.border_w0, self.cfg.loss.border_sigma
                     )
         return out
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    tensor = torch.empty(shape, dtype=dtype)
-    return tensor.share_memory_() if shared else tensor
 
 
 def make_train_loader(
@@ -257,6 +191,7 @@ def make_train_loader(
     norm_spec: dict,
     rank: int = 0,
     start_batch: int = 0,
+    target: TargetSpec | None = None,
 ) -> TrainBatches:
     """Start the readers of a training database and return their infinite batch stream.
 
@@ -277,11 +212,14 @@ def make_train_loader(
         balance_classes, target, boundary_width, ignore_label), ``augment`` and ``loss``
         (border_weights, border_w0, border_sigma).
     norm_spec : dict
-        From :func:`scarce.normalize.normalization_spec`; saved with the model.
+        From :func:`scarce.data.normalize.normalization_spec`; saved with the model.
     rank : int, optional
         DDP rank; mixed into every batch's seed so ranks draw different batches.
     start_batch : int, optional
         Index of the first batch (resume: the number of steps done), >= 0.
+    target : TargetSpec, optional
+        How masks become class maps; default :func:`~scarce.segment.targets.resolve_target`
+        of the database with ``cfg.data``'s target, boundary width and ignore label.
 
     Returns
     -------
@@ -293,7 +231,7 @@ def make_train_loader(
 
     Raises
     ------
-    scarce.store.StoreError
+    scarce.data.store.StoreError
         If ``db_path`` is not a Scarce database.
     ValueError
         On a negative ``rank`` or ``start_batch``, a ``data.reader_count`` below -1, or an
@@ -315,9 +253,16 @@ def make_train_loader(
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     reader_count = resolve_reader_count(cfg.data.reader_count)
-    maker = _BatchMaker(Path(db_path), cfg, norm_spec, rank)
+    if target is None:
+        target = resolve_target(
+            read_metadata(db_path),
+            cfg.data.target,
+            boundary_width=cfg.data.boundary_width,
+            ignore_label=cfg.data.ignore_label,
+        )
+    maker = _BatchMaker(Path(db_path), cfg, norm_spec, rank, target)
     if not maker.shapes:
-        raise ValueError(f"{db_path} holds no samples; ingest images into it first")
+        raise InputError(f"{db_path} holds no samples; ingest images into it first")
     if cfg.loss.border_weights and not maker.weights:
         log.warning(
             "loss.border_weights needs instance masks; %s has %s masks, so batches "
@@ -325,19 +270,64 @@ def make_train_loader(
             db_path,
             maker.mask_kind,
         )
-    return TrainBatches(
-        maker, start_batch, reader_count, cfg.data.prefetch_batches, timeout_s=WORKER_TIMEOUT_S
-    )
+    return TrainBatches(maker, start_batch, reader_count, cfg.data.prefetch_batches)
 
 
-def iter_test_images(
+def benchmark_readers(
     db_path: str | os.PathLike,
-    norm_spec: dict,
+    cfg: TrainConfig,
     *,
-    target: str = "auto",
-    boundary_width: int = 2,
-    ignore_label: int | None = None,
-):
+    seconds: float = 20.0,
+    reader_count: int | None = None,
+    warmup_batches: int | None = None,
+) -> dict:
+    """Measure how fast the readers deliver augmented training batches on this machine.
+
+    Parameters
+    ----------
+    db_path : path-like
+        A training LMDB directory, or a database folder holding ``train.lmdb``.
+    cfg : TrainConfig
+        Patch size, batch size, augmentation and normalisation to measure.
+    seconds : float
+        Measuring time after the warm-up, seconds (> 0).
+    reader_count : int, optional
+        Worker processes (-1 = auto, see :func:`scarce.data.workers.resolve_reader_count`);
+        default ``cfg.data.reader_count``.
+    warmup_batches : int, optional
+        Batches drawn (and not timed) first so workers are started and queues are full;
+        default ``2 * max(reader_count, 1)``.
+
+    Returns
+    -------
+    dict
+        :func:`scarce.data.monitor.measure_batches`'s keys plus ``reader_count`` (resolved)
+        and ``patch_size`` (pixels).
+
+    Raises
+    ------
+    ValueError
+        If ``seconds`` <= 0 or ``reader_count`` < -1.
+    scarce.errors.StoreError
+        If no database is found at ``db_path``.
+    """
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    count = resolve_reader_count(cfg.data.reader_count if reader_count is None else reader_count)
+    path = Path(db_path)
+    if not (path / "data.mdb").is_file() and (path / "train.lmdb").is_dir():
+        path = path / "train.lmdb"
+    cfg = replace(cfg, data=replace(cfg.data, reader_count=count))
+    warmup = 2 * max(count, 1) if warmup_batches is None else warmup_batches
+    spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(path))
+    with make_train_loader(path, cfg, norm_spec=spec) as batches:
+        result = measure_batches(
+            batches, seconds=seconds, warmup_batches=warmup, batch_size=cfg.data.batch_size
+        )
+    return {**result, "reader_count": count, "patch_size": cfg.data.patch_size}
+
+
+def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, target: TargetSpec | None = None):
     """Every stored sample of a database, whole, in key order, without augmentation.
 
     Parameters
@@ -346,12 +336,10 @@ def iter_test_images(
         LMDB directory (e.g. ``DB/test.lmdb``).
     norm_spec : dict
         The normalisation the model was trained with.
-    target : {"auto", "class", "semantic", "boundary"}
-        How masks become class maps (:func:`scarce.targets.derive_target`).
-    boundary_width : int
-        Boundary thickness for ``target="boundary"``, pixels.
-    ignore_label : int, optional
-        Mask value of unlabelled pixels; kept as it is in the class map.
+    target : TargetSpec, optional
+        The run's target (rule, boundary width, ignore label: ignored pixels keep the ignore
+        label in the class map, so metrics skip them). Default: resolved from the database
+        with ``target="auto"`` and its own ignore label.
 
     Yields
     ------
@@ -364,40 +352,23 @@ def iter_test_images(
 
     Raises
     ------
-    scarce.store.StoreError
+    scarce.errors.StoreError
         If ``db_path`` is not a Scarce database.
     """
     env = open_env(db_path)
     try:
         meta = read_metadata(env)
+        target = target or resolve_target(meta)
         for index in range(int(meta["num_samples"])):
             with env.begin(buffers=True) as txn:
                 sample = decode_sample(txn.get(sample_key(index)))
                 image = normalize(sample.image, norm_spec)
                 if np.may_share_memory(image, sample.image):
                     image = image.copy()  # the view dies with the transaction
-                labels = derive_target(
-                    sample.mask,
-                    meta["mask_kind"],
-                    target,
-                    boundary_width,
-                    ignore_label=ignore_label,
-                )
-                labels = np.array(labels, dtype=np.int64, copy=True)
+                labels = np.array(target.derive(sample.mask), dtype=np.int64, copy=True)
             yield sample.name, np.asarray(image, dtype=np.float32), labels
     finally:
         env.close()
 
 
-__all__ = [
-    "ReaderError",
-    "StarvationMonitor",
-    "TrainBatches",
-    "WORKER_TIMEOUT_S",
-    "batch_generator",
-    "benchmark_readers",
-    "format_benchmark",
-    "iter_test_images",
-    "make_train_loader",
-    "resolve_reader_count",
-]
+__all__ = ["benchmark_readers", "iter_test_images", "make_train_loader"]

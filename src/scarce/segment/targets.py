@@ -6,7 +6,7 @@ train as they are; instance masks (0 = background, 1..n = objects) become ``sema
 that touching nuclei can be split after prediction). :func:`border_weight_map` gives the
 U-Net paper's per-pixel weights, which raise the loss in narrow gaps between objects;
 :func:`num_target_classes` tells the model how many classes the chosen rule yields. The
-losses that consume these targets live in :mod:`scarce.losses`.
+losses that consume these targets live in :mod:`scarce.segment.losses`.
 
 References
 ----------
@@ -19,24 +19,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.measure import label as label_components
 
+from scarce.config import CHOICES
+from scarce.errors import InputError
+
 __all__ = [
     "MASK_KINDS",
     "RULES",
     "TARGETS",
+    "TargetSpec",
     "border_weight_map",
     "derive_target",
     "instances_to_target",
     "num_target_classes",
+    "resolve_target",
 ]
 
 MASK_KINDS = ("class", "instance")
-TARGETS = ("auto", "class", "semantic", "boundary")
+TARGETS = CHOICES["data.target"]
 RULES = ("semantic", "boundary")
 
 
@@ -289,21 +295,122 @@ def num_target_classes(metadata: Mapping, target: str, *, ignore_label: int | No
         On a missing key, an unknown ``mask_kind`` or ``target``, or no class id left.
     """
     if target not in TARGETS:
-        raise ValueError(f"target = {target!r} is not one of {list(TARGETS)}")
+        raise InputError(f"target = {target!r} is not one of {list(TARGETS)}")
     kind = metadata.get("mask_kind")
     if kind not in MASK_KINDS:
-        raise ValueError(
+        raise InputError(
             f"metadata mask_kind = {kind!r} is not one of {list(MASK_KINDS)}; "
             "is this a Scarce database metadata record?"
         )
     if target in ("semantic", "boundary") or kind == "instance":
         return 3 if target == "boundary" else 2
     if "class_ids" not in metadata:
-        raise ValueError("metadata has no 'class_ids'; re-ingest the data with scarce ingest")
+        raise InputError("metadata has no 'class_ids'; re-ingest the data with scarce ingest")
     ids = [int(c) for c in metadata["class_ids"] if c != ignore_label]
     if not ids:
-        raise ValueError(
+        raise InputError(
             f"metadata class_ids {metadata['class_ids']} hold no class besides "
             f"the ignore label {ignore_label}"
         )
     return max(max(ids) + 1, 2)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The training target, resolved once from a database and the config, used everywhere.
+
+    Readers derive class maps with it, evaluation during training builds its test targets with
+    it, the checkpoint stores it (``extras["target"]``), and prediction and export read it back,
+    so the ignore label and the rule cannot disagree between them.
+
+    Attributes
+    ----------
+    mask_kind : {"class", "instance"}
+        Kind of the database's masks.
+    rule : {"class", "semantic", "boundary"}
+        How masks become class maps (``auto`` resolved: instance masks train ``semantic``,
+        class masks ``class``); see :func:`derive_target`.
+    boundary_width : int
+        Boundary thickness for ``boundary``, pixels.
+    ignore_label : int or None
+        Mask value of unlabelled pixels, kept in the class maps and skipped by losses and
+        metrics (``data.ignore_label``, else the database's ``ignore_label`` from
+        ``dataset.yaml``).
+    num_classes : int
+        Classes K the model outputs (>= 2).
+    class_names : tuple of str
+        One name per class, K of them.
+    """
+
+    mask_kind: str
+    rule: str
+    boundary_width: int
+    ignore_label: int | None
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def derive(self, mask: np.ndarray) -> np.ndarray:
+        """Class map ``(H, W)`` of a stored mask ``(H, W)`` (see :func:`derive_target`)."""
+        return derive_target(
+            mask,
+            self.mask_kind,
+            self.rule,
+            self.boundary_width,
+            ignore_label=self.ignore_label,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain values for checkpoints and export metadata."""
+        return {**asdict(self), "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TargetSpec:
+        """The inverse of :meth:`to_dict`."""
+        return cls(**{**data, "class_names": tuple(data["class_names"])})
+
+
+def resolve_target(
+    metadata: Mapping,
+    target: str = "auto",
+    *,
+    boundary_width: int = 2,
+    ignore_label: int | None = None,
+) -> TargetSpec:
+    """Resolve the configured target against a database's metadata record.
+
+    Parameters
+    ----------
+    metadata : mapping
+        The record ``scarce ingest`` writes (``mask_kind``, ``class_ids``, ``class_names``,
+        ``ignore_label``).
+    target : {"auto", "class", "semantic", "boundary"}
+        ``data.target``.
+    boundary_width : int
+        ``data.boundary_width``, pixels.
+    ignore_label : int, optional
+        ``data.ignore_label``; ``None`` takes the database's (``dataset.yaml``), if any.
+
+    Returns
+    -------
+    TargetSpec
+
+    Raises
+    ------
+    ValueError
+        As :func:`num_target_classes`.
+    """
+    kind = metadata.get("mask_kind")
+    if ignore_label is None:
+        ignore_label = metadata.get("ignore_label")
+    k = num_target_classes(metadata, target, ignore_label=ignore_label)
+    if target == "boundary":
+        rule, names = "boundary", ("background", "interior", "boundary")
+    elif target == "semantic" or kind == "instance":
+        rule, names = "semantic", ("background", "foreground")
+    else:
+        stored = metadata.get("class_names")
+        rule = "class"
+        names = (
+            tuple(stored) if stored and len(stored) == k else tuple(f"class{c}" for c in range(k))
+        )
+    return TargetSpec(kind, rule, int(boundary_width), ignore_label, k, names)
