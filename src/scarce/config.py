@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple] = {
     "loss.class_weights": (None, "inverse_frequency"),
     "optim.schedule": ("cosine", "plateau", "constant"),
     "predict.blend": ("gaussian", "constant"),
+    "loss.smoothness": ("lap", "jacob", "cjacob", "tv", "rigidity"),  # alignment
 }
 AMP_MODES = CHOICES["amp"]  # TrainConfig.amp; resolved by scarce.engine.distributed.resolve_amp
 

@@ -8,6 +8,7 @@ import torch
 
 from scarce.io import list_image_files, read_image, read_mask
 from scarce.models import MODELS, SegNet, UNet, build_model
+from scarce.models.fieldnet import FieldNet
 from scarce.models.blocks import group_count
 from scarce.models.receptive import measure_receptive_field
 from scarce.models.segnet import MaxUnpool2x2, segnet_receptive_field
@@ -16,6 +17,7 @@ from scarce.segment.losses import SegmentationLoss
 from tests.shared import SHARED_DATA
 
 DATA = SHARED_DATA
+SEGMENTATION = ("segnet", "unet")  # the registry's segmentation networks
 TRAINER_OPTIONS = dict(
     depth=4, width=4, widths=None, norm="batch", dropout=0.0, upsampling="transpose"
 )
@@ -79,8 +81,8 @@ def test_size_error_names_nearest_valid_sizes():
 
 
 def test_registry_and_build_model_errors():
-    assert MODELS == {"unet": UNet, "segnet": SegNet}
-    with pytest.raises(ValueError, match=r"'vnet'.*\['segnet', 'unet'\]"):
+    assert MODELS == {"unet": UNet, "segnet": SegNet, "fieldnet": FieldNet}
+    with pytest.raises(ValueError, match=r"'vnet'.*\['fieldnet', 'segnet', 'unet'\]"):
         build_model("vnet", 1, 2)
     with pytest.raises(ValueError, match=r"\['bogus'\].*valid options are \['depth', 'norm'"):
         build_model("segnet", 1, 2, bogus=3)
@@ -90,7 +92,7 @@ def test_registry_and_build_model_errors():
         build_model("unet", 1, 2, depth=0)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", SEGMENTATION)
 def test_build_model_takes_trainer_options_and_rebuilds_from_options(name, caplog):
     model = build_model(name, 2, 3, **TRAINER_OPTIONS)
     assert (model.in_channels, model.num_classes, model.size_multiple) == (2, 3, 16)
@@ -156,7 +158,7 @@ def test_measure_receptive_field_ignores_norm_statistics_and_keeps_model():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", SEGMENTATION)
 def test_scripted_and_traced_models_accept_other_sizes(name):
     torch.manual_seed(0)
     model = build_model(name, 1, 2, depth=3, width=4).eval()

@@ -39,14 +39,22 @@ WORKER_TIMEOUT_S = 120.0  # no batch for this long = hung workers: kill them, ra
 
 
 class BatchMaker(Protocol):
-    """What :class:`TrainBatches` runs in its workers (``scarce.segment.readers._BatchMaker``)."""
+    """What :class:`TrainBatches` runs: ``batch`` in its workers, ``collate`` in the consumer.
 
-    cfg: object  # TrainConfig; its ``seed`` seeds the DataLoader's own generator
+    Implemented by the tasks' readers (``scarce.segment.readers``, ``scarce.align.readers``).
+    """
+
+    cfg: object  # the run's config; its ``seed`` seeds the DataLoader's own generator
     db_path: os.PathLike
 
-    def batch(self, b: int) -> dict[str, torch.Tensor]: ...
+    def batch(self, b: int) -> dict[str, torch.Tensor]:
+        """Batch ``b`` (built in a worker; tensors cross processes in shared memory)."""
 
-    def close(self) -> None: ...
+    def collate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Final touches in the consuming process (e.g. widen a uint8 target to int64)."""
+
+    def close(self) -> None:
+        """Release what the maker opened in this process."""
 
 
 class _BatchStream(IterableDataset):
@@ -222,9 +230,8 @@ def _watchdog(batches: weakref.ref, stop: threading.Event) -> None:
 class TrainBatches:
     """Infinite stream of training batches, built by worker processes.
 
-    Iterating yields the maker's dicts, for Scarce's readers ``{"image": (N, C, P, P)
-    float32, "target": (N, P, P) int64}`` plus ``"weight": (N, P, P) float32`` with border
-    weights (``target`` is widened to int64 here; workers may send it as uint8). Iterating
+    Iterating yields the maker's dicts after its ``collate`` (segmentation: ``{"image":
+    (N, C, P, P) float32, "target": (N, P, P) int64}``; alignment: source/target patches). Iterating
     again continues the same stream. ``next_batch`` is the stream index of the batch the
     next call returns. Use as a context manager, or call :meth:`close`, to shut the workers
     down. Made by :func:`scarce.segment.readers.make_train_loader`.
@@ -303,7 +310,7 @@ class TrainBatches:
         self._waiting_since = time.perf_counter()
         try:
             batch = next(self._iterator)
-            batch["target"] = batch["target"].long()  # no copy when already int64
+            batch = self.maker.collate(batch)
         except RuntimeError as exc:
             if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
                 raise

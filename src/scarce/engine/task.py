@@ -87,6 +87,9 @@ class Task(Protocol):
         The column logged at each evaluation and kept as ``best_<headline>``.
     samples_per_batch : int
         Samples per training batch and process (for the samples/s rate).
+    partial_forward : bool
+        Some parameters take no part in some steps (staged training): DDP must look for
+        unused parameters.
     """
 
     name: str
@@ -94,6 +97,7 @@ class Task(Protocol):
     columns: tuple[str, ...]
     headline: str
     samples_per_batch: int
+    partial_forward: bool
 
     def build_model(self) -> torch.nn.Module:
         """A new network on the CPU, in float32 (its registry name is ``cfg.model.name``)."""
@@ -104,8 +108,12 @@ class Task(Protocol):
     def train_batches(self, rank: int, start_batch: int):
         """An iterator over training batches from ``start_batch``, with ``close()``."""
 
-    def loss(self, forward, batch: dict, runtime: Runtime) -> torch.Tensor:
-        """The scalar float32 loss of ``batch`` through ``forward`` (the model, maybe DDP)."""
+    def loss(self, forward, batch: dict, runtime: Runtime, step: int) -> torch.Tensor:
+        """The scalar float32 loss of ``batch`` through ``forward`` (the model, maybe DDP) at
+        optimiser step ``step`` (staged tasks open parts of the model by step)."""
+
+    def lr_factor(self, step: int) -> float:
+        """The task's factor on the engine's learning rate at ``step`` (1 for most tasks)."""
 
     def evaluate(self, model: torch.nn.Module, runtime: Runtime) -> Evaluation | None:
         """Evaluate ``model`` (in eval mode) on the test set, sharded over ranks and summed;

@@ -99,7 +99,9 @@ class Trainer:
         forward = self.model
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            forward = DistributedDataParallel(self.model, device_ids=ids)
+            forward = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=self.task.partial_forward
+            )
         self.forward = torch.compile(forward) if cfg.compile else forward
 
     def _restore(self, ckpt: dict) -> None:
@@ -161,11 +163,11 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on ``batch``; returns the (local) training loss."""
-        lr = learning_rate(self.step, self.cfg, self.plateau_scale)
+        lr = learning_rate(self.step, self.cfg, self.plateau_scale) * self.task.lr_factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = self.task.loss(self.forward, batch, self.runtime)
+        loss = self.task.loss(self.forward, batch, self.runtime, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip > 0:
@@ -201,13 +203,14 @@ class Trainer:
             self.bad_evals = 0
         else:
             self._count_bad_evaluation()
+        last = max(self.step - 1, 0)
         row = {
             "step": self.step,
             "time_s": round(time.time() - self._t0, 2),
             "train_loss": float(np.mean(train_losses)) if train_losses else None,
             "test_loss": ev.test_loss,
             **ev.metrics,
-            "lr": learning_rate(max(self.step - 1, 0), self.cfg, self.plateau_scale),
+            "lr": learning_rate(last, self.cfg, self.plateau_scale) * self.task.lr_factor(last),
             "data_wait_pct": 100.0 * wait,
         }
         if self.runtime.dist.is_main:

@@ -17,12 +17,13 @@ import logging
 from torch import nn
 
 from scarce.errors import InputError
+from scarce.models.fieldnet import FieldNet
 from scarce.models.segnet import SegNet
 from scarce.models.unet import UNet
 
 log = logging.getLogger(__name__)
 
-MODELS: dict[str, type] = {"unet": UNet, "segnet": SegNet}
+MODELS: dict[str, type] = {"unet": UNet, "segnet": SegNet, "fieldnet": FieldNet}
 
 
 def model_options(name: str) -> dict:

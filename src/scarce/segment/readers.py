@@ -105,6 +105,11 @@ class _BatchMaker:
             self._env.close()
         self._env = None
 
+    def collate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Widen the target to int64 in the consumer (it crosses processes as uint8)."""
+        batch["target"] = batch["target"].long()  # no copy when already int64
+        return batch
+
     def _class_pixels(self, index: int, cls: int, mask: np.ndarray) -> np.ndarray:
         """Flat indices of the pixels of class ``cls`` in ``mask`` (cached within a budget)."""
         cached = self._index_cache.get((index, cls))

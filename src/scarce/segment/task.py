@@ -60,6 +60,7 @@ class SegmentationTask:
 
     name = "segment"
     headline = "mean_dice"
+    partial_forward = False
 
     def __init__(self, train_db, test_db=None, cfg: TrainConfig | None = None):
         self.cfg = cfg or TrainConfig()
@@ -118,7 +119,11 @@ class SegmentationTask:
             target=self.target,
         )
 
-    def loss(self, forward, batch: dict, runtime: Runtime) -> torch.Tensor:
+    def lr_factor(self, step: int) -> float:
+        """1: the engine's schedule as it is."""
+        return 1.0
+
+    def loss(self, forward, batch: dict, runtime: Runtime, step: int) -> torch.Tensor:
         """Dice/cross-entropy of ``forward(batch["image"])`` against ``batch["target"]``."""
         dev = runtime.device
         image = batch["image"].to(dev, non_blocking=True)  # (N, C, P, P)

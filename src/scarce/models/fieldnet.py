@@ -1,0 +1,322 @@
+"""SEAMLeSS-style field network: a Siamese encoder pyramid and one aligner per level.
+
+The encoder is shared by source and target (Siamese): per level two 3x3 convolutions with
+LeakyReLU, then 2x2 max-pooling to the next level. Per level an aligner (a stack of k x k
+convolutions with LeakyReLU, ending in 2 channels) reads ``[warped source encoding, target
+encoding]`` and predicts a residual field ``r`` in pixels of that level. Coarse to fine: the
+field so far is upsampled (values doubled), the source encoding is warped with it, the
+residual is predicted and **composed**, ``D = r + warp(D, r)`` (warp by ``D``, then by ``r``),
+not summed. Each aligner's last convolution starts at zero, so an untrained network outputs the
+identity field. Levels coarser than ``open_levels`` allows are skipped during staged training.
+
+Input ``source``, ``target``: ``(N, C, H, W)`` float32, H and W multiples of
+``2 ** (levels - 1)``. Output: a dict level -> field ``(N, 2, H / 2**l, W / 2**l)`` in pixels
+of that level, for every computed level; :meth:`FieldNet.field` gives the finest one at the
+input's resolution.
+
+References
+----------
+E. Mitchell, S. Keselj, S. Popovych, D. Buniatyan, H. S. Seung, "Siamese Encoding and
+Alignment by Multiscale Learning with Self-Supervision", arXiv:1904.02643 (2019); the
+aligner layout 2C -> 32 -> 64 -> 32 -> 16 -> 2 and encoder widths 12 + 6 * level follow
+seung-lab/SEAMLeSS ``training/pyramid.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scarce.errors import InputError
+from scarce.models.field import compose, upsample, warp
+
+SLOPE = 0.1  # LeakyReLU negative slope
+
+
+def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+    """A same-padded convolution with He initialisation for LeakyReLU (SEAMLeSS rescales
+    PyTorch's default by sqrt 6 to the same end: activations keep their scale with depth)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+    nn.init.kaiming_normal_(conv.weight, a=SLOPE, nonlinearity="leaky_relu")
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _encoder_stage(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        _conv(in_channels, out_channels, 3),
+        nn.LeakyReLU(SLOPE),
+        _conv(out_channels, out_channels, 3),
+        nn.LeakyReLU(SLOPE),
+    )
+
+
+def _aligner(in_channels: int, widths: tuple[int, ...], kernel: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    chans = [in_channels, *widths]
+    for a, b in zip(chans[:-1], chans[1:]):
+        layers += [_conv(a, b, kernel), nn.LeakyReLU(SLOPE)]
+    last = nn.Conv2d(chans[-1], 2, kernel, padding=kernel // 2)
+    nn.init.zeros_(last.weight)  # identity field at the start of training
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
+def correlation(source: torch.Tensor, target: torch.Tensor, radius: int) -> torch.Tensor:
+    """Cost volume: the cosine similarity of each target feature vector with the source
+    feature vectors at every offset ``(dy, dx)`` in ``[-radius, radius]**2``.
+
+    Parameters
+    ----------
+    source, target : Tensor, shape (N, C, H, W)
+    radius : int
+        Largest offset, pixels of this level.
+
+    Returns
+    -------
+    Tensor, shape (N, (2 radius + 1)**2, H, W)
+        Channel ``(dy + r) * (2r + 1) + (dx + r)`` holds the similarity with the source at
+        ``(y + dy, x + dx)`` (zero outside the image).
+
+    References
+    ----------
+    D. Sun, X. Yang, M.-Y. Liu, J. Kautz, "PWC-Net: CNNs for Optical Flow Using Pyramid,
+    Warping, and Cost Volume", CVPR 2018, arXiv:1709.02371.
+    """
+    n, c, h, w = source.shape
+    k = 2 * radius + 1
+    s = torch.nn.functional.normalize(source, dim=1)
+    t = torch.nn.functional.normalize(target, dim=1)
+    patches = torch.nn.functional.unfold(s, k, padding=radius).view(n, c, k * k, h, w)
+    return (patches * t[:, :, None]).sum(1)  # (N, k*k, H, W)
+
+
+def soft_argmax(cost: torch.Tensor, radius: int, temperature: torch.Tensor) -> torch.Tensor:
+    """Expected offset under ``softmax(temperature * cost)`` over the cost volume's offsets.
+
+    Parameters
+    ----------
+    cost : Tensor, shape (N, (2r+1)**2, H, W)
+        From :func:`correlation`.
+    radius : int
+    temperature : Tensor, scalar
+        Sharpness (a learned parameter).
+
+    Returns
+    -------
+    Tensor, shape (N, 2, H, W)
+        ``(dy, dx)`` in pixels of the level: where the source matches the target best.
+    """
+    k = 2 * radius + 1
+    offsets = torch.arange(-radius, radius + 1, dtype=cost.dtype, device=cost.device)
+    dy = offsets.repeat_interleave(k).view(1, k * k, 1, 1)
+    dx = offsets.repeat(k).view(1, k * k, 1, 1)
+    weights = torch.softmax(temperature * cost, dim=1)
+    return torch.cat([(weights * dy).sum(1, keepdim=True), (weights * dx).sum(1, keepdim=True)], 1)
+
+
+def gaussian_smooth(field: torch.Tensor, weight: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Normalised convolution: ``G * (w f) / G * w`` with a Gaussian ``G`` of std ``sigma``.
+
+    Averages a noisy per-pixel estimate ``field`` ``(N, 2, H, W)`` over its neighbourhood,
+    trusting each pixel by ``weight`` ``(N, 1, H, W)`` (e.g. how peaked its match is);
+    borders are handled by the normalisation (zero padding in both convolutions).
+
+    References
+    ----------
+    H. Knutsson, C.-F. Westin, "Normalized and differential convolution", CVPR 1993.
+    """
+    radius = max(1, int(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel_y, kernel_x = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
+
+    def blur(a: torch.Tensor) -> torch.Tensor:
+        c = a.shape[1]
+        a = torch.nn.functional.conv2d(
+            a, kernel_y.expand(c, 1, -1, 1), padding=(radius, 0), groups=c
+        )
+        return torch.nn.functional.conv2d(
+            a, kernel_x.expand(c, 1, 1, -1), padding=(0, radius), groups=c
+        )
+
+    return blur(field * weight) / blur(weight).clamp_min(1e-6)
+
+
+class FieldNet(nn.Module):
+    """Siamese encoder pyramid + per-level aligners predicting a displacement field.
+
+    Parameters
+    ----------
+    in_channels : int
+        Channels C of a slice (1 for EM).
+    levels : int
+        Pyramid levels L; level l works at 1/2**l of the input. The coarsest level sees
+        displacements of a few pixels there, i.e. ``2 ** (L - 1)`` times more at full size.
+    encoder_widths : sequence of int, optional
+        Channels per level (L values); default SEAMLeSS's ``12 + 6 * l``.
+    aligner_widths : sequence of int
+        Hidden channels of every aligner (before the 2-channel output).
+    kernel_size : int
+        Aligner convolution size (odd), pixels.
+    finest_level : int
+        The finest level with an aligner: the field is predicted down to 1/2**finest_level
+        of the input and upsampled from there (cheaper; fields are smooth).
+    correlation_radius : int
+        Each aligner also reads the cost volume (:func:`correlation`) of the warped source
+        and the target encodings over offsets up to this many pixels of its level (0: none),
+        and its residual starts from the cost volume's best match (:func:`soft_argmax`),
+        smoothed (:func:`gaussian_smooth`, weighted by how peaked each match is). Explicit
+        matching makes large displacements far quicker to learn (PWC-Net).
+    smoothing : float
+        Standard deviation of that smoothing in full-resolution pixels (at least 1 pixel of
+        each level).
+
+    Attributes
+    ----------
+    arguments : dict
+        Constructor arguments (to rebuild from a checkpoint).
+    size_multiple : int
+        ``2 ** (levels - 1)``: H and W must be multiples.
+    receptive_field : int
+        Receptive field of the output field along the coarsest level's path, pixels
+        (:func:`fieldnet_receptive_field`).
+    halo : int
+        Context a tile needs on each side for seamless tiled fields: ``receptive_field // 2``.
+    open_levels : int
+        How many levels, from the coarsest, take part (staged training); default all.
+
+    Raises
+    ------
+    InputError
+        For invalid sizes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        *,
+        levels: int = 5,
+        encoder_widths: tuple[int, ...] | None = None,
+        aligner_widths: tuple[int, ...] = (32, 64, 32, 16),
+        kernel_size: int = 7,
+        finest_level: int = 0,
+        correlation_radius: int = 0,
+        smoothing: float = 16.0,
+    ):
+        super().__init__()
+        widths = tuple(encoder_widths or [12 + 6 * level for level in range(levels)])
+        if levels < 1 or len(widths) != levels or not 0 <= finest_level < levels:
+            raise InputError(
+                f"FieldNet needs levels >= 1, {levels} encoder widths and 0 <= finest_level < "
+                f"levels; got levels={levels}, encoder_widths={widths}, finest={finest_level}"
+            )
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise InputError(f"kernel_size must be odd and positive, got {kernel_size}")
+        self.in_channels, self.levels, self.finest_level = in_channels, levels, finest_level
+        self.arguments = dict(
+            in_channels=in_channels,
+            levels=levels,
+            encoder_widths=list(widths),
+            aligner_widths=list(aligner_widths),
+            kernel_size=kernel_size,
+            finest_level=finest_level,
+            correlation_radius=correlation_radius,
+            smoothing=smoothing,
+        )
+        self.radius, self.smoothing = correlation_radius, smoothing
+        self.temperature = nn.Parameter(torch.full((levels,), 10.0))
+        self.size_multiple = 2 ** (levels - 1)
+        self.encoder = nn.ModuleList(
+            _encoder_stage(in_channels if level == 0 else widths[level - 1], widths[level])
+            for level in range(levels)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.aligners = nn.ModuleList(
+            _aligner(
+                2 * widths[level] + (2 * correlation_radius + 1) ** 2 * (correlation_radius > 0),
+                tuple(aligner_widths),
+                kernel_size,
+            )
+            for level in range(levels)
+        )
+        self.receptive_field = fieldnet_receptive_field(levels, kernel_size, len(aligner_widths))
+        self.halo = self.receptive_field // 2
+        self.open_levels = levels
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Encodings per level: ``(N, C_l, H / 2**l, W / 2**l)`` for l = 0 .. L-1."""
+        out = []
+        x = image
+        for level, stage in enumerate(self.encoder):
+            if level:
+                x = self.pool(x)
+            x = stage(x)  # (N, C_l, H/2**l, W/2**l)
+            out.append(x)
+        return out
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Fields per computed level, coarse to fine (see the module docstring)."""
+        if source.shape != target.shape or source.ndim != 4:
+            raise InputError(
+                f"source {tuple(source.shape)} and target {tuple(target.shape)} must both be "
+                "(N, C, H, W) of the same shape"
+            )
+        h, w = source.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise InputError(
+                f"FieldNet input {h}x{w} is not a multiple of {self.size_multiple} "
+                "(2 ** (levels - 1)); pad or crop the slices"
+            )
+        enc_s, enc_t = self.encode(source), self.encode(target)
+        top = self.levels - 1
+        stop = max(self.finest_level, self.levels - self.open_levels)
+        field = source.new_zeros(source.shape[0], 2, *enc_s[top].shape[-2:])
+        fields: dict[int, torch.Tensor] = {}
+        for level in range(top, stop - 1, -1):
+            if level < top:
+                field = upsample(field)  # (N, 2, H/2**l, W/2**l), values x 2
+            moved = warp(enc_s[level], field)  # source encoding pulled onto the target grid
+            parts = [moved, enc_t[level]]
+            matched = 0.0
+            if self.radius:
+                cost = correlation(moved, enc_t[level], self.radius)  # (N, (2r+1)**2, h, w)
+                parts.append(cost)
+                weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
+                matched = soft_argmax(cost.float(), self.radius, self.temperature[level])
+                sigma = max(1.0, self.smoothing / 2**level)
+                matched = gaussian_smooth(matched, weights.amax(1, keepdim=True), sigma)
+            residual = matched + self.aligners[level](torch.cat(parts, dim=1)).float()
+            field = compose(residual, field)  # warp by field, then by residual
+            fields[level] = field
+        return fields
+
+    def field(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The finest field at the input's resolution: ``(N, 2, H, W)`` pixels."""
+        fields = self.forward(source, target)
+        level = min(fields)
+        return upsample(fields[level], 2**level) if level else fields[level]
+
+
+def fieldnet_receptive_field(levels: int, kernel_size: int, hidden_layers: int) -> int:
+    """Receptive field of :class:`FieldNet` along its coarsest path, full-resolution pixels.
+
+    The encoder's two 3x3 convolutions per level add ``4 * 2**l`` at level l and each 2x2
+    pooling ``2**l``; the coarsest aligner's ``hidden_layers + 1`` k x k convolutions add
+    ``(k - 1) * (hidden_layers + 1) * 2**(L - 1)``. Finer levels see less and only refine,
+    so this is the extent of input that can move an output vector.
+    """
+    top = levels - 1
+    encoder = sum(4 * 2**level for level in range(levels)) + (2**top - 1)
+    aligner = (kernel_size - 1) * (hidden_layers + 1) * 2**top
+    return encoder + aligner + 1
+
+
+__all__ = [
+    "FieldNet",
+    "correlation",
+    "fieldnet_receptive_field",
+    "gaussian_smooth",
+    "soft_argmax",
+]
