@@ -306,7 +306,7 @@ def test_cli_isbi2012_slices_and_bbbc039_instances(shared_data, tmp_path):
 def test_user_errors_print_one_line_and_exit_2(nist_db, tmp_path, capsys):
     train = ["train", "--train-db", str(nist_db / "train.lmdb"), "--out", str(tmp_path / "r")]
     cases = [
-        (train + ["--config", "no-such-preset"], "presets: default"),
+        (train + ["--config", "no-such-preset"], "neither a file nor a preset; presets: "),
         (train + ["--set", "model.nope=1"], "unknown config key 'model.nope'"),
         (
             [

@@ -8,8 +8,8 @@ import torch
 
 from scarce.io import list_image_files, read_image, read_mask
 from scarce.models import MODELS, SegNet, UNet, build_model
-from scarce.models.fieldnet import FieldNet
 from scarce.models.blocks import group_count
+from scarce.models.fieldnet import FieldNet
 from scarce.models.receptive import measure_receptive_field
 from scarce.models.segnet import MaxUnpool2x2, segnet_receptive_field
 from scarce.models.unet import unet_receptive_field

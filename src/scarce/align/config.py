@@ -21,7 +21,7 @@ SMOOTHNESS = CHOICES["loss.smoothness"]
 class AlignDataConfig:
     """Pairs of consecutive slices (source z+1 -> target z) and the patches cut from them."""
 
-    patch_size: int = 192  # side of the square training patch, pixels (multiple of 2**(L-1))
+    patch_size: int = 256  # side of the square training patch, pixels (multiple of 2**(L-1))
     batch_size: int = 4  # pairs per step and per process
     reader_count: int = -1  # workers per device; 0 = in the trainer; -1 = auto
     prefetch_batches: int = 4  # batches each worker keeps ready
@@ -29,7 +29,7 @@ class AlignDataConfig:
     both_directions: bool = True  # also train z -> z+1 (source and target swapped)
     test_size: int = 384  # side of the centre crop of each test pair, pixels
     test_deformations: int = 2  # seeded known deformations per test slice at evaluation
-    test_amplitude: float = 8.0  # largest displacement of those deformations, pixels
+    test_amplitude: float = 16.0  # largest displacement of those deformations, pixels
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,13 @@ class FieldNetConfig:
     """The field network (:class:`scarce.models.fieldnet.FieldNet`)."""
 
     name: str = "fieldnet"  # registry name
-    levels: int = 6  # pyramid levels; the coarsest sees shifts of ~2**(levels-1) px
+    levels: int = 5  # pyramid levels; the coarsest sees shifts of ~2**(levels-1) px
     encoder_widths: tuple[int, ...] | None = None  # channels per level; None = 12 + 6 * l
     aligner_widths: tuple[int, ...] = (24, 32, 24, 16)  # hidden channels of each aligner
     kernel_size: int = 5  # aligner convolution size, pixels (SEAMLeSS: 7)
     finest_level: int = 1  # finest level with an aligner; finer fields are upsampled
     correlation_radius: int = 3  # cost-volume offsets per level, pixels of the level; 0 = none
+    smoothing: float = 16.0  # std of the smoothing of each level's match, full-res pixels
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ consecutive aligned sections); seung-lab/metroem ``helpers.py`` (CPC on chunks).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -194,11 +196,163 @@ def overlay(source, target) -> np.ndarray:
     return np.stack([s, t, np.zeros_like(s)], -1)
 
 
+def _read_fields(path, what: str, shape) -> np.ndarray:
+    import tifffile
+
+    from scarce.errors import InputError
+
+    fields = np.asarray(tifffile.imread(path), dtype=np.float32)
+    if (
+        fields.ndim != 4
+        or fields.shape[1] != 2
+        or fields.shape[0] != shape[0]
+        or (fields.shape[2:] != tuple(shape[1:]))
+    ):
+        raise InputError(
+            f"{path}: {what} must be (Z, 2, H, W) = ({shape[0]}, 2, {shape[1]}, "
+            f"{shape[2]}), got {fields.shape}"
+        )
+    return fields
+
+
+def evaluate_stack(
+    stack,
+    out_dir=None,
+    *,
+    fields=None,
+    truth_fields=None,
+    chunk: int = 64,
+    missing_value: float | None = None,
+    before=None,
+    pictures: int = 3,
+) -> dict:
+    """Evaluate an aligned stack (``scarce align-evaluate``).
+
+    Parameters
+    ----------
+    stack : path-like
+        The aligned stack (e.g. ``OUT/aligned.tif``).
+    out_dir : path-like, optional
+        Writes ``metrics.json`` and PNGs: red-green overlays of the first ``pictures`` pairs
+        (and of the unaligned pairs with ``before``), a CPC heat map per pair, each field as a
+        colour wheel.
+    fields : path-like, optional
+        ``fields.tif`` from ``scarce align`` (fold fraction, and with ``truth_fields`` the
+        composition error).
+    truth_fields : path-like, optional
+        ``(Z, 2, H, W)`` known deformations ``u`` that made each slice (``slice = warp(
+        original, u)``); the composition error ``|D(x) + u(x + D(x))|`` is reported.
+    chunk : int
+        CPC block side, pixels; blocks with a missing pixel are dropped.
+    missing_value : float, optional
+        Pixels equal to it are missing.
+    before : path-like, optional
+        The unaligned stack, for the CPC before alignment and the "before" overlays.
+
+    Returns
+    -------
+    dict
+        ``cpc`` (SEAMLeSS Table 1 statistics over every block of every consecutive pair),
+        ``cpc_before``, ``per_pair`` rows, ``fold_fraction`` and ``composition_error``.
+    """
+    from scarce.align.stack import open_stack
+    from scarce.models.field import fold_fraction
+
+    (st,) = open_stack(stack)[:1]
+    images = np.stack([st.slice(z).astype(np.float32) for z in range(len(st))])
+    valid = np.ones(images.shape, bool) if missing_value is None else images != missing_value
+    rows, blocks = [], []
+    for z in range(1, len(images)):
+        r = chunked_pearson(images[z], images[z - 1], chunk, valid[z] & valid[z - 1])
+        blocks.append(r)
+        rows.append({"z": z, "cpc": cpc_summary(r)["mean"]})
+    result = {
+        "stack": str(stack),
+        "chunk": chunk,
+        "cpc": cpc_summary(np.concatenate([b.ravel() for b in blocks])),
+        "per_pair": rows,
+    }
+    if before is not None:
+        (bst,) = open_stack(before)[:1]
+        raw = np.stack([bst.slice(z).astype(np.float32) for z in range(len(bst))])
+        prior = [chunked_pearson(raw[z], raw[z - 1], chunk) for z in range(1, len(raw))]
+        result["cpc_before"] = cpc_summary(np.concatenate([b.ravel() for b in prior]))
+    field_stack = None
+    if fields is not None:
+        field_stack = _read_fields(fields, "fields", images.shape)
+        folds = [fold_fraction(torch.from_numpy(f)[None]) for f in field_stack]
+        result["fold_fraction"] = float(np.mean(folds))
+        for row, f in zip(rows, folds[1:]):
+            row["fold_fraction"] = f
+    if truth_fields is not None:
+        if field_stack is None:
+            from scarce.errors import InputError
+
+            raise InputError("--truth-fields needs --fields (the aligner's fields)")
+        truth = _read_fields(truth_fields, "truth fields", images.shape)
+        errors = [
+            composition_error(torch.from_numpy(d)[None], torch.from_numpy(u)[None])[0]
+            for d, u in zip(field_stack, truth)
+        ]
+        result["composition_error"] = error_summary(torch.stack(errors))
+        for row, e in zip(rows, errors[1:]):
+            row["composition_error_px"] = float(e.mean())
+    if out_dir is not None:
+        _write_report(Path(out_dir), result, images, blocks, field_stack, before, pictures)
+    return result
+
+
+def _write_report(out: Path, result, images, blocks, fields, before, pictures) -> None:
+    import json
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scarce.align.stack import open_stack
+
+    out.mkdir(parents=True, exist_ok=True)
+    raw = None
+    if before is not None:
+        (bst,) = open_stack(before)[:1]
+        raw = [bst.slice(z) for z in range(min(len(bst), pictures + 1))]
+    for z in range(1, min(len(images), pictures + 1)):
+        panels = [("after", overlay(images[z], images[z - 1]))]
+        if raw is not None:
+            panels.insert(0, ("before", overlay(raw[z], raw[z - 1])))
+        panels.append(("CPC per block", blocks[z - 1]))
+        if fields is not None:
+            panels.append(
+                (f"field, max {np.hypot(*fields[z]).max():.1f} px", flow_colours(fields[z]))
+            )
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+        for ax, (title, image) in zip(axes[0], panels):
+            shown = ax.imshow(
+                image,
+                vmin=-1 if image.ndim == 2 else None,
+                vmax=1 if image.ndim == 2 else None,
+                cmap="viridis" if image.ndim == 2 else None,
+            )
+            if image.ndim == 2:
+                fig.colorbar(shown, ax=ax, fraction=0.046)
+            ax.set_title(f"z {z} -> {z - 1}: {title}", fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / f"pair_{z:04d}.png", dpi=70)
+        plt.close(fig)
+    tmp = out / f".metrics.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "metrics.json")
+
+
 __all__ = [
     "chunked_pearson",
     "composition_error",
     "cpc_summary",
     "error_summary",
+    "evaluate_stack",
     "flow_colours",
     "ncc",
     "overlay",

@@ -95,14 +95,19 @@ def rigidity_penalty(field: torch.Tensor) -> torch.Tensor:
     Pixel p moves to ``p + D(p)``; a spring joins it to each of its 8 neighbours q with rest
     length ``|q - p|`` (1 or sqrt 2). The energy of pixel p is the mean over the 8 springs of
     ``(|q - p + D(q) - D(p)| - |q - p|)**2``, so translations and rotations cost nothing and
-    any stretch or shear does. Neighbours beyond the border repeat the border vector.
+    any stretch or shear does. At the border only the springs to pixels inside count.
     """
+    h, w = field.shape[-2:]
     energy = torch.zeros_like(field[:, 0])
+    springs = torch.zeros((h, w), dtype=field.dtype, device=field.device)
     for dy, dx in _NEIGHBOURS:
         rel = field.new_tensor([dy, dx]).view(1, 2, 1, 1) + _shift(field, dy, dx) - field
         length = torch.sqrt((rel**2).sum(1) + 1e-12)
-        energy = energy + (length - math.hypot(dy, dx)) ** 2
-    return energy / len(_NEIGHBOURS)
+        inside = torch.zeros((h, w), dtype=field.dtype, device=field.device)
+        inside[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = 1.0
+        energy = energy + inside * (length - math.hypot(dy, dx)) ** 2
+        springs = springs + inside
+    return energy / springs.clamp_min(1.0)
 
 
 PENALTIES = {

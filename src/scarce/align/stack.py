@@ -72,18 +72,13 @@ class Stack:
 
 
 def _tiff(path: Path) -> list[Stack]:
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        shape, dtype = tuple(series.shape), series.dtype
-    if len(shape) == 2:
-        shape = (1, *shape)
-    if len(shape) != 3:
-        raise io.ImageFileError(path, f"expected a (Z, H, W) stack, got shape {shape}")
-
-    def read(z: int) -> np.ndarray:
-        return tifffile.imread(path, key=z) if shape[0] > 1 else tifffile.imread(path)
-
-    return [Stack(path.stem, str(path), shape, np.dtype(dtype), read)]
+    """A multi-page TIFF (or one page holding a (Z, H, W) series), read once."""
+    data = np.asarray(tifffile.imread(path))
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise io.ImageFileError(path, f"expected a (Z, H, W) stack, got shape {data.shape}")
+    return [Stack(path.stem, str(path), tuple(data.shape), data.dtype, lambda z: data[z])]
 
 
 def _folder(path: Path) -> list[Stack]:

@@ -3,8 +3,8 @@
 :class:`AlignmentTask` gives :class:`~scarce.engine.trainer.Trainer` the field network, the
 pair readers of a stack database, the self-supervised loss (masked MSE of the warped source
 against the target + ``lambda_smooth`` x smoothness, per open pyramid level), its evaluation
-(the same loss on the test pairs, and the composition error on seeded known deformations of
-the test slices), checkpoint extras and plots. Training is **staged by pyramid level** as in
+(the loss at full resolution on the test pairs, comparable across stages, and the composition
+error on seeded known deformations of the test slices), checkpoint extras and plots. Training is **staged by pyramid level** as in
 SEAMLeSS: stage s (``stage_steps`` steps each) opens the s+1 coarsest levels, a newly opened
 level starts from the weights of the level above where their shapes match, and the last stage
 trains all levels at ``finetune_lr_factor`` x the learning rate. A run whose field collapses
@@ -91,6 +91,21 @@ def pair_loss(fields: dict, source, target, valid_s, valid_t, cfg: AlignConfig) 
     return total / len(terms)
 
 
+def full_loss(field, source, target, valid_s, valid_t, cfg: AlignConfig) -> torch.Tensor:
+    """The training loss at full resolution only: comparable across stages (the test loss).
+
+    Parameters
+    ----------
+    field : Tensor, shape (N, 2, H, W)
+        The final field at the slices' resolution.
+    source, target, valid_s, valid_t : Tensor, shape (N, 1, H, W)
+    cfg : AlignConfig
+    """
+    weight = valid_t * (warp(valid_s, field, padding="zeros") > 0.999).float()
+    loss = masked_mse(warp(source, field), target, weight)
+    return loss + cfg.loss.lambda_smooth * smoothness(field, cfg.loss.smoothness)
+
+
 class AlignmentTask:
     """Train a field network on the consecutive slices of a stack database.
 
@@ -142,6 +157,7 @@ class AlignmentTask:
             kernel_size=m.kernel_size,
             finest_level=m.finest_level,
             correlation_radius=m.correlation_radius,
+            smoothing=m.smoothing,
         )
         self.model.open_levels = 1  # stage 0; loss() opens the rest as training goes on
         return self.model
@@ -242,7 +258,7 @@ class AlignmentTask:
             r = chunked_pearson(moved[0, 0].cpu(), tgt, 32, (weight[0, 0] > 0).cpu().numpy())
             sums += torch.tensor(
                 [
-                    float(pair_loss(fields, s, t, ms, mt, self.cfg)),
+                    float(full_loss(field, s, t, ms, mt, self.cfg)),
                     float(masked_mse(moved, t, weight)),
                     float(masked_mse(s, t, mt * ms)),
                     float(field.norm(dim=1).mean()),
@@ -401,4 +417,4 @@ def align_train(train_db, test_db, run_dir, cfg: AlignConfig | None = None, **op
     return Trainer(task, run_dir, resume_from=ckpt, overwrite=overwrite, **options).fit()
 
 
-__all__ = ["AlignmentTask", "align_train", "pair_loss"]
+__all__ = ["AlignmentTask", "align_train", "full_loss", "pair_loss"]

@@ -167,3 +167,71 @@ def format_diff(runs: list[dict]) -> str:
         [f"config differences ({names}):"]
         + [f"  {k}: " + " | ".join(_cell(v) for v in vals) for k, vals in diff.items()]
     )
+
+
+def lineage(run: str | Path) -> list[dict]:
+    """A run and its ancestors through ``--init-from``, newest first (SEAMLeSS's ``net_hist``).
+
+    Each run's ``summary.json`` names the checkpoint or run it was fine-tuned from
+    (``init_from``); the chain ends at a run trained from scratch, or at an ancestor whose
+    folder is gone (its row then says so).
+
+    Returns
+    -------
+    list of dict
+        Per run: ``run``, ``task``, ``steps``, ``best_test_loss``, ``headline`` and its best
+        value, ``learning_rate``, ``loss`` (the loss section of its config), ``init_from``.
+
+    Raises
+    ------
+    scarce.errors.MissingInputError
+        If ``run`` is not a run folder.
+    """
+    chain, seen = [], set()
+    current: Path | None = Path(run)
+    while current is not None and current.resolve() not in seen:
+        seen.add(current.resolve())
+        if current.is_file():  # a checkpoint: its run folder is two levels up
+            current = current.parent.parent
+        if not (current / "config.yaml").is_file():
+            if not chain:
+                raise MissingInputError(f"{current}: not a run folder (no config.yaml)")
+            chain.append({"run": str(current), "missing": True})
+            break
+        row = run_row(current)
+        summary_path = current / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        parent = summary.get("init_from")
+        chain.append(
+            {
+                "run": str(current),
+                "task": row["task"],
+                "steps": row["steps"],
+                "best_test_loss": row["best_test_loss"],
+                "headline": row["headline"],
+                "best_headline": row["best_headline"],
+                "learning_rate": row["config"].get("optim", {}).get("learning_rate"),
+                "loss": row["config"].get("loss", {}),
+                "init_from": parent,
+            }
+        )
+        current = Path(parent) if parent else None
+    return chain
+
+
+def format_lineage(chain: list[dict]) -> str:
+    """The lineage as indented lines, newest first."""
+    lines = []
+    for depth, r in enumerate(chain):
+        pad = "  " * depth + ("<- " if depth else "")
+        if r.get("missing"):
+            lines.append(f"{pad}{r['run']} (folder not found)")
+            continue
+        weights = ", ".join(f"{k}={v}" for k, v in r["loss"].items() if not isinstance(v, dict))
+        lines.append(
+            f"{pad}{r['run']}: {r['task']}, {r['steps']} steps, lr {r['learning_rate']}, "
+            f"best test loss {_cell(r['best_test_loss'])}, {r['headline']} "
+            f"{_cell(r['best_headline'])}; loss: {weights}"
+            + ("" if r["init_from"] else " (trained from scratch)")
+        )
+    return "\n".join(lines)

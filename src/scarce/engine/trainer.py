@@ -67,6 +67,8 @@ class Trainer:
     def __init__(self, task: Task, run_dir, *, resume_from=None, init_from=None, overwrite=False):
         self.task, self.cfg, self.run_dir = task, task.cfg, Path(run_dir)
         self.resume_ckpt, self.init_from, self.overwrite = resume_from, init_from, overwrite
+        resumed_from = (resume_from or {}).get("init_from")
+        self.lineage = str(Path(init_from).resolve()) if init_from else resumed_from
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -269,6 +271,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "scheduler": {"plateau_scale": self.plateau_scale, "bad_evals": self.bad_evals},
             "rng": {"torch": torch.get_rng_state()},
+            "init_from": self.lineage,
         }
 
     # ------------------------------------------------------------------------- reporting
@@ -326,6 +329,7 @@ class Trainer:
             "best_step": self.best["step"],
             f"best_{headline}": self.best.get(headline),
             "headline": headline,
+            "init_from": self.lineage,
             "last_eval": last_eval,
             "world_size": self.runtime.dist.world_size,
             "amp": self.runtime.amp,

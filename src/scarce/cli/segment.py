@@ -1,25 +1,19 @@
-"""``scarce`` command line: a thin face over the public functions a notebook user calls.
-
-Verbs: ingest, inspect, train, predict, evaluate, export, demo, history, benchmark-readers.
-Each verb parses its flags, calls one library function and prints a short result. Errors that
-are the user's (:class:`scarce.errors.ScarceError`: bad input, missing files, bad config, no
-such device) print one line naming the problem and exit 2; anything else is a bug in Scarce
-and keeps its traceback.
+"""The segmentation verbs: ingest, inspect, train, predict, evaluate, export, demo,
+benchmark-readers. Each parses its flags, calls one library function and prints a short result.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
-import sys
-import typing
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from scarce.cli.common import (
+    add_run_flags,
+    db_paths,
+    print_summary,
+    relaunch_under_torchrun,
+    run_config,
+)
 
 
 def _add_ingest(sub) -> None:
@@ -43,55 +37,15 @@ def _add_ingest(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    from scarce.config import AMP_MODES  # light: no torch
-
     p = sub.add_parser("train", help="train a U-Net/SegNet on LMDB databases")
-    p.add_argument("--train-db", required=True)
-    p.add_argument("--test-db", help="test database (default: beside --train-db if present)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--config", help="preset name (default, quick-cpu, ...) or YAML file")
+    add_run_flags(p, default_config=None)
     p.add_argument("--model", dest="model.name")
     p.add_argument("--batch-size", type=int, dest="data.batch_size")
     p.add_argument("--patch-size", type=int, dest="data.patch_size")
-    p.add_argument("--learning-rate", type=float, dest="optim.learning_rate")
-    p.add_argument("--test-every-n-steps", type=int, dest="test_every_n_steps")
-    p.add_argument(
-        "--early-stopping",
-        type=int,
-        dest="early_stopping",
-        help="stop after N evaluations without a better test loss (0 = off)",
-    )
-    p.add_argument("--max-steps", type=int, dest="max_steps")
-    p.add_argument("--max-minutes", type=float, dest="max_minutes")
     p.add_argument(
         "--balance-classes", action="store_const", const=True, dest="data.balance_classes"
     )
     p.add_argument("--no-augment", action="store_const", const=False, dest="augment.enabled")
-    p.add_argument("--reader-count", type=int, dest="data.reader_count")
-    p.add_argument("--seed", type=int, dest="seed")
-    p.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        dest="amp",
-        help="mixed precision; auto (default): bf16 where the CPU/GPU has it, fp16 on older GPUs",
-    )
-    p.add_argument("--device", dest="device", help="auto | cpu | cuda")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config value, e.g. --set model.width=16 --set augment.elastic=true",
-    )
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from last.pt")
-    p.add_argument("--init-from", help="checkpoint or run folder to fine-tune from")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        help="data-parallel processes on this machine (runs torchrun for you)",
-    )
 
 
 def _add_predict(sub) -> None:
@@ -123,11 +77,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--ignore-label", type=int)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``scarce`` argument parser with one sub-command per verb."""
-    parser = argparse.ArgumentParser(prog="scarce", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="verb", required=True)
+def add_verbs(sub) -> None:
+    """Add the segmentation verbs to the ``scarce`` sub-command parser."""
     _add_ingest(sub)
     p = sub.add_parser("inspect", help="summarise a database")
     p.add_argument("path", help="DB_DIR or one .lmdb folder")
@@ -146,10 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out")
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--config", help="preset name or YAML file (default: the quick-cpu preset)")
-    p = sub.add_parser("history", help="one row per training run")
-    p.add_argument("runs", nargs="+", help="run folders or folders of runs")
-    p.add_argument("--diff", action="store_true", help="show how the runs' configs differ")
-    p.add_argument("--json", action="store_true")
     p = sub.add_parser("benchmark-readers", help="augmented patches per second")
     p.add_argument("db", help="DB_DIR or .lmdb")
     p.add_argument("--config")
@@ -158,83 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-count", type=int)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--json", action="store_true")
-    return parser
-
-
-def _train_db_paths(args) -> tuple[Path, Path | None]:
-    train_db = Path(args.train_db)
-    if args.test_db:
-        return train_db, Path(args.test_db)
-    guess = train_db.parent / "test.lmdb"
-    return train_db, (guess if guess.is_dir() and guess != train_db else None)
-
-
-def config_keys(cls: type) -> dict[str, object]:
-    """Every dotted key of a config class and its type hint, e.g. ``"data.batch_size": int``.
-
-    The command line builds its ``--set`` help and its flags' destinations from these.
-    """
-    out: dict[str, object] = {}
-
-    def walk(c: type, prefix: str) -> None:
-        hints = typing.get_type_hints(c)
-        for f in fields(c):
-            if is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = hints[f.name]
-
-    walk(cls, "")
-    return out
-
-
-def _train_config(args):
-    from scarce.config import ConfigError, load_config, override
-
-    cfg = load_config(args.config)
-    keys = config_keys(type(cfg))
-    values = {k: v for k, v in vars(args).items() if k in keys and v is not None}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key] = value
-    return override(cfg, values)
 
 
 def cmd_train(args) -> int:
-    """``scarce train``: resolve the config, then Trainer.fit (or torchrun for --nproc)."""
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from scarce.engine.distributed import launch_torchrun
-
-        argv, skip = [], False
-        for a in sys.argv[1:]:
-            if skip:
-                skip = False
-                continue
-            if a == "--nproc":
-                skip = True
-                continue
-            if not a.startswith("--nproc="):
-                argv.append(a)
-        return launch_torchrun(args.nproc, argv)
+    """``scarce train``: resolve the config, then train (or torchrun for --nproc)."""
+    code = relaunch_under_torchrun(args)
+    if code is not None:
+        return code
+    from scarce.config import TrainConfig
     from scarce.segment.task import train
 
-    train_db, test_db = _train_db_paths(args)
+    train_db, test_db = db_paths(args)
     summary = train(
         train_db,
         test_db,
         args.out,
-        _train_config(args),
+        run_config(args, TrainConfig),
         resume=args.resume,
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"run folder: {args.out} ({summary['stop_reason']} at step {summary['steps']}, "
-            f"best test loss {summary['best_test_loss']:.4f} at step {summary['best_step']})"
-        )
+    print_summary(args, summary)
     return 0
 
 
@@ -332,20 +223,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_history(args) -> int:
-    """``scarce history``."""
-    from scarce.engine.history import collect_runs, format_diff, format_history
-
-    runs = collect_runs(args.runs)
-    if args.json:
-        print(json.dumps(runs, indent=2, default=str))
-    else:
-        print(format_history(runs))
-    if args.diff:
-        print(format_diff(runs))
-    return 0
-
-
 def cmd_benchmark_readers(args) -> int:
     """``scarce benchmark-readers``."""
     from scarce.config import load_config, override
@@ -371,31 +248,5 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "demo": cmd_demo,
-    "history": cmd_history,
     "benchmark-readers": cmd_benchmark_readers,
 }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``scarce`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    from scarce.errors import ScarceError
-
-    try:
-        return COMMANDS[args.verb](args)
-    except ScarceError as exc:
-        print(f"scarce {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"scarce {args.verb}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
