@@ -41,6 +41,7 @@ bench: bench-setup
 	$(BIN)/python benchmarks/readers.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/predict.py
+	$(BIN)/python benchmarks/align.py
 
 clean:
 	rm -rf $(VENV) $(OUT)
