@@ -42,9 +42,10 @@ from skimage.registration import (  # noqa: E402
     optical_flow_tvl1,
 )
 
-from scarce.align.apply import align_stack, fine_tune, normalise, pair_field  # noqa: E402
+from scarce.align.apply import align_stack  # noqa: E402
 from scarce.align.config import AlignConfig  # noqa: E402
 from scarce.align.evaluate import composition_error, ncc, random_deformation  # noqa: E402
+from scarce.align.pairs import FineTune, fine_tune, network_field, normalise  # noqa: E402
 from scarce.align.stack import ingest_stack  # noqa: E402
 from scarce.align.task import align_train  # noqa: E402
 from scarce.config import config_from_dict, load_config, override  # noqa: E402
@@ -104,17 +105,7 @@ def direct_optimisation(source, target, *, lambda_smooth, kind, levels=4, steps=
             field = torch.zeros(1, 2, *sl.shape[-2:])
         else:
             field = upsample(field)
-        field = fine_tune(
-            field,
-            sl,
-            tl,
-            vl,
-            vl,
-            steps=steps,
-            lambda_smooth=lambda_smooth,
-            smoothness_kind=kind,
-            lr=0.1,
-        )
+        field = fine_tune(field, sl, tl, vl, vl, FineTune(steps, lambda_smooth, kind))
     return field
 
 
@@ -131,20 +122,12 @@ def run_method(name, source, target, net, cfg):
             source, target, lambda_smooth=cfg.loss.lambda_smooth, kind=cfg.loss.smoothness
         )
     else:
-        field = pair_field(net, source, target, tile_size=1024, device=torch.device("cpu"))
+        field = network_field(net, source, target, tile_size=1024, device=torch.device("cpu"))
         if name == "scarce+ft":
             s, t = (torch.from_numpy(a)[None, None] for a in (source, target))
             ones = torch.ones_like(s)
-            field = fine_tune(
-                field,
-                s,
-                t,
-                ones,
-                ones,
-                steps=50,
-                lambda_smooth=cfg.loss.lambda_smooth,
-                smoothness_kind=cfg.loss.smoothness,
-            )
+            settings = FineTune(50, cfg.loss.lambda_smooth, cfg.loss.smoothness)
+            field = fine_tune(field, s, t, ones, ones, settings)
     return field.float(), time.perf_counter() - start
 
 
@@ -339,7 +322,7 @@ def main() -> None:
         "stack": {
             "cpc_before": float(np.mean([p["cpc_before"] for p in pairs])),
             "cpc_after": float(np.mean([p["cpc_after"] for p in pairs])),
-            "seconds_per_slice": float(np.mean([p["seconds"] for p in pairs])),
+            "seconds_per_slice": report["seconds_per_pair"],
         },
         "wall_s": time.perf_counter() - started,
     }

@@ -1,24 +1,24 @@
 """Align a whole stack with a trained aligner (``scarce align``).
 
-Slice ``reference`` stays put. Each later slice z is aligned to the already aligned slice
-z - 1 (earlier slices to z + 1, backwards), so ``aligned[z] = warp(slice[z], fields[z])``:
-every field pulls the *original* slice into the common frame, and no field is composed. The
-network's field can be refined per pair by a few Adam steps on the pixel field under the
-training loss (``fine_tune_steps``; metroem's online fine-tuning). Slices larger than
-``tile_size`` go through the engine's sliding window (the fields of overlapping tiles are
-blended). Pixels equal to ``missing_value`` are missing data: never matched, and filled with
-that value in the output (as is everything pulled from outside a slice).
-
-Outputs (each written to a temporary name, then renamed): ``aligned.tif`` ``(Z, H, W)`` in the
-input dtype, ``fields.tif`` float32 ``(Z, 2, H, W)`` (dy, dx in pixels; zero for the
-reference), ``report.json`` (per pair: seconds, CPC before/after, fold fraction) and, with
-``save_encodings``, ``encodings/z{z}_level{l}.tif`` (the encoder's feature maps,
-SEAMLeSS's ``inspect_enc``).
-
-References
-----------
-seung-lab/metroem ``aligner.py`` / ``finetuner.py`` (per-pair fine-tuning: Adam on the pixel
-field, lr 0.1, smoothness-regularised similarity).
+1. **Pairwise fields** (:mod:`scarce.align.pairs`): for every slice z and each of its ``vote``
+   neighbours towards the reference (z-1, z-2, ... after it; z+1, ... before it), the field
+   ``F`` that pulls raw slice z onto the raw neighbour, optionally fine-tuned per pair under the
+   training loss with defect-mask weights. They are independent: ``workers`` processes compute
+   them in parallel, with the same result as one process.
+2. **Composition** from ``reference`` outwards, sequentially (cheap): through neighbour n the
+   candidate field of slice z is ``compose(D_n, F_{z->n})`` (warp onto the neighbour, then
+   into the common frame). With several neighbours the candidates are combined by the softmin
+   vote (:mod:`scarce.align.vote`), so one bad neighbour (a fold, a blank section) does not
+   derail the rest; a slice whose data is mostly missing is skipped (it keeps its neighbour's
+   field and is not used as a neighbour) and reported. ``drift_decay`` pulls the slow part of
+   every composed field back towards the slice's own frame.
+3. **Outputs**, each written to a temporary name and renamed: ``aligned.tif`` ``(Z, H, W)`` in
+   the input dtype (``aligned[z] = warp(slice[z], fields[z])``; pixels without data are the
+   missing value, or 0), ``fields.tif`` float32 ``(Z, 2, H, W)`` (dy, dx in pixels; zero for the
+   reference), ``qc/`` (per slice: the CPC heat map against its aligned neighbour and the
+   per-pixel disagreement of the vote, float32 TIFFs), ``report.json`` (per pair: seconds, CPC
+   before/after, fold fraction, disagreement, skipped) and, with ``save_encodings``,
+   ``encodings/z{z}_level{l}.tif`` (the encoder's feature maps, SEAMLeSS's ``inspect_enc``).
 """
 
 from __future__ import annotations
@@ -35,117 +35,24 @@ import torch
 from tqdm.auto import tqdm
 
 from scarce.align.evaluate import chunked_pearson, cpc_summary
-from scarce.align.losses import masked_mse, smoothness
+from scarce.align.pairs import FineTune, normalise, pairwise_fields
 from scarce.align.stack import open_stack
+from scarce.align.vote import decay_drift, softmin_vote
 from scarce.engine.checkpoint import load_model
 from scarce.engine.distributed import resolve_device
-from scarce.engine.tiling import sliding_window_logits
 from scarce.errors import CheckpointError, InputError
-from scarce.models.field import fold_fraction, warp
+from scarce.models.field import compose, fold_fraction, warp
 
 logger = logging.getLogger(__name__)
 
-
-class PairField(torch.nn.Module):
-    """A field network as a 2-channel image model for the sliding window: ``(N, 2, H, W)``
-    ``[source, target]`` in, the field ``(N, 2, H, W)`` out."""
-
-    in_channels = 2
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.size_multiple, self.halo = net.size_multiple, net.halo
-
-    def forward(self, pair: torch.Tensor) -> torch.Tensor:
-        return self.net.field(pair[:, :1], pair[:, 1:])
+MOSTLY_MISSING = 0.5  # a slice with less valid data than this is skipped
 
 
-def normalise(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Per-slice z-score over valid pixels, 0 elsewhere (as the aligner was trained)."""
-    values = image[valid].astype(np.float64)
-    mean, std = (values.mean(), max(values.std(), 1e-6)) if values.size else (0.0, 1.0)
-    return np.where(valid, (image - mean) / std, 0.0).astype(np.float32)
-
-
-def pair_field(net, source, target, *, tile_size: int, device) -> torch.Tensor:
-    """The network's field ``(1, 2, H, W)`` for ``(H, W)`` float32 slices (tiled if large).
-
-    Slices are padded by reflection to a multiple of ``net.size_multiple``; the field is
-    cropped back.
-    """
-    h, w = source.shape
-    m = net.size_multiple
-    if max(h, w) <= tile_size:
-        ph, pw = -h % m, -w % m
-        pad = ((0, ph), (0, pw))
-        s = torch.from_numpy(np.pad(source, pad, mode="reflect"))[None, None].to(device)
-        t = torch.from_numpy(np.pad(target, pad, mode="reflect"))[None, None].to(device)
-        with torch.no_grad():
-            return net.field(s, t)[..., :h, :w].cpu()
-    pair = torch.from_numpy(np.stack([source, target]))
-    field = sliding_window_logits(
-        PairField(net), pair, tile_size=tile_size, overlap=0.5, batch_size=1, device=device
-    )
-    return field[None]
-
-
-def fine_tune(
-    field,
-    source,
-    target,
-    valid_s,
-    valid_t,
-    *,
-    steps: int,
-    lambda_smooth: float,
-    smoothness_kind: str,
-    lr: float = 0.1,
-) -> torch.Tensor:
-    """Refine a field by Adam steps on ``masked_mse(warp(source, D), target) + lambda x
-    smoothness(D)``; the learning rate halves after 20 steps without improvement.
-
-    Parameters
-    ----------
-    field : Tensor, shape (1, 2, H, W), pixels
-        Start (the network's output).
-    source, target, valid_s, valid_t : Tensor, shape (1, 1, H, W)
-    steps : int
-    lambda_smooth : float
-    smoothness_kind : str
-    lr : float
-        Adam learning rate, pixels per step (metroem: 0.1).
-
-    Returns
-    -------
-    Tensor, shape (1, 2, H, W)
-        The best field seen.
-    """
-    d = field.clone().requires_grad_(True)
-    opt = torch.optim.Adam([d], lr=lr)
-    best, best_loss, stale = field.clone(), float("inf"), 0
-    for _ in range(steps):
-        weight = valid_t * (warp(valid_s, d.detach()) > 0.999).float()
-        loss = masked_mse(warp(source, d), target, weight)
-        loss = loss + lambda_smooth * smoothness(d, smoothness_kind)
-        if float(loss.detach()) < best_loss - 1e-6:
-            best, best_loss, stale = d.detach().clone(), float(loss.detach()), 0
-        else:
-            stale += 1
-            if stale >= 20:
-                for group in opt.param_groups:
-                    group["lr"] /= 2
-                stale = 0
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return best
-
-
-def _atomic_tiff(path: Path, array: np.ndarray, **kwargs) -> None:
+def atomic_tiff(path: Path, array: np.ndarray) -> None:
+    """Write a TIFF (one page per leading index) to a temporary name, then rename it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tifffile.imwrite(tmp, array, **kwargs)
+        tifffile.imwrite(tmp, array, photometric="minisblack")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -159,8 +66,59 @@ def _to_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return aligned.astype(dtype)
 
 
-def _cpc(a, b, valid) -> float | None:
-    return cpc_summary(chunked_pearson(a, b, 64, valid))["mean"]
+def neighbours(z_count: int, reference: int, vote: int, skipped: set) -> dict[int, list[int]]:
+    """For every slice but the reference, its up-to-``vote`` neighbours towards the reference,
+    nearest first, never a skipped slice (when all are skipped, the nearest unskipped one)."""
+    out = {}
+    for z in range(z_count):
+        if z == reference:
+            continue
+        step = -1 if z > reference else 1
+        candidates = [n for n in range(z + step, reference + step, step) if n not in skipped]
+        out[z] = candidates[:vote] or [reference]
+    return out
+
+
+def compose_stack(
+    pair_fields: dict,
+    near: dict,
+    reference: int,
+    shape,
+    *,
+    drift_decay=0.0,
+    drift_sigma=64.0,
+    temperature=1.0,
+):
+    """Compose pairwise fields from the reference outwards, voting over neighbours.
+
+    Parameters
+    ----------
+    pair_fields : dict
+        ``(z, n) -> F`` ``(1, 2, H, W)`` pulling slice z onto slice n.
+    near : dict
+        ``z -> [n, ...]`` (from :func:`neighbours`).
+    reference : int
+    shape : tuple
+        ``(Z, H, W)``.
+
+    Returns
+    -------
+    fields : ndarray, shape (Z, 2, H, W), float32
+    disagreement : dict
+        ``z -> (1, 1, H, W)`` vote disagreement, pixels.
+    """
+    z_count, h, w = shape
+    composed = {reference: torch.zeros(1, 2, h, w)}
+    disagreement = {}
+    order = list(range(reference + 1, z_count)) + list(range(reference - 1, -1, -1))
+    for z in order:
+        candidates = torch.stack([compose(composed[n], pair_fields[(z, n)]) for n in near[z]])
+        field, disagreement[z] = softmin_vote(candidates, temperature=temperature)
+        composed[z] = decay_drift(field, decay=drift_decay, sigma=drift_sigma)
+    fields = np.zeros((z_count, 2, h, w), np.float32)
+    for z, f in composed.items():
+        fields[z] = f[0].numpy()
+    return fields, disagreement
 
 
 def align_stack(
@@ -171,8 +129,13 @@ def align_stack(
     reference: int = 0,
     fine_tune_steps: int = 0,
     missing_value: float | None = None,
+    masks: np.ndarray | None = None,
+    vote: int = 1,
+    drift_decay: float = 0.0,
+    drift_sigma: float = 64.0,
+    workers: int = 1,
     tile_size: int = 1024,
-    device: str = "auto",
+    device: str = "cpu",
     save_encodings: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -192,6 +155,15 @@ def align_stack(
         Adam steps per pair on the network's field (0: the network alone).
     missing_value : float, optional
         Pixels equal to it are missing data; default the training database's.
+    masks : ndarray, shape (Z, H, W), optional
+        Defect masks (0 normal, 1 crack, 2 fold, 3 missing), e.g. from a defect model; they
+        weight the fine-tuning loss and mark missing data.
+    vote : int
+        Neighbours per slice (1: the previous one only; 3: SEAMLeSS's vector voting).
+    drift_decay, drift_sigma : float
+        Drift control (:func:`scarce.align.vote.decay_drift`); 0 = off.
+    workers : int
+        Processes computing pairwise fields in parallel (same result as 1).
     tile_size : int
         Slices with a side above this are aligned in overlapping tiles, pixels.
     device : str
@@ -199,97 +171,145 @@ def align_stack(
     save_encodings : bool
         Also write the encoder's feature maps of every slice.
     progress : bool
-        A progress bar over slices (off when not on a terminal).
+        A progress bar over pairs (off when not on a terminal).
 
     Returns
     -------
     dict
-        The report (also ``report.json``): ``pairs`` (one row per aligned slice: ``z``,
-        ``target_z``, ``seconds``, ``cpc_before``, ``cpc_after``, ``fold_fraction``), totals.
+        The report (also ``report.json``).
 
     Raises
     ------
     scarce.errors.CheckpointError
         If the model is not an aligner.
     scarce.errors.InputError
-        For a reference outside the stack.
+        For a reference outside the stack, ``vote`` < 1 or masks of the wrong shape.
     """
     dev = resolve_device(device)
     net, ckpt = load_model(model_path, dev)
     if ckpt.get("task") != "align":
         raise CheckpointError(f"{ckpt.get('path')}: a {ckpt.get('task')} model, not an aligner")
-    cfg = ckpt["config"]
     (st,) = open_stack(stack)[:1]
-    if not 0 <= reference < len(st):
-        raise InputError(f"--reference {reference} is outside the stack (0..{len(st) - 1})")
+    if not 0 <= reference < len(st) or vote < 1:
+        raise InputError(f"--reference {reference} must be in 0..{len(st) - 1}, --vote >= 1")
     if missing_value is None:
         missing_value = ckpt["extras"].get("missing_value")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     raw = [st.slice(z) for z in range(len(st))]
     valid = [np.ones(r.shape, bool) if missing_value is None else r != missing_value for r in raw]
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.shape != (len(raw), *raw[0].shape):
+            raise InputError(f"defect masks {masks.shape} do not match the stack {st.shape}")
+        valid = [v & (m != 3) for v, m in zip(valid, masks)]
     norm = [normalise(r.astype(np.float32), v) for r, v in zip(raw, valid)]
-    z_count, (h, w) = len(raw), raw[0].shape
-    fields = np.zeros((z_count, 2, h, w), np.float32)
-    aligned_norm, aligned_valid = list(norm), list(valid)
-    aligned = np.array(raw, dtype=np.float32)
-    order = [(z, z - 1) for z in range(reference + 1, z_count)]
-    order += [(z, z + 1) for z in range(reference - 1, -1, -1)]
-    rows = []
-    loss_cfg = cfg.get("loss", {})
-    for z, target_z in tqdm(order, desc="slices", unit="slice", disable=None if progress else True):
-        start = time.perf_counter()
-        src, tgt = norm[z], aligned_norm[target_z]
-        field = pair_field(net, src, tgt, tile_size=tile_size, device=dev)
-        s, t = torch.from_numpy(src)[None, None], torch.from_numpy(tgt)[None, None]
-        vs = torch.from_numpy(valid[z].astype(np.float32))[None, None]
-        vt = torch.from_numpy(aligned_valid[target_z].astype(np.float32))[None, None]
-        if fine_tune_steps:
-            field = fine_tune(
-                field,
-                s,
-                t,
-                vs,
-                vt,
-                steps=fine_tune_steps,
-                lambda_smooth=loss_cfg.get("lambda_smooth", 1.0),
-                smoothness_kind=loss_cfg.get("smoothness", "rigidity"),
-            )
-        moved_valid = (warp(vs, field) > 0.999)[0, 0].numpy()
-        aligned_norm[z] = np.where(moved_valid, warp(s, field)[0, 0].numpy(), 0.0)
-        aligned_valid[z] = moved_valid
-        moved_raw = warp(torch.from_numpy(raw[z].astype(np.float32))[None, None], field)[0, 0]
-        fill = 0.0 if missing_value is None else missing_value
-        aligned[z] = np.where(moved_valid, moved_raw.numpy(), fill)
-        fields[z] = field[0].numpy()
-        both_before, both_after = valid[z] & valid[target_z], moved_valid & aligned_valid[target_z]
-        rows.append(
-            {
-                "z": z,
-                "target_z": target_z,
-                "seconds": round(time.perf_counter() - start, 3),
-                "cpc_before": _cpc(norm[z], tgt, both_before),
-                "cpc_after": _cpc(aligned_norm[z], tgt, both_after),
-                "fold_fraction": fold_fraction(field),
-            }
+    skipped = {z for z, v in enumerate(valid) if v.mean() < MOSTLY_MISSING and z != reference}
+    near = neighbours(len(raw), reference, vote, skipped)
+    jobs = {
+        (z, n): {
+            "source": norm[z],
+            "target": norm[n],
+            "valid_s": valid[z],
+            "valid_t": valid[n],
+            "mask_s": None if masks is None else masks[z],
+            "mask_t": None if masks is None else masks[n],
+        }
+        for z, ns in near.items()
+        for n in ns
+    }
+    loss = ckpt["config"].get("loss", {})
+    settings = FineTune(
+        fine_tune_steps,
+        loss.get("lambda_smooth", 1.0),
+        loss.get("smoothness", "rigidity"),
+        radius=loss.get("mask_neighborhood_radius", 20),
+    )
+    start = time.perf_counter()
+    with tqdm(
+        total=len(jobs), desc="pairs", unit="pair", disable=None if progress else True
+    ) as bar:
+        results = pairwise_fields(
+            model_path,
+            jobs,
+            tile_size=tile_size,
+            device=dev,
+            settings=settings,
+            workers=workers,
+            progress=bar.update,
         )
-    _atomic_tiff(out / "aligned.tif", _to_dtype(aligned, raw[0].dtype), photometric="minisblack")
-    _atomic_tiff(out / "fields.tif", fields, photometric="minisblack")
+    seconds = time.perf_counter() - start
+    pair_fields = {k: f for k, (f, _) in results.items()}
+    pair_seconds = {k: s for k, (_, s) in results.items()}
+    fields, disagreement = compose_stack(
+        pair_fields,
+        near,
+        reference,
+        (len(raw), *raw[0].shape),
+        drift_decay=drift_decay,
+        drift_sigma=drift_sigma,
+    )
+    out = Path(out_dir)
+    (out / "qc").mkdir(parents=True, exist_ok=True)
+    report = _write_outputs(
+        out, raw, norm, valid, fields, disagreement, near, skipped, missing_value
+    )
+    for row in report["pairs"]:
+        row["seconds"] = round(sum(pair_seconds[(row["z"], n)] for n in row["neighbours"]), 4)
+    report.update(
+        stack=st.source,
+        model=str(ckpt.get("path")),
+        reference=reference,
+        fine_tune_steps=fine_tune_steps,
+        vote=vote,
+        drift_decay=drift_decay,
+        workers=workers,
+        pair_seconds=round(seconds, 3),
+        seconds_per_pair=round(seconds / max(len(jobs), 1), 4),
+    )
     if save_encodings:
         _save_encodings(net, norm, out / "encodings", dev)
-    report = {
-        "stack": st.source,
-        "model": str(ckpt.get("path")),
-        "reference": reference,
-        "fine_tune_steps": fine_tune_steps,
-        "shape": [z_count, h, w],
-        "pairs": rows,
-        "seconds": round(sum(r["seconds"] for r in rows), 3),
-    }
     tmp = out / f".report.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / "report.json")
     return report
+
+
+def _write_outputs(out, raw, norm, valid, fields, disagreement, near, skipped, missing_value):
+    """Warp every slice, write aligned.tif, fields.tif and the QC maps; return the report."""
+    fill = 0.0 if missing_value is None else missing_value
+    aligned = np.empty((len(raw), *raw[0].shape), np.float32)
+    moved_norm, moved_valid = [], []
+    for z, r in enumerate(raw):
+        f = torch.from_numpy(fields[z])[None]
+        v = (warp(torch.from_numpy(valid[z].astype(np.float32))[None, None], f) > 0.999)[0, 0]
+        moved = warp(torch.from_numpy(r.astype(np.float32))[None, None], f)[0, 0]
+        aligned[z] = np.where(v.numpy(), moved.numpy(), fill)
+        moved_norm.append(warp(torch.from_numpy(norm[z])[None, None], f)[0, 0].numpy())
+        moved_valid.append(v.numpy())
+    rows = []
+    for z, ns in sorted(near.items()):
+        n = ns[0]
+        cpc = chunked_pearson(moved_norm[z], moved_norm[n], 64, moved_valid[z] & moved_valid[n])
+        before = chunked_pearson(norm[z], norm[n], 64, valid[z] & valid[n])
+        d = disagreement[z][0, 0].numpy()
+        atomic_tiff(out / "qc" / f"cpc_z{z:04d}.tif", cpc.astype(np.float32))
+        atomic_tiff(out / "qc" / f"disagreement_z{z:04d}.tif", d.astype(np.float32))
+        rows.append(
+            {
+                "z": z,
+                "target_z": n,
+                "neighbours": ns,
+                "skipped": z in skipped,
+                "cpc_before": cpc_summary(before)["mean"],
+                "cpc_after": cpc_summary(cpc)["mean"],
+                "cpc_after_p5": cpc_summary(cpc)["p5"],
+                "fold_fraction": fold_fraction(torch.from_numpy(fields[z])[None]),
+                "disagreement_px": float(d.mean()),
+                "disagreement_over_2px": float((d > 2).mean()),
+            }
+        )
+    atomic_tiff(out / "aligned.tif", _to_dtype(aligned, raw[0].dtype))
+    atomic_tiff(out / "fields.tif", fields)
+    return {"shape": [len(raw), *raw[0].shape], "skipped": sorted(skipped), "pairs": rows}
 
 
 def _save_encodings(net, slices, folder: Path, device) -> None:
@@ -301,11 +321,7 @@ def _save_encodings(net, slices, folder: Path, device) -> None:
         with torch.no_grad():
             encodings = net.encode(torch.from_numpy(padded)[None, None].to(device))
         for level, enc in enumerate(encodings):
-            _atomic_tiff(
-                folder / f"z{z:04d}_level{level}.tif",
-                enc[0].cpu().numpy(),
-                photometric="minisblack",
-            )
+            atomic_tiff(folder / f"z{z:04d}_level{level}.tif", enc[0].cpu().numpy())
 
 
-__all__ = ["PairField", "align_stack", "fine_tune", "normalise", "pair_field"]
+__all__ = ["align_stack", "atomic_tiff", "compose_stack", "neighbours"]

@@ -63,6 +63,7 @@ class FieldNetConfig:
     finest_level: int = 1  # finest level with an aligner; finer fields are upsampled
     correlation_radius: int = 3  # cost-volume offsets per level, pixels of the level; 0 = none
     smoothing: float = 16.0  # std of the smoothing of each level's match, full-res pixels
+    match_temperature: float = 20.0  # sharpness of the soft-argmax over cosine similarities
 
 
 @dataclass(frozen=True)

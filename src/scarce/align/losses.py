@@ -6,7 +6,9 @@ slice (zero mean, unit standard deviation over valid pixels) before they get her
 is about 2 for unrelated content and ``lambda_smooth`` means the same on any data. Fields are
 ``(N, 2, H, W)`` in pixels (channel 0 = dy, 1 = dx); every penalty returns a per-pixel map
 ``(N, H, W)`` that the caller weights (defect masks make the weights small where the field may
-tear).
+tear). :func:`pair_loss` assembles the training loss over the pyramid levels with the defect
+weights of SEAMLeSS (:func:`level_weights`); :func:`full_loss` is its full-resolution form, the
+test loss that stays comparable across training stages.
 
 References
 ----------
@@ -22,7 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from scarce.models.field import jacobian_determinant
+from scarce.align.config import AlignConfig
+from scarce.align.defects import defect_weights
+from scarce.models.field import jacobian_determinant, upsample, warp
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -158,8 +162,100 @@ def fold_barrier(
     return (barrier * w).sum() / w.sum().clamp_min(1e-8)
 
 
+def pooled(x: torch.Tensor, level: int) -> torch.Tensor:
+    """Average-pool ``(N, C, H, W)`` by ``2**level`` (level 0: unchanged)."""
+    return F.avg_pool2d(x, 2**level) if level else x
+
+
+def level_weights(valid_s, valid_t, mask_s, mask_t, field, cfg: AlignConfig):
+    """Similarity and smoothness weights ``(N, 1, h, w)`` on the target's grid at one level.
+
+    Similarity counts where both slices hold data (the source's validity pulled by the field),
+    times SEAMLeSS's defect weights (``lambda_sim_near`` within ``mask_neighborhood_radius`` of
+    a defect, ``lambda_sim_in`` inside) of the target mask and of the pulled source mask;
+    missing data (class 3) never counts. Smoothness is weighted by ``lambda_smooth_near`` /
+    ``lambda_smooth_in`` around the pulled source's defects (the field may tear in a crack).
+    """
+    lo = cfg.loss
+    weight = valid_t * (warp(valid_s, field, padding="zeros") > 0.999).float()
+    smooth = torch.ones_like(weight)
+    if mask_s is None or not (mask_s.any() or mask_t.any()):
+        return weight, smooth
+    moved = warp(mask_s, field, mode="nearest", padding="border")
+    radius = max(1, round(lo.mask_neighborhood_radius * field.shape[-1] / valid_t.shape[-1]))
+    for m in (mask_t, moved):
+        weight = (
+            weight
+            * defect_weights(m, radius, near=lo.lambda_sim_near, inside=lo.lambda_sim_in)
+            * (m != 3).float()
+        )
+    smooth = defect_weights(moved, radius, near=lo.lambda_smooth_near, inside=lo.lambda_smooth_in)
+    return weight, smooth
+
+
+def pair_loss(
+    fields: dict, source, target, valid_s, valid_t, cfg: AlignConfig, mask_s=None, mask_t=None
+) -> torch.Tensor:
+    """Mean over the computed levels (and full resolution) of similarity + smoothness.
+
+    Parameters
+    ----------
+    fields : dict of int to Tensor
+        Level -> field ``(N, 2, H / 2**l, W / 2**l)`` from :class:`FieldNet`.
+    source, target : Tensor, shape (N, 1, H, W)
+        Clean, per-slice normalised slices.
+    valid_s, valid_t : Tensor, shape (N, 1, H, W)
+        1 where each holds data (the source's validity is warped with the field).
+    cfg : AlignConfig
+        ``loss`` weights.
+    mask_s, mask_t : Tensor, shape (N, 1, H, W), optional
+        Defect classes (see :func:`level_weights`).
+
+    Returns
+    -------
+    Tensor, scalar float32
+    """
+    terms = dict(fields)
+    finest = min(fields)
+    if finest > 0 and finest == cfg.model.finest_level:
+        terms[0] = upsample(fields[finest], 2**finest)  # the output the user gets
+    lo = cfg.loss
+    total = 0.0
+    for level, field in terms.items():
+        s, t = pooled(source, level), pooled(target, level)
+        vs, vt = pooled(valid_s, level), (pooled(valid_t, level) > 0.999).float()
+        ms = mt = None
+        if mask_s is not None:
+            ms, mt = (F.max_pool2d(m, 2**level) if level else m for m in (mask_s, mask_t))
+        weight, smooth = level_weights(vs, vt, ms, mt, field, cfg)
+        total = total + masked_mse(warp(s, field), t, weight)
+        total = total + lo.lambda_smooth * smoothness(field, lo.smoothness, smooth)
+        if lo.lambda_fold > 0:
+            total = total + lo.lambda_fold * fold_barrier(field, lo.fold_margin)
+    return total / len(terms)
+
+
+def full_loss(field, source, target, valid_s, valid_t, cfg: AlignConfig) -> torch.Tensor:
+    """The training loss at full resolution only: comparable across stages (the test loss).
+
+    Parameters
+    ----------
+    field : Tensor, shape (N, 2, H, W)
+        The final field at the slices' resolution.
+    source, target, valid_s, valid_t : Tensor, shape (N, 1, H, W)
+    cfg : AlignConfig
+    """
+    weight = valid_t * (warp(valid_s, field, padding="zeros") > 0.999).float()
+    loss = masked_mse(warp(source, field), target, weight)
+    return loss + cfg.loss.lambda_smooth * smoothness(field, cfg.loss.smoothness)
+
+
 __all__ = [
     "PENALTIES",
+    "full_loss",
+    "level_weights",
+    "pair_loss",
+    "pooled",
     "centred_jacobian_penalty",
     "fold_barrier",
     "jacobian_penalty",

@@ -43,7 +43,16 @@ from scarce.data.workers import TrainBatches, batch_generator, empty_tensor, res
 from scarce.errors import InputError, StoreError
 
 _LINEAR = AugmentConfig(interpolation="linear")
-KEYS = ("source", "target", "source_input", "target_input", "source_valid", "target_valid")
+KEYS = (
+    "source",
+    "target",
+    "source_input",
+    "target_input",
+    "source_valid",
+    "target_valid",
+    "source_mask",  # defect classes (0 normal, 1 crack, 2 fold, 3 missing); 0 without masks
+    "target_mask",
+)
 
 
 def stack_metadata(db_path) -> dict:
@@ -105,7 +114,8 @@ class PairMaker:
         self._env = None
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
-        """Batch ``b``: every key of :data:`KEYS`, ``(N, 1, P, P)`` float32 (valid: 0/1)."""
+        """Batch ``b``: every key of :data:`KEYS`, ``(N, 1, P, P)`` float32 (valid: 0/1, mask:
+        defect class)."""
         rng = batch_generator(self.cfg.seed, self.rank, b)
         n, p = self.cfg.data.batch_size, self.cfg.data.patch_size
         shared = get_worker_info() is not None
@@ -136,10 +146,10 @@ class PairMaker:
         out = {}
         for role, index in (("source", src), ("target", tgt)):
             params = self._slice_params(common, rng, deform=role == "source")
-            image, valid = self._cut(txn, index, centre, params, rng)
+            image, valid, mask = self._cut(txn, index, centre, params, rng)
             if aug.enabled and rng.random() < aug.edge_band_p:
                 _edge_band(image, valid, rng)
-            out[role], out[f"{role}_valid"] = image, valid
+            out[role], out[f"{role}_valid"], out[f"{role}_mask"] = image, valid, mask
         for role in ("source", "target"):
             net_input, input_valid = self._invertible(out[role], rng)
             out[f"{role}_input"] = net_input
@@ -158,21 +168,29 @@ class PairMaker:
             elastic = rng.normal(0.0, aug.deform_sigma, (4, 4, 2)).astype(np.float32)
         return AugmentParams(common["flip_x"], common["flip_y"], angle, shift, scale, elastic)
 
-    def _cut(self, txn, index: int, centre, params, rng) -> tuple[np.ndarray, np.ndarray]:
-        """Warp one slice into a normalised patch and its validity (0 outside the slice)."""
+    def _cut(self, txn, index: int, centre, params, rng):
+        """Warp one slice into a normalised patch, its validity (0 outside the slice) and its
+        defect mask, each ``(1, P, P)`` float32.
+
+        Validity and defect class travel through one nearest-neighbour warp as one code,
+        ``valid * (1 + class)``.
+        """
         sample = decode_sample(txn.get(sample_key(index)))
         mean, std = self.stats[index]
         p = self.cfg.data.patch_size
-        valid = valid_mask(sample.image, self.missing)
-        image, moved_valid = augment_patch(
-            sample.image, valid, centre, p, _LINEAR, rng, offset=[mean], scale=[std], params=params
+        code = valid_mask(sample.image, self.missing)
+        if sample.mask is not None:
+            code = code * (1 + sample.mask.astype(np.uint8))
+        image, moved = augment_patch(
+            sample.image, code, centre, p, _LINEAR, rng, offset=[mean], scale=[std], params=params
         )
         map_y, map_x = sampling_grid(params, p, centre)
         h, w = sample.image.shape[-2:]
         inside = (map_y >= 0) & (map_y <= h - 1) & (map_x >= 0) & (map_x <= w - 1)
-        valid = (moved_valid.astype(bool) & inside).astype(np.float32)[None]
+        valid = ((moved > 0) & inside).astype(np.float32)[None]
+        mask = np.where(moved > 0, moved.astype(np.float32) - 1, 0.0)[None] * valid
         image *= valid  # invalid pixels hold 0 (the normalised mean), never garbage
-        return image, valid
+        return image, valid, mask
 
     def _invertible(self, image: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         """The network's view of a clean patch, and where it still shows the data."""

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scarce.align.config import AlignConfig
 from scarce.align.evaluate import (
@@ -35,7 +34,7 @@ from scarce.align.evaluate import (
     overlay,
     random_deformation,
 )
-from scarce.align.losses import fold_barrier, masked_mse, smoothness
+from scarce.align.losses import full_loss, masked_mse, pair_loss
 from scarce.align.readers import make_pair_loader, stack_metadata, valid_mask
 from scarce.data.store import SampleStore
 from scarce.engine import distributed
@@ -48,62 +47,6 @@ from scarce.models.field import fold_fraction, upsample, warp
 logger = logging.getLogger("scarce")
 
 ERROR_BINS = np.linspace(0.0, 100.0, 4001)  # composition-error histogram edges, pixels
-
-
-def pooled(x: torch.Tensor, level: int) -> torch.Tensor:
-    """Average-pool ``(N, C, H, W)`` by ``2**level`` (level 0: unchanged)."""
-    return F.avg_pool2d(x, 2**level) if level else x
-
-
-def pair_loss(fields: dict, source, target, valid_s, valid_t, cfg: AlignConfig) -> torch.Tensor:
-    """Mean over the computed levels (and full resolution) of similarity + smoothness.
-
-    Parameters
-    ----------
-    fields : dict of int to Tensor
-        Level -> field ``(N, 2, H / 2**l, W / 2**l)`` from :class:`FieldNet`.
-    source, target : Tensor, shape (N, 1, H, W)
-        Clean, per-slice normalised slices.
-    valid_s, valid_t : Tensor, shape (N, 1, H, W)
-        1 where each holds data (the source's validity is warped with the field).
-    cfg : AlignConfig
-        ``loss`` weights.
-
-    Returns
-    -------
-    Tensor, scalar float32
-    """
-    terms = dict(fields)
-    finest = min(fields)
-    if finest > 0 and finest == cfg.model.finest_level:
-        terms[0] = upsample(fields[finest], 2**finest)  # the output the user gets
-    lo = cfg.loss
-    total = 0.0
-    for level, field in terms.items():
-        s, t = pooled(source, level), pooled(target, level)
-        vt = (pooled(valid_t, level) > 0.999).float()
-        moved_valid = warp(pooled(valid_s, level), field, padding="zeros") > 0.999
-        weight = vt * moved_valid.float()
-        total = total + masked_mse(warp(s, field), t, weight)
-        total = total + lo.lambda_smooth * smoothness(field, lo.smoothness)
-        if lo.lambda_fold > 0:
-            total = total + lo.lambda_fold * fold_barrier(field, lo.fold_margin)
-    return total / len(terms)
-
-
-def full_loss(field, source, target, valid_s, valid_t, cfg: AlignConfig) -> torch.Tensor:
-    """The training loss at full resolution only: comparable across stages (the test loss).
-
-    Parameters
-    ----------
-    field : Tensor, shape (N, 2, H, W)
-        The final field at the slices' resolution.
-    source, target, valid_s, valid_t : Tensor, shape (N, 1, H, W)
-    cfg : AlignConfig
-    """
-    weight = valid_t * (warp(valid_s, field, padding="zeros") > 0.999).float()
-    loss = masked_mse(warp(source, field), target, weight)
-    return loss + cfg.loss.lambda_smooth * smoothness(field, cfg.loss.smoothness)
 
 
 class AlignmentTask:
@@ -158,6 +101,7 @@ class AlignmentTask:
             finest_level=m.finest_level,
             correlation_radius=m.correlation_radius,
             smoothing=m.smoothing,
+            match_temperature=m.match_temperature,
         )
         self.model.open_levels = 1  # stage 0; loss() opens the rest as training goes on
         return self.model
@@ -417,4 +361,4 @@ def align_train(train_db, test_db, run_dir, cfg: AlignConfig | None = None, **op
     return Trainer(task, run_dir, resume_from=ckpt, overwrite=overwrite, **options).fit()
 
 
-__all__ = ["AlignmentTask", "align_train", "full_loss", "pair_loss"]
+__all__ = ["AlignmentTask", "align_train"]

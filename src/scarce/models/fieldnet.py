@@ -172,6 +172,8 @@ class FieldNet(nn.Module):
     smoothing : float
         Standard deviation of that smoothing in full-resolution pixels (at least 1 pixel of
         each level).
+    match_temperature : float
+        Sharpness of the soft-argmax over cosine similarities (fixed, not learned).
 
     Attributes
     ----------
@@ -204,6 +206,7 @@ class FieldNet(nn.Module):
         finest_level: int = 0,
         correlation_radius: int = 0,
         smoothing: float = 16.0,
+        match_temperature: float = 20.0,
     ):
         super().__init__()
         widths = tuple(encoder_widths or [12 + 6 * level for level in range(levels)])
@@ -224,9 +227,12 @@ class FieldNet(nn.Module):
             finest_level=finest_level,
             correlation_radius=correlation_radius,
             smoothing=smoothing,
+            match_temperature=match_temperature,
         )
         self.radius, self.smoothing = correlation_radius, smoothing
-        self.temperature = nn.Parameter(torch.full((levels,), 10.0))
+        # a fixed sharpness: learned, it drifts down under the smoothness penalty until the
+        # matched field is the mean offset (~0) and the aligner collapses to the identity
+        self.register_buffer("temperature", torch.full((levels,), float(match_temperature)))
         self.size_multiple = 2 ** (levels - 1)
         self.encoder = nn.ModuleList(
             _encoder_stage(in_channels if level == 0 else widths[level - 1], widths[level])
