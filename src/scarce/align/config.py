@@ -64,6 +64,8 @@ class FieldNetConfig:
     correlation_radius: int = 3  # cost-volume offsets per level, pixels of the level; 0 = none
     smoothing: float = 16.0  # std of the smoothing of each level's match, full-res pixels
     match_temperature: float = 20.0  # sharpness of the soft-argmax over cosine similarities
+    input_level: int = 0  # the pyramid starts at 1/2**input_level (no convolution finer)
+    match_channels: int = 0  # encodings projected to this many channels for the cost volume
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ class AlignConfig(EngineConfig):
                 f"data.patch_size ({d.patch_size}) and data.test_size ({d.test_size}) must be "
                 f"multiples of 2**(model.levels - 1) = {multiple}"
             )
-        if not 0 <= m.finest_level < m.levels:
-            problems.append(f"model.finest_level must be in 0..{m.levels - 1}")
+        if not 0 <= m.input_level <= m.finest_level < m.levels:
+            problems.append(f"need 0 <= model.input_level <= model.finest_level < {m.levels}")
         if d.batch_size < 1 or self.stage.stage_steps < 1:
             problems.append("data.batch_size and stage.stage_steps must be >= 1")
         if problems:

@@ -102,6 +102,8 @@ class AlignmentTask:
             correlation_radius=m.correlation_radius,
             smoothing=m.smoothing,
             match_temperature=m.match_temperature,
+            input_level=m.input_level,
+            match_channels=m.match_channels,
         )
         self.model.open_levels = 1  # stage 0; loss() opens the rest as training goes on
         return self.model

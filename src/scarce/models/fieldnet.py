@@ -174,6 +174,12 @@ class FieldNet(nn.Module):
         each level).
     match_temperature : float
         Sharpness of the soft-argmax over cosine similarities (fixed, not learned).
+    input_level : int
+        The pyramid starts at 1/2**input_level of the input (average-pooled), so no
+        convolution runs at the finer levels (faster; ``<= finest_level``).
+    match_channels : int
+        Encodings are projected to this many channels (1x1 convolution) before the cost
+        volume (0: no projection); fewer channels make the cost volume cheaper.
 
     Attributes
     ----------
@@ -207,13 +213,16 @@ class FieldNet(nn.Module):
         correlation_radius: int = 0,
         smoothing: float = 16.0,
         match_temperature: float = 20.0,
+        input_level: int = 0,
+        match_channels: int = 0,
     ):
         super().__init__()
         widths = tuple(encoder_widths or [12 + 6 * level for level in range(levels)])
-        if levels < 1 or len(widths) != levels or not 0 <= finest_level < levels:
+        if levels < 1 or len(widths) != levels or not 0 <= input_level <= finest_level < levels:
             raise InputError(
-                f"FieldNet needs levels >= 1, {levels} encoder widths and 0 <= finest_level < "
-                f"levels; got levels={levels}, encoder_widths={widths}, finest={finest_level}"
+                f"FieldNet needs levels >= 1, {levels} encoder widths and 0 <= input_level <= "
+                f"finest_level < levels; got levels={levels}, encoder_widths={widths}, "
+                f"input_level={input_level}, finest_level={finest_level}"
             )
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise InputError(f"kernel_size must be odd and positive, got {kernel_size}")
@@ -228,14 +237,25 @@ class FieldNet(nn.Module):
             correlation_radius=correlation_radius,
             smoothing=smoothing,
             match_temperature=match_temperature,
+            input_level=input_level,
+            match_channels=match_channels,
         )
+        self.input_level = input_level
         self.radius, self.smoothing = correlation_radius, smoothing
         # a fixed sharpness: learned, it drifts down under the smoothness penalty until the
         # matched field is the mean offset (~0) and the aligner collapses to the identity
         self.register_buffer("temperature", torch.full((levels,), float(match_temperature)))
         self.size_multiple = 2 ** (levels - 1)
         self.encoder = nn.ModuleList(
-            _encoder_stage(in_channels if level == 0 else widths[level - 1], widths[level])
+            _encoder_stage(
+                in_channels if level <= input_level else widths[level - 1], widths[level]
+            )
+            if level >= input_level
+            else nn.Identity()
+            for level in range(levels)
+        )
+        self.match = nn.ModuleList(  # 1x1 projections of the encodings for the cost volume
+            _conv(widths[level], match_channels, 1) if match_channels else nn.Identity()
             for level in range(levels)
         )
         self.pool = nn.MaxPool2d(2)
@@ -251,14 +271,19 @@ class FieldNet(nn.Module):
         self.halo = self.receptive_field // 2
         self.open_levels = levels
 
-    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Encodings per level: ``(N, C_l, H / 2**l, W / 2**l)`` for l = 0 .. L-1."""
-        out = []
-        x = image
-        for level, stage in enumerate(self.encoder):
-            if level:
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor | None]:
+        """Encodings per level: ``(N, C_l, H / 2**l, W / 2**l)`` for l = 0 .. L-1 (``None``
+        below ``input_level``, where the input is average-pooled instead)."""
+        out: list[torch.Tensor | None] = [None] * self.input_level
+        x = (
+            torch.nn.functional.avg_pool2d(image, 2**self.input_level)
+            if self.input_level
+            else image
+        )
+        for level in range(self.input_level, self.levels):
+            if level > self.input_level:
                 x = self.pool(x)
-            x = stage(x)  # (N, C_l, H/2**l, W/2**l)
+            x = self.encoder[level](x)  # (N, C_l, H/2**l, W/2**l)
             out.append(x)
         return out
 
@@ -287,7 +312,8 @@ class FieldNet(nn.Module):
             parts = [moved, enc_t[level]]
             matched = 0.0
             if self.radius:
-                cost = correlation(moved, enc_t[level], self.radius)  # (N, (2r+1)**2, h, w)
+                match = self.match[level]
+                cost = correlation(match(moved), match(enc_t[level]), self.radius)  # (N, k*k, h, w)
                 parts.append(cost)
                 weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
                 matched = soft_argmax(cost.float(), self.radius, self.temperature[level])
