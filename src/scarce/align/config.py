@@ -66,6 +66,7 @@ class FieldNetConfig:
     match_temperature: float = 20.0  # sharpness of the soft-argmax over cosine similarities
     input_level: int = 0  # the pyramid starts at 1/2**input_level (no convolution finer)
     match_channels: int = 0  # encodings projected to this many channels for the cost volume
+    coarse_affine: bool = False  # the coarsest level fits one robust affine motion, no more
 
 
 @dataclass(frozen=True)

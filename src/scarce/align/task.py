@@ -104,6 +104,7 @@ class AlignmentTask:
             match_temperature=m.match_temperature,
             input_level=m.input_level,
             match_channels=m.match_channels,
+            coarse_affine=m.coarse_affine,
         )
         self.model.open_levels = 1  # stage 0; loss() opens the rest as training goes on
         return self.model

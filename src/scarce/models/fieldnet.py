@@ -144,6 +144,46 @@ def gaussian_smooth(field: torch.Tensor, weight: torch.Tensor, sigma: float) -> 
     return blur(field * weight) / blur(weight).clamp_min(1e-6)
 
 
+def robust_affine(
+    field: torch.Tensor, weight: torch.Tensor, *, scale: float = 2.0, iterations: int = 3
+) -> torch.Tensor:
+    """The affine field that best explains a noisy field: weighted least squares, reweighted.
+
+    Fits ``D(p) = A [y, x, 1]`` to ``field`` ``(N, 2, H, W)`` with weights ``weight``
+    ``(N, 1, H, W)``, then ``iterations`` times down-weights each pixel by
+    ``1 / (1 + (r / scale)**2)`` (Cauchy), ``r`` its residual in pixels, and refits: matches on
+    look-alike structures far from the consensus stop pulling the fit.
+
+    Returns
+    -------
+    Tensor, shape (N, 2, H, W)
+        The affine field on the same grid.
+
+    References
+    ----------
+    P. W. Holland, R. E. Welsch, "Robust regression using iteratively reweighted
+    least-squares", Communications in Statistics 6 (1977), doi:10.1080/03610927708827533.
+    """
+    n, _, h, w = field.shape
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=field.device, dtype=field.dtype),
+        torch.linspace(-1, 1, w, device=field.device, dtype=field.dtype),
+        indexing="ij",
+    )
+    basis = torch.stack([yy, xx, torch.ones_like(yy)], -1).reshape(1, h * w, 3)  # (1, P, 3)
+    target = field.reshape(n, 2, h * w).transpose(1, 2)  # (N, P, 2)
+    w_ = weight.reshape(n, h * w, 1).clamp_min(0)
+    eye = 1e-4 * torch.eye(3, device=field.device, dtype=field.dtype)
+    for step in range(iterations + 1):
+        xtw = (basis * w_).transpose(1, 2)  # (N, 3, P)
+        coef = torch.linalg.solve(xtw @ basis + eye, xtw @ target)  # (N, 3, 2)
+        fitted = basis @ coef  # (N, P, 2)
+        if step < iterations:
+            residual = torch.linalg.vector_norm(target - fitted, dim=2, keepdim=True)
+            w_ = weight.reshape(n, h * w, 1) / (1 + (residual.detach() / scale) ** 2)
+    return fitted.transpose(1, 2).reshape(n, 2, h, w)
+
+
 class FieldNet(nn.Module):
     """Siamese encoder pyramid + per-level aligners predicting a displacement field.
 
@@ -180,6 +220,11 @@ class FieldNet(nn.Module):
     match_channels : int
         Encodings are projected to this many channels (1x1 convolution) before the cost
         volume (0: no projection); fewer channels make the cost volume cheaper.
+    coarse_affine : bool
+        The coarsest level's residual is the robust affine fit (:func:`robust_affine`) of its
+        matches, nothing local: between real sections look-alike structures (cell profiles)
+        make coarse local matches ambiguous, while the bulk motion (shift, rotation, scale,
+        shear) is well determined by the whole field of view. Finer levels add the local part.
 
     Attributes
     ----------
@@ -215,6 +260,7 @@ class FieldNet(nn.Module):
         match_temperature: float = 20.0,
         input_level: int = 0,
         match_channels: int = 0,
+        coarse_affine: bool = False,
     ):
         super().__init__()
         widths = tuple(encoder_widths or [12 + 6 * level for level in range(levels)])
@@ -239,8 +285,9 @@ class FieldNet(nn.Module):
             match_temperature=match_temperature,
             input_level=input_level,
             match_channels=match_channels,
+            coarse_affine=coarse_affine,
         )
-        self.input_level = input_level
+        self.input_level, self.coarse_affine = input_level, coarse_affine
         self.radius, self.smoothing = correlation_radius, smoothing
         # a fixed sharpness: learned, it drifts down under the smoothness penalty until the
         # matched field is the mean offset (~0) and the aligner collapses to the identity
@@ -317,8 +364,13 @@ class FieldNet(nn.Module):
                 parts.append(cost)
                 weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
                 matched = soft_argmax(cost.float(), self.radius, self.temperature[level])
+                confidence = weights.amax(1, keepdim=True)
+                if self.coarse_affine and level == top:
+                    field = compose(robust_affine(matched, confidence), field)
+                    fields[level] = field
+                    continue
                 sigma = max(1.0, self.smoothing / 2**level)
-                matched = gaussian_smooth(matched, weights.amax(1, keepdim=True), sigma)
+                matched = gaussian_smooth(matched, confidence, sigma)
             residual = matched + self.aligners[level](torch.cat(parts, dim=1)).float()
             field = compose(residual, field)  # warp by field, then by residual
             fields[level] = field
@@ -347,6 +399,7 @@ def fieldnet_receptive_field(levels: int, kernel_size: int, hidden_layers: int) 
 
 __all__ = [
     "FieldNet",
+    "robust_affine",
     "correlation",
     "fieldnet_receptive_field",
     "gaussian_smooth",

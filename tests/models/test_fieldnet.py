@@ -1,0 +1,81 @@
+"""The field network's parts: cost volume, soft-argmax, robust affine fit, identity start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scarce.errors import InputError
+from scarce.models import build_model
+from scarce.models.fieldnet import (
+    FieldNet,
+    correlation,
+    fieldnet_receptive_field,
+    gaussian_smooth,
+    robust_affine,
+    soft_argmax,
+)
+
+
+def test_cost_volume_and_soft_argmax_find_a_known_shift():
+    torch.manual_seed(0)
+    source = torch.randn(1, 8, 40, 40)
+    target = torch.roll(source, shifts=(-1, 2), dims=(2, 3))  # target(y, x) = source(y+1, x-2)
+    cost = correlation(source, target, 3)
+    assert cost.shape == (1, 49, 40, 40)
+    found = soft_argmax(cost, 3, torch.tensor(50.0))[0, :, 8:-8, 8:-8].mean(dim=(1, 2))
+    torch.testing.assert_close(found, torch.tensor([1.0, -2.0]), atol=0.01, rtol=0)
+
+
+def test_robust_affine_ignores_outliers():
+    h = w = 32
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    affine = torch.stack([2 * yy + 3, -xx + 1])[None]
+    noisy = affine.clone()
+    noisy[:, :, :8, :8] += 20.0  # a look-alike structure matched far away
+    fit = robust_affine(noisy, torch.ones(1, 1, h, w))
+    assert (fit - affine).abs().max() < 0.1
+    plain = robust_affine(noisy, torch.ones(1, 1, h, w), iterations=0)  # least squares only
+    assert (plain - affine).abs().max() > 1.0
+
+
+def test_normalised_convolution_trusts_confident_pixels():
+    field = torch.zeros(1, 2, 16, 16)
+    field[:, :, 8, 8] = 100.0  # one wild match
+    weight = torch.ones(1, 1, 16, 16)
+    weight[:, :, 8, 8] = 1e-6  # ... with no confidence
+    assert gaussian_smooth(field, weight, 2.0).abs().max() < 1e-2
+
+
+def test_untrained_network_without_cost_volume_is_the_identity():
+    net = FieldNet(levels=3, encoder_widths=(4, 4, 4), aligner_widths=(4,), kernel_size=3)
+    x = torch.rand(2, 1, 32, 32)
+    assert not net.field(x, torch.rand(2, 1, 32, 32)).any()
+    assert net.receptive_field == fieldnet_receptive_field(3, 3, 1)
+    with pytest.raises(InputError, match="not a multiple of 4"):
+        net(torch.rand(1, 1, 30, 32), torch.rand(1, 1, 30, 32))
+
+
+def test_options_shape_the_pyramid_and_rebuild_from_arguments():
+    net = build_model(
+        "fieldnet",
+        1,
+        levels=4,
+        encoder_widths=[4, 6, 8, 10],
+        aligner_widths=[6],
+        kernel_size=3,
+        finest_level=2,
+        correlation_radius=1,
+        input_level=1,
+        match_channels=3,
+        coarse_affine=True,
+    ).eval()
+    enc = net.encode(torch.rand(1, 1, 64, 64))
+    assert enc[0] is None and enc[1].shape == (1, 6, 32, 32) and enc[3].shape == (1, 10, 8, 8)
+    with torch.no_grad():
+        fields = net(torch.rand(1, 1, 64, 64), torch.rand(1, 1, 64, 64))
+    assert sorted(fields) == [2, 3] and fields[2].shape == (1, 2, 16, 16)
+    again = build_model("fieldnet", **net.arguments)
+    assert again.arguments == net.arguments
+    with pytest.raises(InputError, match="input_level"):
+        FieldNet(levels=3, finest_level=0, input_level=1)
