@@ -79,3 +79,22 @@ def test_options_shape_the_pyramid_and_rebuild_from_arguments():
     assert again.arguments == net.arguments
     with pytest.raises(InputError, match="input_level"):
         FieldNet(levels=3, finest_level=0, input_level=1)
+
+
+def test_without_refinement_a_level_is_its_smoothed_match():
+    net = build_model(
+        "fieldnet",
+        1,
+        levels=3,
+        encoder_widths=[4, 4, 4],
+        kernel_size=3,
+        correlation_radius=1,
+        refine=False,
+        coarse_affine=True,
+    )
+    assert all(isinstance(a, torch.nn.Identity) for a in net.aligners)
+    names = {n.split(".")[0] for n, _ in net.named_parameters()}
+    assert names == {"encoder"}  # only the Siamese encoder learns
+    with torch.no_grad():
+        out = net(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
+    assert sorted(out) == [0, 1, 2] and torch.isfinite(out[0]).all()

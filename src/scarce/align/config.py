@@ -67,6 +67,7 @@ class FieldNetConfig:
     input_level: int = 0  # the pyramid starts at 1/2**input_level (no convolution finer)
     match_channels: int = 0  # encodings projected to this many channels for the cost volume
     coarse_affine: bool = False  # the coarsest level fits one robust affine motion, no more
+    refine: bool = True  # each level's CNN adds a learned correction to its smoothed match
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class AlignmentTask:
             input_level=m.input_level,
             match_channels=m.match_channels,
             coarse_affine=m.coarse_affine,
+            refine=m.refine,
         )
         self.model.open_levels = 1  # stage 0; loss() opens the rest as training goes on
         return self.model

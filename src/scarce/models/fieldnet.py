@@ -220,6 +220,11 @@ class FieldNet(nn.Module):
     match_channels : int
         Encodings are projected to this many channels (1x1 convolution) before the cost
         volume (0: no projection); fewer channels make the cost volume cheaper.
+    refine : bool
+        Each level's CNN adds a learned correction to the matched field (SEAMLeSS's aligner).
+        Without it (only with a cost volume) a level's residual is its smoothed match alone:
+        on ISBI 2012 the learned corrections over-warped (they chase content that differs
+        between sections, which the similarity loss rewards), see benchmarks/results/align.md.
     coarse_affine : bool
         The coarsest level's residual is the robust affine fit (:func:`robust_affine`) of its
         matches, nothing local: between real sections look-alike structures (cell profiles)
@@ -261,6 +266,7 @@ class FieldNet(nn.Module):
         input_level: int = 0,
         match_channels: int = 0,
         coarse_affine: bool = False,
+        refine: bool = True,
     ):
         super().__init__()
         widths = tuple(encoder_widths or [12 + 6 * level for level in range(levels)])
@@ -286,8 +292,9 @@ class FieldNet(nn.Module):
             input_level=input_level,
             match_channels=match_channels,
             coarse_affine=coarse_affine,
+            refine=refine,
         )
-        self.input_level, self.coarse_affine = input_level, coarse_affine
+        self.input_level, self.coarse_affine, self.refine = input_level, coarse_affine, refine
         self.radius, self.smoothing = correlation_radius, smoothing
         # a fixed sharpness: learned, it drifts down under the smoothness penalty until the
         # matched field is the mean offset (~0) and the aligner collapses to the identity
@@ -307,7 +314,9 @@ class FieldNet(nn.Module):
         )
         self.pool = nn.MaxPool2d(2)
         self.aligners = nn.ModuleList(
-            _aligner(
+            nn.Identity()
+            if correlation_radius and not refine
+            else _aligner(
                 2 * widths[level] + (2 * correlation_radius + 1) ** 2 * (correlation_radius > 0),
                 tuple(aligner_widths),
                 kernel_size,
@@ -371,7 +380,9 @@ class FieldNet(nn.Module):
                     continue
                 sigma = max(1.0, self.smoothing / 2**level)
                 matched = gaussian_smooth(matched, confidence, sigma)
-            residual = matched + self.aligners[level](torch.cat(parts, dim=1)).float()
+            residual = matched
+            if self.refine or not self.radius:
+                residual = residual + self.aligners[level](torch.cat(parts, dim=1)).float()
             field = compose(residual, field)  # warp by field, then by residual
             fields[level] = field
         return fields
