@@ -108,3 +108,42 @@ def test_align_with_vote_masks_and_a_blank_slice(damaged, model, tmp_path):
     fields = tifffile.imread(tmp_path / "out" / "fields.tif")
     assert fields.shape == (8, 2, 128, 128) and np.isfinite(fields).all()
     assert json.loads((tmp_path / "out" / "report.json").read_text())["vote"] == 3
+
+
+def test_defects_train_builds_data_and_a_four_class_model(damaged, tmp_path, capsys):
+    from scarce.cli import main
+    from scarce.engine.checkpoint import load_checkpoint
+    from scarce.segment.task import target_of
+
+    small = tifffile.imread(damaged / "stack.tif")[:3]
+    tifffile.imwrite(tmp_path / "three.tif", small, photometric="minisblack")
+    argv = [
+        "defects-train",
+        "--stack",
+        str(tmp_path / "three.tif"),
+        "--out",
+        str(tmp_path / "det"),
+        "--per-slice",
+        "2",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "test_every_n_steps=2",
+        "--set",
+        "data.patch_size=64",
+        "--set",
+        "data.reader_count=0",
+        "--set",
+        "model.width=4",
+        "--set",
+        "model.depth=2",
+        "--set",
+        "amp=off",
+    ]
+    assert main(argv) == 0
+    masks = sorted((tmp_path / "det_data" / "masks").glob("*.tif"))
+    assert len(masks) == 9  # 3 slices x (1 clean + 2 damaged)
+    values = set(np.unique(np.concatenate([tifffile.imread(m).ravel() for m in masks])).tolist())
+    assert {0} < values <= {0, 1, 2, 3}
+    target = target_of(load_checkpoint(tmp_path / "det"))
+    assert target.class_names == ("normal", "crack", "fold", "missing")

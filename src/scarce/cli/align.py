@@ -78,6 +78,9 @@ def add_verbs(sub) -> None:
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--per-slice", type=int, default=4, help="damaged copies per slice")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config value"
+    )
 
     p = sub.add_parser("align-evaluate", help="CPC, folds and composition error of an alignment")
     p.add_argument("--stack", required=True, help="the aligned stack, e.g. OUT/aligned.tif")
@@ -236,9 +239,10 @@ def cmd_defects_train(args) -> int:
     made = make_defect_dataset(args.stack, data, per_slice=args.per_slice)
     split = every_nth_split(made["images"])
     ingest(made["images"], made["masks"], data / "db", split=split, progress=False)
-    cfg = load_config(args.config)
+    values = dict(item.partition("=")[::2] for item in args.set)
     if args.max_minutes:
-        cfg = override(cfg, {"max_minutes": args.max_minutes})
+        values["max_minutes"] = args.max_minutes
+    cfg = override(load_config(args.config), values)
     summary = train(
         data / "db" / "train.lmdb",
         data / "db" / "test.lmdb",
