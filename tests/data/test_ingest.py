@@ -13,9 +13,10 @@ import tifffile
 from scarce import io
 from scarce.data import ingest as ingest_module
 from scarce.data import store
-from scarce.data.ingest import ingest, split_stems
+from scarce.data.ingest import ingest
 from scarce.data.inspect import format_inspection, inspect_database
 from scarce.data.records import tile_origins
+from scarce.data.split import split_stems
 from scarce.errors import IngestError
 from tests.shared import SHARED_DATA
 

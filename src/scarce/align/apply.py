@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 from tqdm.auto import tqdm
 
+from scarce import atomic
 from scarce.align.evaluate import chunked_pearson, cpc_summary
 from scarce.align.losses import masked_mse, smoothness
 from scarce.align.stack import open_stack
@@ -41,6 +40,7 @@ from scarce.engine.checkpoint import load_model
 from scarce.engine.distributed import resolve_device
 from scarce.engine.tiling import sliding_window_logits
 from scarce.errors import CheckpointError, InputError
+from scarce.io import write_tiff
 from scarce.models.field import fold_fraction, warp
 
 logger = logging.getLogger(__name__)
@@ -140,16 +140,6 @@ def fine_tune(
         loss.backward()
         opt.step()
     return best
-
-
-def _atomic_tiff(path: Path, array: np.ndarray, **kwargs) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tifffile.imwrite(tmp, array, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _to_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -273,8 +263,8 @@ def align_stack(
                 "fold_fraction": fold_fraction(field),
             }
         )
-    _atomic_tiff(out / "aligned.tif", _to_dtype(aligned, raw[0].dtype), photometric="minisblack")
-    _atomic_tiff(out / "fields.tif", fields, photometric="minisblack")
+    write_tiff(out / "aligned.tif", _to_dtype(aligned, raw[0].dtype), photometric="minisblack")
+    write_tiff(out / "fields.tif", fields, photometric="minisblack")
     if save_encodings:
         _save_encodings(net, norm, out / "encodings", dev)
     report = {
@@ -286,9 +276,7 @@ def align_stack(
         "pairs": rows,
         "seconds": round(sum(r["seconds"] for r in rows), 3),
     }
-    tmp = out / f".report.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
+    atomic.write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -301,7 +289,7 @@ def _save_encodings(net, slices, folder: Path, device) -> None:
         with torch.no_grad():
             encodings = net.encode(torch.from_numpy(padded)[None, None].to(device))
         for level, enc in enumerate(encodings):
-            _atomic_tiff(
+            write_tiff(
                 folder / f"z{z:04d}_level{level}.tif",
                 enc[0].cpu().numpy(),
                 photometric="minisblack",

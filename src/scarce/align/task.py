@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scarce import atomic
 from scarce.align.config import AlignConfig
 from scarce.align.evaluate import (
     chunked_pearson,
@@ -355,7 +356,8 @@ class AlignmentTask:
                 ax.axis("off")
         fig.tight_layout()
         path = Path(plots_dir) / f"step_{step:05d}.png"
-        fig.savefig(path, dpi=60)
+        with atomic.atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=60, format="png")
         plt.close(fig)
         return path
 

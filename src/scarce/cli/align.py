@@ -8,7 +8,7 @@ from pathlib import Path
 from scarce.cli.common import (
     add_run_flags,
     db_paths,
-    print_summary,
+    finish_run,
     relaunch_under_torchrun,
     run_config,
 )
@@ -108,8 +108,7 @@ def cmd_align_train(args) -> int:
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
-    print_summary(args, summary)
-    return 0
+    return finish_run(args, summary)
 
 
 def cmd_align(args) -> int:

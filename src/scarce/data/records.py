@@ -58,6 +58,13 @@ class StoragePlan:
     channels: int  # C of every stored image; grayscale images are repeated to it
     image_dtype: np.dtype  # lossless common dtype of the images
     mask_dtype: np.dtype  # smallest unsigned dtype (class) or lossless common dtype (instance)
+    label_map: tuple = ()  # (file value, stored value) pairs, e.g. ((255, 1),) for Fiji masks
+
+    def remap(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` ``(H, W)`` with ``label_map`` applied (a new array only if it changes)."""
+        for old, new in self.label_map:
+            mask = np.where(mask == old, new, mask)
+        return mask
 
 
 def tile_origins(
@@ -398,6 +405,7 @@ def split_metadata(
         "mask_kind": plan.mask_kind,
         "class_ids": [0, 1] if plan.mask_kind == "instance" else list(counts),
         "class_pixel_counts": {str(c): n for c, n in counts.items()},
+        "label_map": {str(old): new for old, new in plan.label_map} or None,
         "num_instances": instances,
         "intensity": intensity,
         "source": folders,
