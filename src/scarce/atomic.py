@@ -293,8 +293,8 @@ def atomic_output(
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_output`); returns ``path``."""
-    with atomic_output(path, needed=len(data), durable=durable) as tmp:
-        tmp.write_bytes(data)
+    with atomic_output(path, needed=len(data), durable=durable) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
     return Path(path)
 
 
@@ -332,6 +332,13 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def _fallocate(fd: int, nbytes: int) -> int:
+    """``fallocate(fd, 0, 0, nbytes)``; returns 0 or the ``errno``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return 0 if libc.fallocate(fd, 0, 0, nbytes) == 0 else ctypes.get_errno()
+
+
 def reserve_space(path: str | os.PathLike, nbytes: int) -> bool:
     """Allocate the first ``nbytes`` of file ``path`` on the disk now (Linux ``fallocate(2)``).
 
@@ -359,15 +366,13 @@ def reserve_space(path: str | os.PathLike, nbytes: int) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     fd = os.open(path, os.O_RDWR)
     try:
-        if libc.fallocate(fd, 0, 0, int(nbytes)) == 0:
-            return True
-        err = ctypes.get_errno()
+        err = _fallocate(fd, int(nbytes))
     finally:
         os.close(fd)
+    if err == 0:
+        return True
     if err in DISK_ERRNOS:
         raise write_error(path, OSError(err, os.strerror(err)), needed=int(nbytes))
     return False

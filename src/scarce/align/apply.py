@@ -203,6 +203,8 @@ def align_stack(
         If the model is not an aligner.
     scarce.errors.InputError
         For a reference outside the stack.
+    scarce.errors.WriteError
+        If the disk is full or read-only; the previous outputs are left as they were.
     """
     dev = resolve_device(device)
     net, ckpt = load_model(model_path, dev)
@@ -216,6 +218,7 @@ def align_stack(
         missing_value = ckpt["extras"].get("missing_value")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    atomic.sweep_stale(out)  # what a killed run left (logged)
     raw = [st.slice(z) for z in range(len(st))]
     valid = [np.ones(r.shape, bool) if missing_value is None else r != missing_value for r in raw]
     norm = [normalise(r.astype(np.float32), v) for r, v in zip(raw, valid)]
