@@ -170,7 +170,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, db, run, out):
+def _rank_environment(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for a rank, and one thread per rank."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -179,6 +180,10 @@ def _ddp_worker(rank, world, port, db, run, out):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank, world, port, db, run, out):
+    _rank_environment(rank, world, port)
     cfg = tiny_config(max_steps=4, test_every_n_steps=4, device="cpu")
     trainer = Trainer(SegmentationTask(db / "train.lmdb", db / "test.lmdb", cfg), run)
     trainer.fit()
@@ -315,14 +320,7 @@ def test_a_killed_runs_temporary_checkpoint_is_swept(nist_db, tmp_path, caplog):
 
 
 def _ddp_signal_worker(rank, world, port, db, run):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _rank_environment(rank, world, port)
     real = Trainer.train_step
 
     def train_step(self, batch):  # only rank 1 is signalled, during step 2
