@@ -12,6 +12,7 @@ import pytest
 
 from scarce import atomic
 from scarce.errors import WriteError
+from tests import hostile
 
 
 def dead_pid() -> int:
@@ -92,26 +93,6 @@ def test_a_newer_process_with_the_same_pid_is_not_the_writer(tmp_path):
     assert atomic.writer_gone(atomic.parse_temp(stale.name), stale.stat().st_mtime)
 
 
-def full_disk(code: int = errno.ENOSPC):
-    """An ``open`` whose files write half of what they get, then fail with ``code``."""
-
-    class Failing:
-        def __init__(self, path, mode):
-            self.fh = open(path, mode)  # noqa: SIM115 - closed by __exit__
-
-        def write(self, data):
-            self.fh.write(bytes(data)[: len(data) // 2])
-            raise OSError(code, os.strerror(code))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-    return Failing
-
-
 @pytest.mark.parametrize(
     ("code", "words"),
     [
@@ -124,7 +105,7 @@ def full_disk(code: int = errno.ENOSPC):
 def test_disk_errors_become_one_line_and_keep_the_old_file(tmp_path, monkeypatch, code, words):
     target = tmp_path / "summary.json"
     target.write_text("old")
-    monkeypatch.setattr(atomic, "open", full_disk(code), raising=False)
+    monkeypatch.setattr(atomic, "open", hostile.failing_open(code), raising=False)
     with pytest.raises(WriteError) as caught:
         atomic.write_text(target, "new" * 1000)
     message = str(caught.value)
@@ -136,7 +117,7 @@ def test_disk_errors_become_one_line_and_keep_the_old_file(tmp_path, monkeypatch
 
 def test_a_half_written_file_never_reaches_its_final_name(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
-    monkeypatch.setattr(atomic, "open", full_disk(), raising=False)
+    monkeypatch.setattr(atomic, "open", hostile.failing_open(), raising=False)
     with pytest.raises(WriteError, match="no space left"):
         atomic.write_bytes(target, b"x" * 4096, durable=True)
     assert not target.exists() and list(tmp_path.iterdir()) == []

@@ -400,7 +400,8 @@ def load_config(path: str | Path | None, cls: type = None) -> Any:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        problem = " ".join(str(exc).split())  # one line; python/* tags are refused here
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from exc
     try:
         return config_from_dict(data, cls)
     except ConfigError as exc:

@@ -194,7 +194,8 @@ def read_dataset_metadata(path) -> tuple[dict, list[str]]:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        return meta, [f"{path}: cannot read dataset metadata ({type(exc).__name__}: {exc})"]
+        problem = " ".join(str(exc).split())  # one line; python/* tags are refused here
+        return meta, [f"{path}: cannot read dataset metadata ({type(exc).__name__}: {problem})"]
     if not isinstance(loaded, dict):
         return meta, [f"{path}: expected a mapping of {', '.join(DATASET_KEYS)}"]
     problems = [

@@ -148,6 +148,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a refused object: bytes that are no pickle
+            raise CheckpointError(f"{file}: unreadable or truncated checkpoint") from exc
         raise CheckpointError(
             f"{file}: refused to load: it contains objects other than tensors and plain "
             f"values, which could run code when unpickled ({exc.__class__.__name__}). Only load "
