@@ -10,9 +10,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.faults.procs import Reference, Run, train_args, weights
 
 COUNTS: collections.Counter = collections.Counter()
 
@@ -38,3 +41,14 @@ def record():
         for key, value in COUNTS.items():
             old[key] = old.get(key, 0) + value
         Path(report).write_text(json.dumps(dict(sorted(old.items())), indent=1) + "\n")
+
+
+@pytest.fixture(scope="session")
+def reference(nist_db, tmp_path_factory) -> Reference:
+    """The uninterrupted tiny training run every killed or stopped run must end up equal to."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run = Run(train_args(nist_db, out), out.parent / "log.txt")
+    run.wait_for("Training unet")
+    start = time.monotonic()
+    assert run.wait() == 0, run.output()
+    return Reference(weights(out), time.monotonic() - start)

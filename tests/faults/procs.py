@@ -8,9 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import torch
+
+from scarce.engine.checkpoint import load_checkpoint
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TINY_TRAIN = [
@@ -19,6 +23,32 @@ TINY_TRAIN = [
     "--set", "model.depth=2", "--set", "optim.warmup_steps=0", "--set", "optim.schedule=constant",
     "--set", "log_every_n_steps=1",
 ]  # fmt: skip
+
+STEPS = 20
+EVERY = 5
+
+
+def train_args(db, out, *extra) -> list:
+    return [
+        "train",
+        "--train-db", db / "train.lmdb", "--test-db", db / "test.lmdb", "--out", out,
+        "--max-steps", STEPS, "--test-every-n-steps", EVERY, *TINY_TRAIN, *extra,
+    ]  # fmt: skip
+
+
+def weights(run_dir) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model_state"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@dataclass
+class Reference:
+    weights: dict
+    training_s: float  # from "Training unet" to the end of the run
 
 
 def environment(**extra: str) -> dict:

@@ -9,51 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 
 from scarce.atomic import parse_temp
 from scarce.engine.checkpoint import load_checkpoint
-from tests.faults.procs import TINY_TRAIN, Run
-
-STEPS = 20
-EVERY = 5
-
-
-def train_args(db, out, *extra) -> list:
-    return [
-        "train",
-        "--train-db", db / "train.lmdb", "--test-db", db / "test.lmdb", "--out", out,
-        "--max-steps", STEPS, "--test-every-n-steps", EVERY, *TINY_TRAIN, *extra,
-    ]  # fmt: skip
-
-
-def weights(run_dir) -> dict:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model_state"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-
-
-@dataclass
-class Reference:
-    weights: dict
-    training_s: float  # from "Training unet" to the end of the run
-
-
-@pytest.fixture(scope="module")
-def reference(nist_db, tmp_path_factory) -> Reference:
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run = Run(train_args(nist_db, out), out.parent / "log.txt")
-    run.wait_for("Training unet")
-    start = time.monotonic()
-    assert run.wait() == 0, run.output()
-    return Reference(weights(out), time.monotonic() - start)
+from tests.faults.procs import EVERY, Run, assert_same_weights, train_args, weights
 
 
 def check_after_kill(run: Run, out) -> None:
