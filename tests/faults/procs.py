@@ -66,7 +66,9 @@ class Run:
     every process the run had started (reader workers, fork server, torchrun, ranks).
     """
 
-    def __init__(self, args: list[str], log: Path, *, code: str | None = None, **env: str):
+    def __init__(
+        self, args: list[str], log: Path, *, code: str | None = None, group: bool = False, **env
+    ):
         self.log = Path(log)
         self.fh = self.log.open("w")
         head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "scarce"]
@@ -75,6 +77,7 @@ class Run:
             stdout=self.fh,
             stderr=subprocess.STDOUT,
             env=environment(**env),
+            start_new_session=group,  # its own process group, to signal all of it at once
         )
         self.tree: set[int] = {self.proc.pid}
         self._watch = threading.Thread(target=self._record, daemon=True)
@@ -105,8 +108,13 @@ class Run:
             time.sleep(0.02)
         return time.monotonic() - start
 
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
+    def signal(self, signum: int, group: bool = False) -> None:
+        """Send ``signum`` to the top process, or (``group``) to its whole process group, as
+        Ctrl-C in a terminal or SLURM's ``scancel`` do."""
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
 
     def wait(self, timeout: float = 300.0) -> int:
         try:

@@ -19,17 +19,23 @@ from tests.faults.procs import STEPS, Run, assert_same_weights, train_args, weig
 
 
 @pytest.mark.parametrize(
-    ("signum", "seed"), [(signal.SIGTERM, 0), (signal.SIGUSR1, 1), (signal.SIGINT, 2)]
+    ("signum", "group", "seed"),
+    [
+        (signal.SIGTERM, False, 0),  # kill PID
+        (signal.SIGUSR1, False, 1),  # sbatch --signal=USR1@90
+        (signal.SIGINT, True, 2),  # Ctrl-C: the trainer and its readers get it
+        (signal.SIGTERM, True, 3),  # scancel: every process of the job step gets it
+    ],
 )
 def test_a_signal_stops_training_and_resume_is_exact(
-    signum, seed, reference, nist_db, tmp_path, record
+    signum, group, seed, reference, nist_db, tmp_path, record
 ):
     step = int(np.random.default_rng(seed).integers(2, STEPS - 2))
     out = tmp_path / "run"
-    run = Run(train_args(nist_db, out), tmp_path / "log.txt")
+    run = Run(train_args(nist_db, out), tmp_path / "log.txt", group=group)
     try:
         run.wait_for(f"step {step}/{STEPS}")
-        run.signal(signum)
+        run.signal(signum, group=group)
         assert run.wait(timeout=60) == EXIT_STOPPED, run.output()
         name = signal.Signals(signum).name
         summary = json.loads((out / "summary.json").read_text())
@@ -42,7 +48,7 @@ def test_a_signal_stops_training_and_resume_is_exact(
         assert run.survivors(timeout=10) == []  # reader worker and fork server ended too
     finally:
         run.end()
-    record(f"signals: {name} stops resumed exactly")
+    record(f"signals: {name} to the {'process group' if group else 'trainer'}, resumed exactly")
     resumed = Run(train_args(nist_db, out, "--resume"), tmp_path / "resume.txt")
     try:
         assert resumed.wait() == 0, resumed.output()

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from scarce.errors import ReaderError, ScarceError
-from scarce.lifecycle import die_with_parent
+from scarce.lifecycle import STOP_SIGNALS, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,12 @@ def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> to
 
 
 def init_worker(worker_id: int, consumer: int | None = None) -> None:
-    """Set up a fresh worker process: one thread, and an end when its consumer ends.
+    """Set up a fresh worker process: one thread, deaf to stop signals, ends with its consumer.
+
+    SIGTERM, SIGINT and SIGUSR1 are ignored: they reach the workers with the rest of their
+    process group (Ctrl-C, ``scancel``, torchrun stopping a rank), and the consumer must keep
+    its batches while it finishes its step and saves; the workers end when it closes the
+    stream, or when it ends.
 
     Parameters
     ----------
@@ -173,6 +178,8 @@ def init_worker(worker_id: int, consumer: int | None = None) -> None:
         Pid of the process the worker reads for (the trainer); the worker kills itself when
         that process ends (:func:`scarce.lifecycle.die_with_parent`).
     """
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     if consumer is not None:
         die_with_parent(signal.SIGKILL, parent=consumer)
     os.environ["OMP_NUM_THREADS"] = "1"

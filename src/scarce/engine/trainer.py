@@ -172,14 +172,13 @@ class Trainer:
         self._log_start()
         train_losses, last_eval, reason = [], None, "max_steps"
         bar = self._progress_bar()
+        stream_of = iter(batches)
         try:
-            for batch in batches:
-                if self.step >= cfg.max_steps:
-                    break
+            while self.step < cfg.max_steps:
                 reason = self._should_stop(time.perf_counter() - start) or reason
                 if reason in ("max_minutes", "signal"):
-                    break
-                train_losses.append(self.train_step(batch))
+                    break  # before asking the readers for a batch it would not use
+                train_losses.append(self.train_step(next(stream_of)))
                 self.step += 1
                 self._report_step(bar, train_losses, batches, start)
                 if self.step % cfg.test_every_n_steps == 0:
