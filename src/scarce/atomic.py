@@ -217,7 +217,7 @@ def write_error(path: str | os.PathLike, exc: OSError, needed: int | None = None
     """
     path = Path(path)
     reason = DISK_ERRNOS.get(exc.errno, exc.strerror or str(exc))
-    where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    where = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
     try:
         free = f"{_size(shutil.disk_usage(where).free)} free in {where}"
     except OSError:

@@ -274,7 +274,8 @@ def _encode_split(stacks, slices, masks, chosen, missing_value) -> tuple[list, d
 
 def _write(db_path: Path, records: list[bytes], meta: dict) -> None:
     size = sum(len(r) for r in records)
-    env = store.open_env(db_path, write=True, map_size=max(2 * size, 1 << 24), writemap=True)
+    # records 2-4 KiB take a whole overflow page: 2x covers page rounding; 1 MiB the B-tree
+    env = store.open_env(db_path, write=True, map_size=2 * size + (1 << 20), writemap=True)
     with env.begin(write=True) as txn:
         for i, record in enumerate(records):
             txn.put(store.sample_key(i), record, append=True)

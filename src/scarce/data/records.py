@@ -180,14 +180,16 @@ def map_bytes(sources, plan: StoragePlan, tiling: tuple) -> int:
     """Generous LMDB map size for the records of these sources, bytes.
 
     Each record is counted as whole 4096-byte pages plus two (header, overflow page
-    alignment), plus 10 % and 64 MiB for the B-tree and the metadata record.
+    alignment) and 1 KiB for its metadata entry, plus 10 % and 4 MiB for the B-tree and the
+    rest of the metadata record. The writer reserves this much disk space before it writes
+    (:func:`scarce.data.store.open_env`), so the estimate stays close to the result.
     """
     pixel_bytes = plan.channels * plan.image_dtype.itemsize + plan.mask_dtype.itemsize
     total = 0
     for s in sources:
         origins, (th, tw) = tile_origins(*s.shape, *tiling)
         total += len(origins) * (math.ceil(th * tw * pixel_bytes / 4096) + 2) * 4096 + 1024
-    return int(total * 1.1) + (64 << 20)
+    return int(total * 1.1) + (4 << 20)
 
 
 # ----------------------------------------------------------------------------- statistics
