@@ -60,20 +60,28 @@ def environment(**extra: str) -> dict:
 
 
 class Run:
-    """``python -m scarce ARGS`` (or ``python -c CODE ARGS``) with its process tree recorded.
+    """``python -m scarce ARGS`` (or ``python -c CODE ARGS``, or ``PROGRAM ARGS``) with its
+    process tree recorded.
 
     A thread samples the descendants every 50 ms, so that after a ``kill -9`` the test knows
     every process the run had started (reader workers, fork server, torchrun, ranks).
     """
 
     def __init__(
-        self, args: list[str], log: Path, *, code: str | None = None, group: bool = False, **env
+        self,
+        args: list,
+        log: Path,
+        *,
+        code: str | None = None,
+        program: list | None = None,
+        group: bool = False,
+        **env,
     ):
         self.log = Path(log)
         self.fh = self.log.open("w")
         head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "scarce"]
         self.proc = subprocess.Popen(
-            [*head, *map(str, args)],
+            [*map(str, program or head), *map(str, args)],
             stdout=self.fh,
             stderr=subprocess.STDOUT,
             env=environment(**env),
