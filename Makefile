@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-done
 DATA ?= ../shared/data/nist_rpe
 OUT ?= demo-out
 MINUTES ?= 4
-FUZZ_EXAMPLES ?= 1000
+FUZZ_EXAMPLES ?= 5000
 export OMP_WAIT_POLICY ?= PASSIVE
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 
