@@ -6,10 +6,11 @@ STAMP := $(VENV)/.setup-done
 DATA ?= ../shared/data/nist_rpe
 OUT ?= demo-out
 MINUTES ?= 4
+FUZZ_EXAMPLES ?= 5000
 export OMP_WAIT_POLICY ?= PASSIVE
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 
-.PHONY: setup test slow lint demo bench bench-setup clean
+.PHONY: setup test slow faults lint demo bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -25,6 +26,12 @@ test: setup
 
 slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# kill -9 / signal / DDP / disk-full tests on real subprocesses, then the reader fuzz tests
+# with a larger budget (docs/reliability.md lists what they prove)
+faults: setup
+	$(BIN)/python -m pytest -q -m faults
+	SCARCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz_readers.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

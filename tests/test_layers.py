@@ -1,7 +1,8 @@
 """The layer rule of DESIGN.md, read from the source: who may import whom.
 
 faces (``cli``, ``demo``) > tasks (``segment``, ``align``) > ``engine`` > ``data``, ``models`` >
-leaves (``config``, ``io``) > ``errors``. A module imports only from its own package and from
+leaves (``config``, ``io``) > system leaves (``atomic``, ``headers``, ``lifecycle``: atomic
+outputs, what an image file claims before decoding, process life) > ``errors``. A module imports only from its own package and from
 layers below it; ``segment`` and ``align`` never import each other; there is no import cycle.
 Every import counts: module level, inside functions, under ``if TYPE_CHECKING``, and module
 names written as strings (``importlib.import_module("scarce.x")``, fork-server preloads). The
@@ -24,6 +25,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 RANKS = {
     "errors": 0,
+    "atomic": 0.5,
+    "headers": 0.5,
+    "lifecycle": 0.5,
     "config": 1,
     "io": 1,
     "data": 2,

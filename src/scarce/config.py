@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from scarce import atomic
 from scarce.errors import ConfigError
 
 # The allowed values of every config choice, by dotted key; modules that check a value import
@@ -399,7 +400,8 @@ def load_config(path: str | Path | None, cls: type = None) -> Any:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from exc
+        problem = " ".join(str(exc).split())  # one line; python/* tags are refused here
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from exc
     try:
         return config_from_dict(data, cls)
     except ConfigError as exc:
@@ -407,11 +409,8 @@ def load_config(path: str | Path | None, cls: type = None) -> Any:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    """Write ``cfg`` as YAML to ``path`` atomically (:func:`scarce.atomic.write_text`)."""
+    atomic.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def override(cfg, assignments: dict[str, Any]):

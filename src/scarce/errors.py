@@ -1,7 +1,8 @@
 """Errors that mean "the user's input or request is wrong", all under one base, :class:`ScarceError`.
 
 The command line prints a :class:`ScarceError` as one line (``scarce VERB: error: ...``) and
-exits with status 2; any other exception is a bug in Scarce and keeps its traceback. Every
+exits with its ``exit_code`` (2 unless a class says otherwise); any other exception is a bug in
+Scarce and keeps its traceback. Every
 message says what was expected, what arrived (file, shape, dtype, value) and how to fix it.
 
 Each class also derives from the built-in exception a Python caller would expect for that
@@ -17,7 +18,15 @@ from pathlib import Path
 
 
 class ScarceError(Exception):
-    """Base of every error caused by the user's input, files or settings."""
+    """Base of every error caused by the user's input, files, settings or environment.
+
+    Attributes
+    ----------
+    exit_code : int
+        What the command line exits with (2: a problem with the input or settings).
+    """
+
+    exit_code = 2
 
 
 class ConfigError(ScarceError, ValueError):
@@ -97,6 +106,21 @@ class DeviceError(ScarceError, ValueError):
     """The requested device (e.g. ``cuda``) is not available or not supported here."""
 
 
+class WriteError(ScarceError, OSError):
+    """An output could not be written (no space left, quota, read-only or size-limited file
+    system, no permission); names the path and the space needed. The previous state is intact.
+    """
+
+
+class PeerLostError(ScarceError, RuntimeError):
+    """Another process of a distributed (DDP) run died or stopped answering; names the rank.
+
+    The command line exits with status 3; ``--resume`` continues from the last checkpoint.
+    """
+
+    exit_code = 3
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -107,7 +131,9 @@ __all__ = [
     "InputError",
     "MissingInputError",
     "OutputExistsError",
+    "PeerLostError",
     "ReaderError",
     "ScarceError",
     "StoreError",
+    "WriteError",
 ]

@@ -5,6 +5,11 @@ always ``(C, H, W)`` and a mask ``(H, W)``. TIFF goes through tifffile, PNG/JPEG
 Pillow (16-bit colour PNGs, which Pillow would cut to 8 bits, through OpenCV). Every error
 names the file and says what was expected. Arrays come back in native byte order.
 
+Before a decoder runs, :mod:`scarce.headers` refuses empty, misnamed and unknown files and
+broken or looping symbolic links, and reads the claimed shape from the header: more pixels
+than the limit (default 2**31, ``--max-pixels``), more than 16 samples per pixel, or a shape
+with no channel axis is refused without decoding. Writers go through :mod:`scarce.atomic`.
+
 Dtype rules for images: uint8, uint16, int16, int32, uint32 and float32 are kept as they are
 (readers compute in float32); bool becomes uint8; float64 becomes float32 (values outside the
 float32 range are an error). Masks must hold non-negative integers: integer dtypes are kept,
@@ -21,21 +26,22 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import tifffile
-from PIL import Image
 
+from scarce import atomic, headers
 from scarce.errors import ImageFileError, MissingInputError
+from scarce.headers import MAX_CHANNELS
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MASK_EXTENSIONS = (".tif", ".tiff", ".png", ".bmp")
 IMAGE_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32", "float32")
 MASK_DTYPES = ("uint8", "uint16", "int32", "uint32", "int8", "int16", "int64", "uint64")
-MAX_CHANNELS = 16  # an axis this short (or shorter) is taken as the channel axis
 
 
 def list_image_files(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
     """Files in ``folder`` (not recursive) whose suffix is in ``extensions``, sorted by name.
 
-    Hidden files are skipped.
+    Hidden files and folders are skipped; symbolic links that lead nowhere (dangling, or a
+    loop) are kept, so that reading them reports the problem instead of dropping the file.
 
     Raises
     ------
@@ -48,7 +54,9 @@ def list_image_files(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> 
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
+        if (p.is_file() or p.is_symlink())
+        and not p.name.startswith(".")
+        and p.suffix.lower() in extensions
     )
 
 
@@ -69,6 +77,13 @@ def _png_is_16bit_colour(path: Path) -> bool:
     )
 
 
+def _check_claims(path: Path, header: headers.Header, mask: bool, channel_axis) -> None:
+    """Refuse, before decoding, a claimed shape over the limits or with no channel axis."""
+    headers.check_shape(path, header)
+    if not mask and len(header.shape) == 3:  # the same rule as after decoding, on no memory
+        to_chw(np.broadcast_to(np.zeros((), np.uint8), header.shape), path, channel_axis)
+
+
 def _read_cv2(path: Path) -> np.ndarray:
     import cv2  # imported here: only 16-bit colour PNGs need it
 
@@ -79,8 +94,11 @@ def _read_cv2(path: Path) -> np.ndarray:
     return array if order is None else np.ascontiguousarray(array[..., order])  # BGR(A) -> RGB(A)
 
 
-def _read_pillow(path: Path, mask: bool) -> np.ndarray:
-    with Image.open(path) as image:
+def _read_pillow(path: Path, mask: bool, channel_axis) -> np.ndarray:
+    with headers.open_pillow(path) as image:
+        _check_claims(path, headers.pillow_header(image), mask, channel_axis)
+        if path.suffix.lower() == ".png" and _png_is_16bit_colour(path):
+            return _read_cv2(path)  # Pillow would cut 16-bit colour to 8 bits
         if image.mode == "P" and not mask:
             image = image.convert(image.palette.mode)  # palette image -> RGB or RGBA colours
         elif image.mode == "PA" and mask:
@@ -90,15 +108,22 @@ def _read_pillow(path: Path, mask: bool) -> np.ndarray:
         return np.asarray(image)
 
 
-def _read_raw(path: Path, mask: bool = False) -> np.ndarray:
+def _read_tiff(path: Path, mask: bool, channel_axis) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        _check_claims(path, headers.tiff_header(tif), mask, channel_axis)
+        return tif.asarray()
+
+
+def _read_raw(path: Path, mask: bool = False, channel_axis=None) -> np.ndarray:
     """Decode ``path`` into an array in native byte order; any decoder error -> ImageFileError."""
+    fmt = headers.check_file(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            raw = tifffile.imread(path)
-        elif path.suffix.lower() == ".png" and _png_is_16bit_colour(path):
-            raw = _read_cv2(path)
+        if fmt == "TIFF":
+            raw = _read_tiff(path, mask, channel_axis)
         else:
-            raw = _read_pillow(path, mask)
+            raw = _read_pillow(path, mask, channel_axis)
+    except ImageFileError:
+        raise
     except Exception as exc:  # any decoder error means unreadable/truncated
         raise ImageFileError(
             path, f"unreadable or truncated file ({type(exc).__name__}: {exc})"
@@ -175,7 +200,7 @@ def read_image(path: str | os.PathLike, channel_axis: int | None = None) -> np.n
         Unreadable/truncated file, unsupported dtype, bad shape, NaN or inf values.
     """
     path = Path(path)
-    raw = _read_raw(path)
+    raw = _read_raw(path, channel_axis=channel_axis)
     if raw.dtype == bool:
         raw = raw.astype(np.uint8)
     elif raw.dtype == np.float64:
@@ -243,6 +268,28 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return raw
 
 
+def write_tiff(path: str | os.PathLike, array: np.ndarray, **options) -> Path:
+    """Write ``array`` as a TIFF atomically (:func:`scarce.atomic.atomic_output`).
+
+    Parameters
+    ----------
+    path : path-like
+        The final file; a killed or failed write leaves the previous one (or none).
+    array : ndarray
+        Any shape and dtype tifffile writes.
+    **options
+        Passed to ``tifffile.imwrite`` (e.g. ``compression="zlib"``, ``photometric``).
+
+    Raises
+    ------
+    scarce.errors.WriteError
+        If the disk is full or read-only (names the path and the space needed).
+    """
+    with atomic.atomic_output(path, needed=np.asarray(array).nbytes) as tmp:
+        tifffile.imwrite(tmp, array, **options)
+    return Path(path)
+
+
 def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
     """Write a class map or instance labels ``(H, W)`` in the smallest unsigned dtype.
 
@@ -253,6 +300,8 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
     ------
     ValueError
         For a non-2D array, negative labels, or labels too large for PNG.
+    scarce.errors.WriteError
+        If the disk is full or read-only (names the path and the space needed).
     """
     path = Path(path)
     labels = np.asarray(labels)
@@ -262,23 +311,17 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
     if labels.size and labels.min() < 0:
         raise ValueError("labels must be non-negative")
     out = labels.astype(smallest_label_dtype(max_value), copy=False)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     if path.suffix.lower() in (".tif", ".tiff"):
-        tifffile.imwrite(tmp, out, compression="zlib")
-    elif path.suffix.lower() == ".png":
-        if max_value > 65535:
-            raise ValueError(f"{path}: labels up to {max_value} do not fit a PNG; use .tif")
-        iio.imwrite(tmp, out)
-    else:
+        return write_tiff(path, out, compression="zlib")
+    if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: unsupported label format {path.suffix!r} (use .tif or .png)")
-    os.replace(tmp, path)
+    if max_value > 65535:
+        raise ValueError(f"{path}: labels up to {max_value} do not fit a PNG; use .tif")
+    with atomic.atomic_output(path, needed=out.nbytes) as tmp:
+        iio.imwrite(tmp, out)
     return path
 
 
 def write_float_image(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write a float32 array such as probabilities ``(C, H, W)`` as TIFF (temp, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    tifffile.imwrite(tmp, np.asarray(array, dtype=np.float32), compression="zlib")
-    os.replace(tmp, path)
-    return path
+    return write_tiff(path, np.asarray(array, dtype=np.float32), compression="zlib")

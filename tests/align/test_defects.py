@@ -101,3 +101,30 @@ def test_drift_decay_removes_the_slow_part_only():
     assert torch.allclose(out[inner][:, 0], torch.full_like(out[inner][:, 0], 2.0), atol=1e-4)
     assert torch.allclose(out[inner][:, 1], fast[inner][:, 1], atol=0.05)
     assert torch.equal(decay_drift(slow, decay=0.0, sigma=8.0), slow)
+
+
+def test_defect_dataset_is_whole_or_absent(section, tmp_path, monkeypatch):
+    import errno
+
+    import tifffile
+
+    from scarce.align.defects import make_defect_dataset
+    from scarce.errors import WriteError
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.stack([section[:96, :96]] * 3))
+    real, calls = tifffile.imwrite, []
+
+    def imwrite(path, data, **kw):  # the disk fills up at the fifth file
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    with pytest.raises(WriteError, match="no space left"):
+        make_defect_dataset(stack, tmp_path / "defects", per_slice=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stack.tif"]  # no partial folder
+    made = make_defect_dataset(stack, tmp_path / "defects", per_slice=1)
+    assert made["samples"] == 6 and len(list((tmp_path / "defects" / "masks").glob("*.tif"))) == 6

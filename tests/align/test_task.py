@@ -199,3 +199,34 @@ def test_lineage_follows_init_from(stack_db, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and str(tmp_path / "b") in out[0] and "lambda_smooth=0.5" in out[0]
     assert out[1].startswith("  <- ") and "trained from scratch" in out[1]
+
+
+def test_a_full_disk_while_aligning_leaves_no_output_half_written(stack_db, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from scarce.align.apply import align_stack
+    from scarce.errors import WriteError
+
+    db = stack_db / "db"
+    align_train(db / "train.lmdb", db / "test.lmdb", tmp_path / "run", tiny(max_steps=2))
+    out = tmp_path / "out"
+    real = tifffile.imwrite
+
+    def imwrite(path, data, **kw):
+        if "fields" in str(path):  # aligned.tif is written, then the disk fills up
+            with open(path, "wb") as fh:
+                fh.write(b"II*\x00" + bytes(64))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+    with pytest.raises(WriteError, match=r"fields\.tif: no space left on device"):
+        align_stack(tmp_path / "run", stack_db / "stack.tif", out, progress=False)
+    monkeypatch.undo()
+    # the QC maps and aligned.tif are complete, fields.tif absent, no temporary file anywhere
+    assert sorted(p.name for p in out.iterdir()) == ["aligned.tif", "qc"]
+    assert not [p for p in out.rglob(".*")]
+    for qc in (out / "qc").iterdir():
+        assert tifffile.imread(qc).ndim == 2  # whole files (maps per block)
+    assert tifffile.imread(out / "aligned.tif").shape == (8, 128, 128)

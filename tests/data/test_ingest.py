@@ -13,9 +13,10 @@ import tifffile
 from scarce import io
 from scarce.data import ingest as ingest_module
 from scarce.data import store
-from scarce.data.ingest import ingest, split_stems
+from scarce.data.ingest import ingest
 from scarce.data.inspect import format_inspection, inspect_database
 from scarce.data.records import tile_origins
+from scarce.data.split import split_stems
 from scarce.errors import IngestError
 from tests.shared import SHARED_DATA
 
@@ -460,3 +461,68 @@ def test_ingest_all_four_datasets(tmp_path):
             for k, fraction in facts.items():
                 assert total[k] / sum(total.values()) == pytest.approx(fraction, abs=1e-3)
         shutil.rmtree(tmp_path / name)
+
+
+def _pairs(root: Path, masks: list[np.ndarray], images: list[np.ndarray] | None = None):
+    """``root/images`` and ``root/masks`` holding these arrays as img{i}.tif."""
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, mask in enumerate(masks):
+        image = images[i] if images else np.full(mask.shape, 7 * i + 1, np.uint8)
+        tifffile.imwrite(root / "images" / f"img{i}.tif", image)
+        tifffile.imwrite(root / "masks" / f"img{i}.tif", mask)
+    return root / "images", root / "masks"
+
+
+def test_fiji_0_255_masks_become_binary_with_a_notice(tmp_path, caplog):
+    fiji = np.zeros((24, 24), np.uint8)
+    fiji[4:12, 4:12] = 255
+    images, masks = _pairs(tmp_path, [fiji, fiji[::-1], np.zeros_like(fiji)])
+    with caplog.at_level("WARNING"):
+        ingest(images, masks, tmp_path / "db", train_fraction=1.0, progress=False)
+    assert "Fiji/ImageJ binary mask" in caplog.text and "ignore_label: 255" in caplog.text
+    meta = store.read_metadata(tmp_path / "db" / "train.lmdb")
+    assert meta["class_ids"] == [0, 1] and meta["label_map"] == {"255": 1}
+    assert meta["class_pixel_counts"] == {"0": 3 * 576 - 128, "1": 128}
+    stored = {int(v) for s in _all_samples(tmp_path / "db" / "train.lmdb") for v in s.mask.flat}
+    assert stored == {0, 1}
+
+
+def test_255_as_the_ignore_label_is_not_remapped(tmp_path):
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:12, 4:12] = 255
+    mask[0, 0] = 1
+    images, masks = _pairs(tmp_path, [mask, mask])
+    (images / "dataset.yaml").write_text("ignore_label: 255\n")
+    ingest(images, masks, tmp_path / "db", train_fraction=1.0, progress=False)
+    meta = store.read_metadata(tmp_path / "db" / "train.lmdb")
+    assert meta["label_map"] is None and meta["class_ids"] == [0, 1, 255]
+
+
+def test_a_confirmed_class_count_allows_ids_above_255(tmp_path):
+    mask = np.zeros((24, 24), np.uint16)
+    mask[2:6, 2:6] = 300
+    images, masks = _pairs(tmp_path, [mask, mask])
+    with pytest.raises(IngestError, match="class id 300 in a class mask.*--num-classes N"):
+        ingest(images, masks, tmp_path / "db", train_fraction=1.0, progress=False)
+    assert not (tmp_path / "db").exists()
+    ingest(images, masks, tmp_path / "db", train_fraction=1.0, progress=False, num_classes=301)
+    meta = store.read_metadata(tmp_path / "db" / "train.lmdb")
+    assert meta["class_ids"] == [0, 300] and meta["mask_dtype"] == "uint16"
+
+
+def test_grayscale_is_repeated_into_rgb_but_not_into_two_channels(tmp_path):
+    gray = np.full((24, 24), 9, np.uint8)
+    mask = np.zeros((24, 24), np.uint8)
+    rgb = np.stack([gray, gray + 1, gray + 2], -1)
+    images, masks = _pairs(tmp_path / "rgb", [mask, mask], [gray, rgb])
+    ingest(images, masks, tmp_path / "rgb" / "db", train_fraction=1.0, progress=False)
+    meta = store.read_metadata(tmp_path / "rgb" / "db" / "train.lmdb")
+    assert meta["channels"] == 3 and meta["channel_expanded"] == ["img0"]
+    two = np.stack([gray, gray], -1)
+    images, masks = _pairs(tmp_path / "two", [mask, mask], [gray, two])
+    with pytest.raises(IngestError) as caught:
+        ingest(images, masks, tmp_path / "two" / "db", train_fraction=1.0, progress=False)
+    (line,) = caught.value.problems
+    assert str(images / "img0.tif") in line and str(images / "img1.tif") in line
+    assert "not into 2 separate channels" in line

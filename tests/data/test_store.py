@@ -6,8 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from scarce.data import store
+from scarce.data import install, store
 from scarce.data.inspect import inspect_database
+from scarce.errors import OutputExistsError
 
 
 def _write(path, samples, meta=None, **open_kw):
@@ -150,19 +151,19 @@ def test_named_arrays_any_number_and_info(samples):
 
 def test_install_folder_is_all_or_nothing(tmp_path):
     out = tmp_path / "db"
-    with store.install_folder(out) as tmp:
+    with install.install_folder(out) as tmp:
         (tmp / "a.txt").write_text("new")
         assert not out.exists()
     assert (out / "a.txt").read_text() == "new"
-    with pytest.raises(store.OutputExistsError, match="exists"):
-        with store.install_folder(out):
+    with pytest.raises(OutputExistsError, match="exists"):
+        with install.install_folder(out):
             pass
     with pytest.raises(RuntimeError, match="killed"):
-        with store.install_folder(out, overwrite=True) as tmp:
+        with install.install_folder(out, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("half")
             raise RuntimeError("killed while writing")
     assert (out / "a.txt").read_text() == "new"  # the old folder, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]  # no temporary left
-    with pytest.raises(store.OutputExistsError, match="not a Scarce database folder"):
-        with store.install_folder(out, overwrite=True, replaceable={"train.lmdb"}):
+    with pytest.raises(OutputExistsError, match="not a Scarce database folder"):
+        with install.install_folder(out, overwrite=True, replaceable={"train.lmdb"}):
             pass

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from scarce import atomic
 from scarce.config import TrainConfig, override
 from scarce.engine.checkpoint import CheckpointError, load_checkpoint, load_model
 from scarce.engine.schedule import learning_rate
@@ -165,7 +170,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, db, run, out):
+def _rank_environment(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for a rank, and one thread per rank."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -174,6 +180,10 @@ def _ddp_worker(rank, world, port, db, run, out):
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+
+
+def _ddp_worker(rank, world, port, db, run, out):
+    _rank_environment(rank, world, port)
     cfg = tiny_config(max_steps=4, test_every_n_steps=4, device="cpu")
     trainer = Trainer(SegmentationTask(db / "train.lmdb", db / "test.lmdb", cfg), run)
     trainer.fit()
@@ -234,3 +244,103 @@ def test_bf16_run_tracks_float32_and_keeps_float32_weights(nist_db, tmp_path):
     assert losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
     state = state_of(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def _signal_at(monkeypatch, step: int, signum=signal.SIGUSR1, rank: int | None = None):
+    """Send ``signum`` to this process during training step ``step`` (0-based)."""
+    real = Trainer.train_step
+
+    def train_step(self, batch):
+        if self.step == step and (rank is None or self.runtime.dist.rank == rank):
+            os.kill(os.getpid(), signum)
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_last_pt_and_resume_is_exact(nist_db, tmp_path, monkeypatch, signum):
+    db = nist_db
+    full = train(db / "train.lmdb", db / "test.lmdb", tmp_path / "full", tiny_config(max_steps=12))
+    run = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _signal_at(m, 6, signum)
+        stopped = train(db / "train.lmdb", db / "test.lmdb", run, tiny_config(max_steps=12))
+    # the step in progress finishes, then the run stops without an evaluation
+    assert stopped["stop_reason"] == "signal" and stopped["steps"] == 7
+    assert stopped["signal"] == signal.Signals(signum).name and stopped["last_eval"] is None
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "signal"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 7
+    assert [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open())] == [5]
+    resumed = train(
+        db / "train.lmdb", db / "test.lmdb", run, tiny_config(max_steps=12), resume=True
+    )
+    assert resumed["steps"] == full["steps"] == 12
+    a, b = state_of(tmp_path / "full"), state_of(run)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open())] == [5, 10, 12]
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(nist_db, tmp_path):
+    run = tmp_path / "run"
+    train(nist_db / "train.lmdb", nist_db / "test.lmdb", run, tiny_config(max_steps=10))
+    # as if killed after logging step 15 but before its checkpoint, mid-way through a line
+    with (run / "metrics.csv").open("a") as fh:
+        fh.write("15,1.0,0.5,0.5" + "," * 20 + "\n16,1.0,0.")
+    train(
+        nist_db / "train.lmdb",
+        nist_db / "test.lmdb",
+        run,
+        tiny_config(max_steps=15),
+        resume=True,
+    )
+    steps = [int(r["step"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    assert steps == [5, 10, 15]
+
+
+def test_a_killed_runs_temporary_checkpoint_is_swept(nist_db, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(nist_db / "train.lmdb", nist_db / "test.lmdb", run, tiny_config(max_steps=5))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = atomic.temp_path(run / "checkpoints" / "last.pt")
+    stale = stale.with_name(stale.name.replace(f"-{os.getpid()}@", f"-{gone.pid}@"))
+    stale.write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.INFO, logger="scarce"):
+        train(
+            nist_db / "train.lmdb",
+            nist_db / "test.lmdb",
+            run,
+            tiny_config(max_steps=10),
+            resume=True,
+        )
+    assert not stale.exists() and f"left by process {gone.pid}" in caplog.text
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 10
+
+
+def _ddp_signal_worker(rank, world, port, db, run):
+    _rank_environment(rank, world, port)
+    real = Trainer.train_step
+
+    def train_step(self, batch):  # only rank 1 is signalled, during step 2
+        if self.step == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, batch)
+
+    Trainer.train_step = train_step
+    cfg = tiny_config(max_steps=8, test_every_n_steps=8, device="cpu")
+    summary = Trainer(SegmentationTask(db / "train.lmdb", db / "test.lmdb", cfg), run).fit()
+    assert summary["stop_reason"] == "signal" and summary["steps"] == 3, (rank, summary)
+
+
+def test_ddp_ranks_stop_together_when_one_is_signalled(nist_db, tmp_path):
+    torch.multiprocessing.spawn(
+        _ddp_signal_worker,
+        args=(2, _free_port(), nist_db, tmp_path / "run"),
+        nprocs=2,
+        join=True,
+    )
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["signal"] is None and summary["stop_reason"] == "signal"  # rank 0 was told

@@ -230,8 +230,10 @@ def test_error_in_a_worker_reaches_the_consumer(nist_lmdb, tmp_path):
     out.close()
     assert read_metadata(corrupt)["num_samples"] == 20
     cfg = small_cfg(reader_count=1)
-    with Deadline(30), pytest.raises(ValueError, match="buffer"):
+    with Deadline(30), pytest.raises(StoreError, match="damaged") as caught:
         first_batches(corrupt, cfg, 1)
+    message = str(caught.value)  # one line naming the database, not the worker's traceback
+    assert "\n" not in message and str(corrupt) in message and "ingest it again" in message
 
 
 def test_instance_masks_give_semantic_and_boundary_targets_and_weights(bbbc_lmdb):

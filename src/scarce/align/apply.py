@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 from tqdm.auto import tqdm
 
+from scarce import atomic
 from scarce.align.evaluate import chunked_pearson, cpc_summary
 from scarce.align.pairs import FineTune, normalise, pairwise_fields
 from scarce.align.stack import open_stack
@@ -41,22 +40,12 @@ from scarce.align.vote import decay_drift, softmin_vote
 from scarce.engine.checkpoint import load_model
 from scarce.engine.distributed import resolve_device
 from scarce.errors import CheckpointError, InputError
+from scarce.io import write_tiff
 from scarce.models.field import compose, fold_fraction, warp
 
 logger = logging.getLogger(__name__)
 
 MOSTLY_MISSING = 0.5  # a slice with less valid data than this is skipped
-
-
-def atomic_tiff(path: Path, array: np.ndarray) -> None:
-    """Write a TIFF (one page per leading index) to a temporary name, then rename it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tifffile.imwrite(tmp, array, photometric="minisblack")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _to_dtype(aligned: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -184,6 +173,8 @@ def align_stack(
         If the model is not an aligner.
     scarce.errors.InputError
         For a reference outside the stack, ``vote`` < 1 or masks of the wrong shape.
+    scarce.errors.WriteError
+        If the disk is full or read-only; the previous outputs are left as they were.
     """
     dev = resolve_device(device)
     net, ckpt = load_model(model_path, dev)
@@ -194,6 +185,9 @@ def align_stack(
         raise InputError(f"--reference {reference} must be in 0..{len(st) - 1}, --vote >= 1")
     if missing_value is None:
         missing_value = ckpt["extras"].get("missing_value")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.sweep_stale(out)  # what a killed run left (logged)
     raw = [st.slice(z) for z in range(len(st))]
     valid = [np.ones(r.shape, bool) if missing_value is None else r != missing_value for r in raw]
     if masks is not None:
@@ -247,7 +241,6 @@ def align_stack(
         drift_decay=drift_decay,
         drift_sigma=drift_sigma,
     )
-    out = Path(out_dir)
     (out / "qc").mkdir(parents=True, exist_ok=True)
     report = _write_outputs(
         out, raw, norm, valid, fields, disagreement, near, skipped, missing_value
@@ -267,9 +260,7 @@ def align_stack(
     )
     if save_encodings:
         _save_encodings(net, norm, out / "encodings", dev)
-    tmp = out / f".report.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
+    atomic.write_text(out / "report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -291,8 +282,14 @@ def _write_outputs(out, raw, norm, valid, fields, disagreement, near, skipped, m
         cpc = chunked_pearson(moved_norm[z], moved_norm[n], 64, moved_valid[z] & moved_valid[n])
         before = chunked_pearson(norm[z], norm[n], 64, valid[z] & valid[n])
         d = disagreement[z][0, 0].numpy()
-        atomic_tiff(out / "qc" / f"cpc_z{z:04d}.tif", cpc.astype(np.float32))
-        atomic_tiff(out / "qc" / f"disagreement_z{z:04d}.tif", d.astype(np.float32))
+        write_tiff(
+            out / "qc" / f"cpc_z{z:04d}.tif", cpc.astype(np.float32), photometric="minisblack"
+        )
+        write_tiff(
+            out / "qc" / f"disagreement_z{z:04d}.tif",
+            d.astype(np.float32),
+            photometric="minisblack",
+        )
         rows.append(
             {
                 "z": z,
@@ -307,8 +304,8 @@ def _write_outputs(out, raw, norm, valid, fields, disagreement, near, skipped, m
                 "disagreement_over_2px": float((d > 2).mean()),
             }
         )
-    atomic_tiff(out / "aligned.tif", _to_dtype(aligned, raw[0].dtype))
-    atomic_tiff(out / "fields.tif", fields)
+    write_tiff(out / "aligned.tif", _to_dtype(aligned, raw[0].dtype), photometric="minisblack")
+    write_tiff(out / "fields.tif", fields, photometric="minisblack")
     return {"shape": [len(raw), *raw[0].shape], "skipped": sorted(skipped), "pairs": rows}
 
 
@@ -321,7 +318,11 @@ def _save_encodings(net, slices, folder: Path, device) -> None:
         with torch.no_grad():
             encodings = net.encode(torch.from_numpy(padded)[None, None].to(device))
         for level, enc in enumerate(encodings):
-            atomic_tiff(folder / f"z{z:04d}_level{level}.tif", enc[0].cpu().numpy())
+            write_tiff(
+                folder / f"z{z:04d}_level{level}.tif",
+                enc[0].cpu().numpy(),
+                photometric="minisblack",
+            )
 
 
-__all__ = ["align_stack", "atomic_tiff", "compose_stack", "neighbours"]
+__all__ = ["align_stack", "compose_stack", "neighbours"]

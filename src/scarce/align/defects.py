@@ -229,47 +229,62 @@ def make_defect_dataset(stack, out_dir, *, per_slice: int = 4, seed: int = 0) ->
     ------
     scarce.errors.OutputExistsError
         If ``out_dir`` exists.
+    scarce.errors.WriteError
+        If the disk is full or read-only; nothing is left under ``out_dir`` (the dataset is
+        written to a temporary folder beside it and renamed when whole).
     """
+    import shutil
+
     import tifffile
     import yaml
 
+    from scarce import atomic
     from scarce.align.stack import open_stack
     from scarce.errors import OutputExistsError
 
-    out = Path(out_dir)
-    if out.exists():
-        raise OutputExistsError(f"{out} exists; choose another folder or remove it")
+    final = Path(out_dir)
+    if final.exists():
+        raise OutputExistsError(f"{final} exists; choose another folder or remove it")
     (st,) = open_stack(stack)[:1]
     rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True)
-    (out / "masks").mkdir()
-    counts = np.zeros(len(CLASSES), np.int64)
-    samples = 0
-    for z in range(len(st)):
-        image = st.slice(z).astype(np.float32)
-        for copy in range(per_slice + 1):
-            if copy == 0:
-                damaged, mask = image, np.zeros(image.shape, np.uint8)
-            else:
-                d = random_defect(image, rng)
-                damaged, mask = d.image, d.mask
-                if rng.random() < 0.3:  # sometimes a second defect on the same section
-                    d2 = random_defect(damaged, rng)
-                    damaged, mask = d2.image, np.where(d2.mask > 0, d2.mask, mask)
-            name = f"{st.name}_z{z:04d}_{copy}"
-            tifffile.imwrite(out / "images" / f"{name}.tif", damaged.astype(np.float32))
-            tifffile.imwrite(out / "masks" / f"{name}.tif", mask)
-            counts += np.bincount(mask.ravel(), minlength=len(CLASSES))
-            samples += 1
-    meta = {
-        "class_names": list(CLASSES),
-        "mask_kind": "class",
-        "description": f"synthetic defects on {st.source}",
-    }
-    (out / "images" / "dataset.yaml").write_text(yaml.safe_dump(meta))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    atomic.sweep_stale(final.parent, [final.name])  # what a killed run left
+    out = atomic.temp_path(final)  # built beside its final name, renamed when whole
+    try:
+        (out / "images").mkdir(parents=True)
+        (out / "masks").mkdir()
+        counts = np.zeros(len(CLASSES), np.int64)
+        samples = 0
+        for z in range(len(st)):
+            image = st.slice(z).astype(np.float32)
+            for copy in range(per_slice + 1):
+                if copy == 0:
+                    damaged, mask = image, np.zeros(image.shape, np.uint8)
+                else:
+                    d = random_defect(image, rng)
+                    damaged, mask = d.image, d.mask
+                    if rng.random() < 0.3:  # sometimes a second defect on the same section
+                        d2 = random_defect(damaged, rng)
+                        damaged, mask = d2.image, np.where(d2.mask > 0, d2.mask, mask)
+                name = f"{st.name}_z{z:04d}_{copy}"
+                tifffile.imwrite(out / "images" / f"{name}.tif", damaged.astype(np.float32))
+                tifffile.imwrite(out / "masks" / f"{name}.tif", mask)
+                counts += np.bincount(mask.ravel(), minlength=len(CLASSES))
+                samples += 1
+        meta = {
+            "class_names": list(CLASSES),
+            "mask_kind": "class",
+            "description": f"synthetic defects on {st.source}",
+        }
+        (out / "images" / "dataset.yaml").write_text(yaml.safe_dump(meta))
+        out.rename(final)
+    except OSError as exc:
+        raise atomic.write_error(final, exc) from exc
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # gone after the rename; otherwise partial
     return {
-        "images": str(out / "images"),
-        "masks": str(out / "masks"),
+        "images": str(final / "images"),
+        "masks": str(final / "masks"),
         "samples": samples,
         "class_pixels": dict(zip(CLASSES, counts.tolist())),
     }

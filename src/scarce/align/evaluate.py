@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scarce import atomic
 from scarce.models.field import compose
 
 
@@ -304,7 +305,6 @@ def evaluate_stack(
 
 def _write_report(out: Path, result, images, blocks, fields, before, pictures) -> None:
     import json
-    import os
 
     import matplotlib
 
@@ -340,11 +340,10 @@ def _write_report(out: Path, result, images, blocks, fields, before, pictures) -
             ax.set_title(f"z {z} -> {z - 1}: {title}", fontsize=8)
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(out / f"pair_{z:04d}.png", dpi=70)
+        with atomic.atomic_output(out / f"pair_{z:04d}.png") as tmp:
+            fig.savefig(tmp, dpi=70, format="png")
         plt.close(fig)
-    tmp = out / f".metrics.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    atomic.write_text(out / "metrics.json", json.dumps(result, indent=2))
 
 
 __all__ = [

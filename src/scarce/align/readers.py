@@ -38,7 +38,7 @@ from scarce.align.config import AlignConfig
 from scarce.config import AugmentConfig
 from scarce.data.augment import AugmentParams, augment_patch, sampling_grid
 from scarce.data.photometric import Cutout, apply_photometric
-from scarce.data.store import decode_sample, open_env, read_metadata, sample_key
+from scarce.data.store import open_env, read_metadata, read_record
 from scarce.data.workers import TrainBatches, batch_generator, empty_tensor, resolve_reader_count
 from scarce.errors import InputError, StoreError
 
@@ -175,7 +175,7 @@ class PairMaker:
         Validity and defect class travel through one nearest-neighbour warp as one code,
         ``valid * (1 + class)``.
         """
-        sample = decode_sample(txn.get(sample_key(index)))
+        sample = read_record(txn, index, self.db_path)
         mean, std = self.stats[index]
         p = self.cfg.data.patch_size
         code = valid_mask(sample.image, self.missing)

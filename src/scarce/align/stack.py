@@ -5,7 +5,7 @@ array, or an HDF5 dataset (``file.h5`` reads the dataset ``main``, as SEAMLeSS s
 ``file.h5:name`` another one; ``(N, Z, H, W)`` datasets hold N stacks). :func:`open_stack`
 reads slices lazily; :func:`ingest_stack` validates every stack first (all problems at once,
 each naming its file and slice, nothing written) and then writes ``DB/train.lmdb`` and
-``DB/test.lmdb`` through :func:`scarce.data.store.install_folder`: one record per slice,
+``DB/test.lmdb`` through :func:`scarce.data.install.install_folder`: one record per slice,
 ``image`` ``(1, H, W)`` in the stack's dtype (and ``mask`` ``(H, W)`` uint8 when defect masks
 are given), ``info`` ``{"z": z}``. Several stacks combine into one database (SEAMLeSS's
 ``combine_h5``); training pairs never cross from one stack to the next.
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from scarce import __version__, io
-from scarce.data import store
+from scarce import __version__, headers, io
+from scarce.data import install, store
 from scarce.errors import IngestError, InputError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,10 @@ class Stack:
 
 def _tiff(path: Path) -> list[Stack]:
     """A multi-page TIFF (or one page holding a (Z, H, W) series), read once."""
-    data = np.asarray(tifffile.imread(path))
+    headers.check_file(path)
+    with tifffile.TiffFile(path) as tif:
+        headers.check_shape(path, headers.tiff_header(tif), slices=True)
+        data = np.asarray(tif.asarray())
     if data.ndim == 2:
         data = data[None]
     if data.ndim != 3:
@@ -98,7 +101,8 @@ def _folder(path: Path) -> list[Stack]:
 
 
 def _arrays(array, name: str, source: str) -> list[Stack]:
-    shape = tuple(array.shape)
+    shape = tuple(int(n) for n in array.shape)
+    headers.check_shape(source, headers.Header("array", shape, 1), slices=True)
     if len(shape) == 3:
         return [Stack(name, source, shape, np.dtype(array.dtype), lambda z: array[z])]
     if len(shape) == 4:
@@ -270,7 +274,8 @@ def _encode_split(stacks, slices, masks, chosen, missing_value) -> tuple[list, d
 
 def _write(db_path: Path, records: list[bytes], meta: dict) -> None:
     size = sum(len(r) for r in records)
-    env = store.open_env(db_path, write=True, map_size=max(2 * size, 1 << 24), writemap=True)
+    # records 2-4 KiB take a whole overflow page: 2x covers page rounding; 1 MiB the B-tree
+    env = store.open_env(db_path, write=True, map_size=2 * size + (1 << 20), writemap=True)
     with env.begin(write=True) as txn:
         for i, record in enumerate(records):
             txn.put(store.sample_key(i), record, append=True)
@@ -322,7 +327,7 @@ def ingest_stack(
         [] if masks is None else ([masks] if isinstance(masks, str | os.PathLike) else list(masks))
     )
     out_dir = Path(out_dir)
-    store.check_output_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES)
+    install.check_output_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES)
     problems, opened, slices, mask_slices = [], [], [], []
     for spec in specs:
         try:
@@ -355,7 +360,7 @@ def ingest_stack(
     test = parse_slices(test_slices, count)
     chosen = {"train": set(range(count)) - test, "test": test}
     summary = {"out": str(out_dir), "stacks": names}
-    with store.install_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES) as tmp:
+    with install.install_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES) as tmp:
         for split, zs in chosen.items():
             if not zs:
                 continue

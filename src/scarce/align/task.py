@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scarce import atomic
 from scarce.align.config import AlignConfig
 from scarce.align.evaluate import (
     chunked_pearson,
@@ -303,7 +304,8 @@ class AlignmentTask:
                 ax.axis("off")
         fig.tight_layout()
         path = Path(plots_dir) / f"step_{step:05d}.png"
-        fig.savefig(path, dpi=60)
+        with atomic.atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=60, format="png")
         plt.close(fig)
         return path
 

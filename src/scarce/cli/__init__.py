@@ -3,9 +3,11 @@
 Segmentation verbs (:mod:`scarce.cli.segment`): ingest, inspect, train, predict, evaluate,
 export, demo, benchmark-readers. Alignment verbs (:mod:`scarce.cli.align`): ingest-stack,
 align-train, align, align-evaluate. For both: history. Errors that are the user's
-(:class:`scarce.errors.ScarceError`: bad input, missing files, bad config, no such device)
-print one line naming the problem and exit 2; anything else is a bug in Scarce and keeps its
-traceback.
+(:class:`scarce.errors.ScarceError`: bad input, missing files, bad config, no such device, a
+full disk) print one line naming the problem and exit 2 (3 when another DDP rank died);
+anything else is a bug in Scarce and keeps its traceback. A training run stopped by SIGTERM,
+SIGINT or SIGUSR1 saves ``last.pt`` and exits 75 (:data:`scarce.lifecycle.EXIT_STOPPED`);
+an interrupted command that saved nothing exits 130.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     segment.add_verbs(sub)
     align.add_verbs(sub)
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help="refuse images with more pixels than this, read from the file header before "
+        "decoding (default 2**31, or $SCARCE_MAX_PIXELS)",
+    )
     p = sub.add_parser("history", help="one row per training run")
     p.add_argument("runs", nargs="+", help="run folders or folders of runs")
     p.add_argument("--diff", action="store_true", help="show how the runs' configs differ")
@@ -77,15 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from scarce.errors import ScarceError
+    from scarce.headers import set_max_pixels
+    from scarce.lifecycle import EXIT_INTERRUPTED
 
     try:
+        if args.max_pixels is not None:
+            set_max_pixels(args.max_pixels)
         return COMMANDS[args.verb](args)
     except ScarceError as exc:
         print(f"scarce {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"scarce {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

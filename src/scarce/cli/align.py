@@ -8,7 +8,7 @@ from pathlib import Path
 from scarce.cli.common import (
     add_run_flags,
     db_paths,
-    print_summary,
+    finish_run,
     relaunch_under_torchrun,
     run_config,
 )
@@ -155,11 +155,11 @@ def cmd_align_train(args) -> int:
         masks = defect_masks(args, args.stack)
         mask_stack = None
         if masks is not None:
-            import tifffile
+            from scarce.io import write_tiff
 
             db.parent.mkdir(parents=True, exist_ok=True)
             mask_stack = db.with_name(db.name + "_masks.tif")
-            tifffile.imwrite(mask_stack, masks, photometric="minisblack")
+            write_tiff(mask_stack, masks, photometric="minisblack")
         ingest_stack(args.stack, db, test_slices=f"{first_test}:", masks=mask_stack, overwrite=True)
         args.train_db, args.test_db = str(db / "train.lmdb"), str(db / "test.lmdb")
     train_db, test_db = db_paths(args)
@@ -172,8 +172,7 @@ def cmd_align_train(args) -> int:
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
-    print_summary(args, summary)
-    return 0
+    return finish_run(args, summary)
 
 
 def cmd_align(args) -> int:

@@ -7,6 +7,7 @@ keys from the config dataclasses, so the command line never lists them by hand.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import typing
@@ -111,11 +112,16 @@ def run_config(args, cls: type):
 def relaunch_under_torchrun(args) -> int | None:
     """With ``--nproc K > 1`` outside torchrun, run this command again under torchrun.
 
-    Returns torchrun's exit code, or ``None`` when this process should train itself.
+    Returns torchrun's exit code (:data:`scarce.lifecycle.EXIT_STOPPED` when a forwarded
+    signal stopped the ranks, who then saved ``last.pt``), or ``None`` when this process
+    should train itself.
     """
     if args.nproc <= 1 or "WORLD_SIZE" in os.environ:
         return None
+    import time
+
     from scarce.engine.distributed import launch_torchrun
+    from scarce.lifecycle import EXIT_STOPPED
 
     argv, skip = [], False
     for a in sys.argv[1:]:
@@ -127,13 +133,34 @@ def relaunch_under_torchrun(args) -> int | None:
             continue
         if not a.startswith("--nproc="):
             argv.append(a)
-    return launch_torchrun(args.nproc, argv)
+    started = time.time()
+    code, forwarded = launch_torchrun(args.nproc, argv)
+    summary = Path(args.out) / "summary.json"
+    if forwarded and summary.is_file() and summary.stat().st_mtime >= started:
+        if json.loads(summary.read_text()).get("stop_reason") == "signal":
+            return EXIT_STOPPED
+    return code
 
 
-def print_summary(args, summary: dict) -> None:
-    """One line about the finished run (rank 0 only)."""
+def finish_run(args, summary: dict) -> int:
+    """Print one line about the run (rank 0 only); return the exit code of the verb.
+
+    Returns
+    -------
+    int
+        0, or :data:`scarce.lifecycle.EXIT_STOPPED` when a signal stopped the run.
+    """
+    from scarce.lifecycle import EXIT_STOPPED
+
+    stopped = summary["stop_reason"] == "signal"
     if int(os.environ.get("RANK", "0")) == 0:
+        best = f"best test loss {summary['best_test_loss']:.4f} at step {summary['best_step']}"
         print(
             f"run folder: {args.out} ({summary['stop_reason']} at step {summary['steps']}, "
-            f"best test loss {summary['best_test_loss']:.4f} at step {summary['best_step']})"
+            + (
+                f"{summary['signal']}: last.pt saved, continue with --resume)"
+                if stopped
+                else f"{best})"
+            )
         )
+    return EXIT_STOPPED if stopped else 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from scarce.cli.common import (
     add_run_flags,
     db_paths,
-    print_summary,
+    finish_run,
     relaunch_under_torchrun,
     run_config,
 )
@@ -33,6 +33,11 @@ def _add_ingest(sub) -> None:
     )
     p.add_argument("--metadata", help="dataset.yaml (default: IMAGES/dataset.yaml if present)")
     p.add_argument("--channel-axis", type=int, choices=(0, -1), help="channel axis of 3D files")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help="confirm the class count of class masks (needed for class ids above 255)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DB_DIR")
 
 
@@ -125,8 +130,7 @@ def cmd_train(args) -> int:
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
-    print_summary(args, summary)
-    return 0
+    return finish_run(args, summary)
 
 
 def cmd_ingest(args) -> int:
@@ -147,6 +151,7 @@ def cmd_ingest(args) -> int:
         metadata=args.metadata,
         overwrite=args.overwrite,
         channel_axis=args.channel_axis,
+        num_classes=args.num_classes,
     )
     print(format_inspection(inspect_database(args.out)))
     return 0

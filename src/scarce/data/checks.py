@@ -4,15 +4,8 @@ Nothing here writes. Each check adds a line naming the file or folder to a list 
 rather than stopping at the first; :func:`validate_folders` raises one :class:`IngestError`
 listing them all. :func:`scarce.data.ingest.ingest` runs these checks before writing anything.
 
-Rules where the issue left a choice:
-
-- Channels: grayscale images among multi-channel ones (dsb2018 mixes RGB and grayscale) are
-  repeated to the common channel count, which is lossless; other mixes are errors.
-- Image dtypes: mixed dtypes are promoted losslessly (``numpy.result_type``, e.g. uint8 +
-  uint16 -> uint16) when the result is a supported image dtype; otherwise an error.
-- Masks: class masks are stored in the smallest unsigned dtype that holds the largest label of
-  the dataset; instance masks keep their dtype (mixed or 64-bit ones: the smallest lossless
-  one) and are never relabelled.
+The checks across files (channels, dtypes, class ids, names) are in
+:mod:`scarce.data.consistency`.
 
 References
 ----------
@@ -24,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +27,13 @@ import yaml
 from tqdm import tqdm
 
 from scarce import io
+from scarce.data.consistency import check_dataset
 from scarce.data.records import StoragePlan, label_counts
 from scarce.errors import IngestError
 
 __all__ = [
     "IngestError",
     "Source",
-    "check_dataset",
     "map_ahead",
     "pair_files",
     "read_dataset_metadata",
@@ -201,7 +194,8 @@ def read_dataset_metadata(path) -> tuple[dict, list[str]]:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        return meta, [f"{path}: cannot read dataset metadata ({type(exc).__name__}: {exc})"]
+        problem = " ".join(str(exc).split())  # one line; python/* tags are refused here
+        return meta, [f"{path}: cannot read dataset metadata ({type(exc).__name__}: {problem})"]
     if not isinstance(loaded, dict):
         return meta, [f"{path}: expected a mapping of {', '.join(DATASET_KEYS)}"]
     problems = [
@@ -271,102 +265,17 @@ def _check_pairs(pairs, channel_axis, progress, workers, cache_bytes):
     return sources, problems
 
 
-# ----------------------------------------------------------------------------- across files
-
-
-def _minority_problems(sources, attribute: str, what: str, fix: str) -> list[str]:
-    """One line per file whose ``attribute`` differs from the most common value."""
-    common, count = Counter(getattr(s, attribute) for s in sources).most_common(1)[0]
-    return [
-        f"{s.image_path}: {what} {getattr(s, attribute)}, but {count} image(s) have {common}; {fix}"
-        for s in sources
-        if getattr(s, attribute) != common
-    ]
-
-
-def _mask_dtype(sources, mask_kind: str) -> np.dtype:
-    """Class masks: smallest unsigned dtype for the largest label. Instance masks: their dtype,
-    promoted losslessly when mixed or 64-bit."""
-    max_label = max(int(s.labels[-1]) if s.labels.size else 0 for s in sources)
-    dtype = np.result_type(*{s.mask_dtype for s in sources})
-    if mask_kind == "instance" and dtype.itemsize <= 4:
-        return dtype
-    return io.smallest_label_dtype(max_label)
-
-
-def _name_problems(sources, meta: dict, mask_kind: str, channels: int, meta_path) -> list[str]:
-    """``class_names``/``channel_names`` of ``dataset.yaml`` against the files."""
-    problems = []
-    names = meta["class_names"]
-    if mask_kind == "class" and names is not None:
-        top = max(int(s.labels[s.labels != meta["ignore_label"]].max(initial=0)) for s in sources)
-        if top >= len(names):
-            worst = next(s for s in sources if top in s.labels)
-            problems.append(
-                f"{meta_path}: class_names has {len(names)} names but mask "
-                f"{worst.mask_path.name} holds label {top}; name every class id "
-                "0..max (or set ignore_label)"
-            )
-    if meta["channel_names"] is not None and len(meta["channel_names"]) != channels:
-        problems.append(
-            f"{meta_path}: channel_names has {len(meta['channel_names'])} names but "
-            f"the images have {channels} channel(s)"
-        )
-    return problems
-
-
-def check_dataset(
-    sources: list[Source], meta: dict, mask_kind: str, meta_path
-) -> tuple[StoragePlan, list[str]]:
-    """Checks across files; returns the storage plan and problems.
-
-    Parameters
-    ----------
-    sources : list of Source
-        Validated pairs (at least one).
-    meta : dict
-        From :func:`read_dataset_metadata`.
-    mask_kind : {"class", "instance"}
-    meta_path : path-like or None
-        Named in problems about ``meta``.
-
-    Returns
-    -------
-    plan : StoragePlan
-        Meaningful only when there are no problems.
-    problems : list of str
-        Channel counts other than C and 1, image dtypes with no lossless common dtype, too few
-        class or channel names.
-    """
-    problems: list[str] = []
-    counts = {s.channels for s in sources}
-    channels = max(counts)
-    if len(counts) > 1 and counts != {1, channels}:
-        problems += _minority_problems(
-            sources,
-            "channels",
-            "has channel count",
-            "every image needs the same number of channels",
-        )
-    image_dtypes = {s.image_dtype for s in sources}
-    image_dtype = np.result_type(*image_dtypes)
-    if image_dtype.name not in io.IMAGE_DTYPES:
-        problems += _minority_problems(
-            sources, "image_dtype", "has dtype", "convert the images to one dtype"
-        )
-    elif len(image_dtypes) > 1:
-        log.warning(
-            "images have dtypes %s; storing all as %s (lossless)",
-            sorted(d.name for d in image_dtypes),
-            image_dtype,
-        )
-    problems += _name_problems(sources, meta, mask_kind, channels, meta_path)
-    plan = StoragePlan(mask_kind, channels, image_dtype, _mask_dtype(sources, mask_kind))
-    return plan, problems
-
-
 def check_folders(
-    images_dir, masks_dir, *, mask_kind, metadata, channel_axis, progress, workers, cache_bytes
+    images_dir,
+    masks_dir,
+    *,
+    mask_kind,
+    metadata,
+    channel_axis,
+    progress,
+    workers,
+    cache_bytes,
+    num_classes=None,
 ) -> tuple[list[Source], dict, StoragePlan | None, list]:
     """:func:`validate_folders` without the raise: ``(sources, meta, plan, problems)``.
 
@@ -380,7 +289,7 @@ def check_folders(
     problems += found
     plan = None
     if sources:
-        plan, found = check_dataset(sources, meta, mask_kind, metadata)
+        plan, found = check_dataset(sources, meta, mask_kind, metadata, num_classes)
         problems += found
     return sources, meta, plan, problems
 
@@ -395,6 +304,7 @@ def validate_folders(
     progress: bool = False,
     workers: int | None = None,
     cache_bytes: int = CACHE_BYTES,
+    num_classes: int | None = None,
 ) -> tuple[list[Source], dict, StoragePlan]:
     """Read every pair once and check everything; raise with all problems, or return the plan.
 
@@ -414,6 +324,8 @@ def validate_folders(
         Decoder threads; default ``min(8, os.cpu_count())``.
     cache_bytes : int
         Decoded arrays are kept in the sources (stem order) while their total fits, bytes.
+    num_classes : int, optional
+        Confirmed class count of class masks (see :func:`scarce.data.consistency.check_dataset`).
 
     Returns
     -------
@@ -422,7 +334,7 @@ def validate_folders(
     meta : dict
         The dataset metadata.
     plan : StoragePlan
-        See :func:`check_dataset`.
+        See :func:`scarce.data.consistency.check_dataset`.
 
     Raises
     ------
@@ -442,6 +354,7 @@ def validate_folders(
         progress=progress,
         workers=workers or min(8, os.cpu_count() or 1),
         cache_bytes=cache_bytes,
+        num_classes=num_classes,
     )
     if problems:
         raise IngestError(problems)

@@ -19,12 +19,8 @@ that are decoded again, on the worker threads (measured on dsb2018 in
 
 Rules where the issue left a choice:
 
-- Split: stems sorted, shuffled with ``np.random.default_rng(seed)``; the first
-  ``round_half_up((1 - train_fraction) * n)`` shuffled stems are test, but at least 1 test and
-  1 train image when ``train_fraction < 1`` and ``n >= 2``. A single image always goes to train
-  (a warning says there is no test set) and, like ``train_fraction=1``, no ``test.lmdb`` is
-  written. A given split must name every stem exactly once and nothing else.
-- Channels, dtypes and masks: see :mod:`scarce.data.checks`; statistics: see
+- Split: see :mod:`scarce.data.split`. Without a test split no ``test.lmdb`` is written.
+- Channels, dtypes and masks: see :mod:`scarce.data.consistency`; statistics: see
   :mod:`scarce.data.records`.
 
 Metadata record of each database (JSON under ``store.METADATA_KEY``): ``format_version``,
@@ -50,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -60,7 +55,7 @@ import numpy as np
 from tqdm import tqdm
 
 from scarce import io
-from scarce.data import store
+from scarce.data import install, store
 from scarce.data.checks import (
     CACHE_BYTES,
     IngestError,
@@ -77,106 +72,16 @@ from scarce.data.records import (
     split_metadata,
     tile_origins,
 )
+from scarce.data.split import load_split, split_stems
 from scarce.errors import InputError
 
-__all__ = ["OUTPUT_NAMES", "ingest", "load_split", "split_stems"]
+__all__ = ["OUTPUT_NAMES", "ingest"]
 
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = {"train.lmdb", "test.lmdb", "split.json"}  # what an overwrite may replace
 COMMIT_BYTES = 64 << 20  # bytes of records per write transaction
 # ingest() reads CACHE_BYTES and PERCENTILE_PIXELS (imported above) from this module.
-
-
-# ----------------------------------------------------------------------------- split
-
-
-def split_stems(stems, train_fraction: float = 0.8, seed: int = 0) -> dict[str, list[str]]:
-    """Split source images into train and test, reproducibly.
-
-    Parameters
-    ----------
-    stems : iterable of str
-        Source image stems (order does not matter: they are sorted first).
-    train_fraction : float
-        In ``(0, 1]``. ``1`` puts everything in train.
-    seed : int
-        Seed of ``numpy.random.default_rng`` for the shuffle.
-
-    Returns
-    -------
-    dict
-        ``{"train": [stems], "test": [stems]}``, each sorted. The test set has
-        ``round_half_up((1 - train_fraction) * n)`` stems, clipped to ``1 .. n - 1`` when
-        ``train_fraction < 1`` and ``n >= 2``; with ``n == 1`` the image goes to train.
-
-    Raises
-    ------
-    ValueError
-        If ``train_fraction`` is not in ``(0, 1]``.
-    """
-    if not 0 < train_fraction <= 1:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
-    stems = sorted(stems)
-    n = len(stems)
-    n_test = 0
-    if train_fraction < 1 and n >= 2:
-        n_test = min(max(math.floor((1 - train_fraction) * n + 0.5), 1), n - 1)
-    order = np.random.default_rng(seed).permutation(n)
-    test = {stems[i] for i in order[:n_test]}
-    return {"train": [s for s in stems if s not in test], "test": [s for s in stems if s in test]}
-
-
-def load_split(split, stems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Check a given split (a ``split.json`` path or a dict) against the paired stems.
-
-    Parameters
-    ----------
-    split : path-like or dict
-        ``{"train": [stems], "test": [stems]}`` with exactly these keys.
-    stems : list of str
-        Stems of the image/mask pairs found.
-
-    Returns
-    -------
-    split : dict
-        ``{"train": [...], "test": [...]}`` sorted (empty lists when it is unusable).
-    problems : list of str
-        Unreadable file, wrong structure, unknown stems, stems not assigned, stems in both.
-    """
-    name = "given split" if isinstance(split, dict) else str(split)
-    empty = {"train": [], "test": []}
-    if not isinstance(split, dict):
-        try:
-            split = json.loads(Path(split).read_text())
-        except (OSError, ValueError) as exc:
-            return empty, [f"{name}: cannot read the split ({type(exc).__name__}: {exc})"]
-    if (
-        not isinstance(split, dict)
-        or set(split) != {"train", "test"}
-        or not all(
-            isinstance(v, list) and all(isinstance(s, str) for s in v) for v in split.values()
-        )
-    ):
-        return empty, [
-            f'{name}: expected {{"train": [stems], "test": [stems]}} with exactly these two keys'
-        ]
-    train, test, known = set(split["train"]), set(split["test"]), set(stems)
-    problems = []
-    if unknown := sorted((train | test) - known):
-        problems.append(
-            f"{name}: {len(unknown)} stem(s) with no image/mask pair: {', '.join(unknown)}"
-        )
-    if both := sorted(train & test):
-        problems.append(f"{name}: stem(s) in both train and test: {', '.join(both)}")
-    if missing := sorted(known - train - test):
-        problems.append(
-            f"{name}: {len(missing)} image(s) not in the split: {', '.join(missing)}; "
-            "add them to train or test, or move the files away"
-        )
-    if not train:
-        problems.append(f"{name}: the train list is empty")
-    return {"train": sorted(train), "test": sorted(test)}, problems
 
 
 # ----------------------------------------------------------------------------- writing
@@ -209,9 +114,8 @@ def _records(source: Source, plan: StoragePlan, job: _Job):
                 ]
             )
     image = image.astype(plan.image_dtype, copy=False)
-    return image, encode_source(
-        source, image, mask.astype(plan.mask_dtype, copy=False), plan, job.tiling
-    )
+    mask = plan.remap(mask).astype(plan.mask_dtype, copy=False)
+    return image, encode_source(source, image, mask, plan, job.tiling)
 
 
 def _write_split(
@@ -279,7 +183,9 @@ def _write_split(
 # ----------------------------------------------------------------------------- ingest
 
 
-def _check_arguments(tile_size, tile_stride, mask_kind, channel_axis, train_fraction) -> None:
+def _check_arguments(
+    tile_size, tile_stride, mask_kind, channel_axis, train_fraction, num_classes=None
+) -> None:
     """Raise InputError for arguments no file can fix (``train_fraction=None``: not used)."""
     tile_origins(1, 1, tile_size, tile_stride)  # checks the tiling arguments
     if mask_kind not in (None, "class", "instance"):
@@ -288,6 +194,8 @@ def _check_arguments(tile_size, tile_stride, mask_kind, channel_axis, train_frac
         raise InputError(f"channel_axis must be None, 0 or -1, got {channel_axis!r}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise InputError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    if num_classes is not None and num_classes < 2:
+        raise InputError(f"num_classes must be >= 2 (background and a class), got {num_classes}")
 
 
 def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) -> dict:
@@ -299,7 +207,7 @@ def _write_databases(out_dir: Path, sources, chosen, plan, job, seed, progress) 
     by_stem = {s.stem: s for s in sources}
     seeds = dict(zip(("train", "test"), np.random.SeedSequence(seed).spawn(2)))
     metas = {}
-    with store.install_folder(out_dir, overwrite=True, replaceable=OUTPUT_NAMES) as tmp:
+    with install.install_folder(out_dir, overwrite=True, replaceable=OUTPUT_NAMES) as tmp:
         for name in (n for n in ("train", "test") if chosen[n]):
             metas[name] = _write_split(
                 tmp / f"{name}.lmdb",
@@ -329,6 +237,7 @@ def ingest(
     channel_axis: int | None = None,
     progress: bool = True,
     workers: int | None = None,
+    num_classes: int | None = None,
 ) -> dict:
     """Validate folders of images and masks and write ``out_dir/{train,test}.lmdb``.
 
@@ -358,6 +267,10 @@ def ingest(
         Progress bars on stderr (off when it is not a terminal).
     workers : int or None
         Decoder threads; default ``min(8, os.cpu_count())``.
+    num_classes : int or None
+        Confirms the class count of class masks: ids must be below it, ids above 255 are then
+        accepted, and 0/255 masks are not read as Fiji binary masks
+        (:mod:`scarce.data.consistency`).
 
     Returns
     -------
@@ -383,8 +296,9 @@ def ingest(
         mask_kind,
         channel_axis,
         None if split is not None else train_fraction,
+        num_classes,
     )
-    store.check_output_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES)
+    install.check_output_folder(out_dir, overwrite=overwrite, replaceable=OUTPUT_NAMES)
     if metadata is None and (images_dir / "dataset.yaml").is_file():
         metadata = images_dir / "dataset.yaml"
     workers = workers or min(8, os.cpu_count() or 1)
@@ -397,6 +311,7 @@ def ingest(
         progress=progress,
         workers=workers,
         cache_bytes=CACHE_BYTES,
+        num_classes=num_classes,
     )
     stems = [s.stem for s in sources]
     chosen, found = (

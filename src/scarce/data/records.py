@@ -58,6 +58,13 @@ class StoragePlan:
     channels: int  # C of every stored image; grayscale images are repeated to it
     image_dtype: np.dtype  # lossless common dtype of the images
     mask_dtype: np.dtype  # smallest unsigned dtype (class) or lossless common dtype (instance)
+    label_map: tuple = ()  # (file value, stored value) pairs, e.g. ((255, 1),) for Fiji masks
+
+    def remap(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` ``(H, W)`` with ``label_map`` applied (a new array only if it changes)."""
+        for old, new in self.label_map:
+            mask = np.where(mask == old, new, mask)
+        return mask
 
 
 def tile_origins(
@@ -173,14 +180,16 @@ def map_bytes(sources, plan: StoragePlan, tiling: tuple) -> int:
     """Generous LMDB map size for the records of these sources, bytes.
 
     Each record is counted as whole 4096-byte pages plus two (header, overflow page
-    alignment), plus 10 % and 64 MiB for the B-tree and the metadata record.
+    alignment) and 1 KiB for its metadata entry, plus 10 % and 4 MiB for the B-tree and the
+    rest of the metadata record. The writer reserves this much disk space before it writes
+    (:func:`scarce.data.store.open_env`), so the estimate stays close to the result.
     """
     pixel_bytes = plan.channels * plan.image_dtype.itemsize + plan.mask_dtype.itemsize
     total = 0
     for s in sources:
         origins, (th, tw) = tile_origins(*s.shape, *tiling)
         total += len(origins) * (math.ceil(th * tw * pixel_bytes / 4096) + 2) * 4096 + 1024
-    return int(total * 1.1) + (64 << 20)
+    return int(total * 1.1) + (4 << 20)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -398,6 +407,7 @@ def split_metadata(
         "mask_kind": plan.mask_kind,
         "class_ids": [0, 1] if plan.mask_kind == "instance" else list(counts),
         "class_pixel_counts": {str(c): n for c, n in counts.items()},
+        "label_map": {str(old): new for old, new in plan.label_map} or None,
         "num_instances": instances,
         "intensity": intensity,
         "source": folders,

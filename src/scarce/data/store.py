@@ -11,33 +11,33 @@ followed by the bytes of its named arrays. The header holds ``name`` (unique sam
 ``source`` (stem of the source image or name of the source stack), ``origin`` ``[y, x]`` of the
 sample in its source (pixels), ``classes`` (label values present; for instance masks 0/1 =
 background/foreground), ``info`` (plain values a task adds, e.g. ``{"z": 4}`` for a stack
-slice) and ``arrays``: name -> ``shape``, ``dtype``, ``offset``, ``nbytes``. Image/mask
+slice), ``arrays``: name -> ``shape``, ``dtype``, ``offset``, ``nbytes``, and ``crc32``: the
+CRC-32 of the array bytes, checked on every read (records written before it was added have
+none and are read unchecked), so a damaged page never reaches training silently. Image/mask
 databases store ``image`` ``(C, H, W)`` and ``mask`` ``(H, W)``; stack databases ``image``
 ``(1, H, W)`` and optionally ``mask``. Version-1 records (``image`` and ``mask`` at the top of
 the header) still decode. Arrays are decoded with ``np.frombuffer`` straight on the LMDB
 buffer: no copy is made.
 
-:func:`install_folder` is the one way a database folder comes into place: written into a
-temporary folder beside it, then renamed, so a crash leaves the old database or none.
+:func:`scarce.data.install.install_folder` is the one way a database folder comes into place;
 :mod:`scarce.data.inspect` summarises databases from their metadata records.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-import shutil
 import struct
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
-from scarce.errors import OutputExistsError, StoreError
+from scarce import atomic
+from scarce.errors import StoreError, WriteError
 
 FORMAT_VERSION = 2  # 2: named arrays per record; 1: image + mask only (still read)
 METADATA_KEY = b"__metadata__"
@@ -127,7 +127,7 @@ def encode_sample(
         and (image.ndim != 3 or mask.ndim != 2 or image.shape[1:] != mask.shape)
     ):
         raise ValueError(f"{name}: image {image.shape} and mask {mask.shape} do not match")
-    specs, chunks, offset = {}, [], 0
+    specs, chunks, offset, crc = {}, [], 0, 0
     for key, value in arrays.items():
         value = np.ascontiguousarray(value)
         specs[key] = {
@@ -137,6 +137,7 @@ def encode_sample(
             "nbytes": value.nbytes,
         }
         chunks.append(value.data.cast("B") if value.nbytes else b"")
+        crc = zlib.crc32(chunks[-1], crc)
         offset += value.nbytes
     header = {
         "name": name,
@@ -145,6 +146,7 @@ def encode_sample(
         "classes": [int(c) for c in classes],
         "info": dict(info or {}),
         "arrays": specs,
+        "crc32": crc,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
     return b"".join((_HEADER.pack(len(head)), head, *chunks))
@@ -157,11 +159,19 @@ def decode_sample(buffer) -> Sample:
     ----------
     buffer : bytes or memoryview
         The record as returned by LMDB (``buffers=True`` gives a memoryview: zero copy).
+
+    Raises
+    ------
+    ValueError
+        If the array bytes do not match the record's CRC-32 (:func:`read_record` names the
+        database); other damage raises what the decoder meets (struct, JSON, key errors).
     """
     (head_len,) = _HEADER.unpack_from(buffer, 0)
     start = _HEADER.size + head_len
     header = json.loads(bytes(buffer[_HEADER.size : start]))
     specs = header.get("arrays") or {k: header[k] for k in ("image", "mask")}  # format 1
+    if "crc32" in header and zlib.crc32(memoryview(buffer)[start:]) != header["crc32"]:
+        raise ValueError(f"record {header.get('name')!r}: checksum mismatch (damaged data)")
 
     def array(spec):
         count = int(np.prod(spec["shape"]))
@@ -178,6 +188,36 @@ def decode_sample(buffer) -> Sample:
         classes=tuple(header["classes"]),
         info=header.get("info", {}),
     )
+
+
+_DAMAGE = (lmdb.Error, ValueError, KeyError, TypeError, IndexError, struct.error)
+
+
+def read_record(txn, index: int, db_path) -> Sample:
+    """Sample ``index`` of an open transaction, decoded (arrays are views on LMDB's buffer).
+
+    Parameters
+    ----------
+    txn : lmdb.Transaction
+        Opened with ``buffers=True`` for zero copy.
+    index : int
+        Sample index.
+    db_path : path-like
+        The database, named in errors.
+
+    Raises
+    ------
+    StoreError
+        If the record is missing, or LMDB or the decoder finds it damaged (bad page, bad
+        header, checksum mismatch): names the database and the sample, and says to re-ingest.
+    """
+    try:
+        raw = txn.get(sample_key(index))
+        if raw is None:
+            raise KeyError(f"no record for sample {index}")
+        return decode_sample(raw)
+    except _DAMAGE as exc:
+        raise StoreError(f"{db_path}: sample {index}: {corrupt_advice(exc)}") from exc
 
 
 def open_env(
@@ -199,8 +239,11 @@ def open_env(
     writemap : bool
         Writing only: write records straight into the memory map instead of through
         ``malloc``'d pages and ``pwrite`` (measured 5-8x faster for large records). LMDB then
-        sizes the data file to ``map_size`` (sparse), so pass a ``map_size`` near what will be
-        written and close with :func:`close_writer`, which trims the file.
+        sizes the data file to ``map_size``; its blocks are reserved at once
+        (:func:`scarce.atomic.reserve_space`), because a write through the map on a full disk
+        kills the process with SIGBUS. Where they cannot be reserved the environment is opened
+        without ``writemap``. Pass a ``map_size`` near what will be written and close with
+        :func:`close_writer`, which trims the file.
 
     Returns
     -------
@@ -209,7 +252,9 @@ def open_env(
     Raises
     ------
     StoreError
-        If reading and ``path`` is not an LMDB directory.
+        If reading and ``path`` is not an LMDB directory, or LMDB refuses it (corrupt).
+    scarce.errors.WriteError
+        If writing and the disk has not ``map_size`` bytes free (or is read-only).
 
     References
     ----------
@@ -218,22 +263,57 @@ def open_env(
     """
     path = Path(path)
     if write:
-        path.mkdir(parents=True, exist_ok=True)
-        return lmdb.open(
-            str(path),
-            map_size=map_size,
-            subdir=True,
-            sync=False,
-            writemap=writemap,
-            meminit=False,
-            map_async=True,
-        )
+        return _open_writer(path, map_size, writemap)
     if not (path / "data.mdb").is_file():
         raise StoreError(
             f"{path} is not an LMDB database (no data.mdb inside); make one with `scarce ingest`"
         )
+    try:
+        return lmdb.open(
+            str(path), readonly=True, lock=False, readahead=False, subdir=True, max_readers=512
+        )
+    except lmdb.Error as exc:
+        raise StoreError(f"{path}: {corrupt_advice(exc)}") from exc
+
+
+def corrupt_advice(exc: Exception) -> str:
+    """The message for a database LMDB or the record decoder refuses (ends with the fix)."""
+    return (
+        f"the database is damaged or not an LMDB database ({type(exc).__name__}: {exc}); "
+        "ingest it again (`scarce ingest ... --overwrite`)"
+    )
+
+
+def _open_writer(path: Path, map_size: int, writemap: bool):
+    """A writing environment; with ``writemap`` only if the data file's blocks are reserved."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        env = _lmdb_writer(path, map_size, writemap)
+        if writemap:
+            try:
+                reserved = atomic.reserve_space(path / "data.mdb", map_size)
+            except BaseException:
+                env.close()
+                raise
+            if not reserved:
+                env.close()
+                env = _lmdb_writer(path, map_size, False)
+    except OSError as exc:
+        if exc.errno in atomic.DISK_ERRNOS and not isinstance(exc, WriteError):
+            raise atomic.write_error(path, exc, map_size) from exc
+        raise
+    return env
+
+
+def _lmdb_writer(path: Path, map_size: int, writemap: bool):
     return lmdb.open(
-        str(path), readonly=True, lock=False, readahead=False, subdir=True, max_readers=512
+        str(path),
+        map_size=map_size,
+        subdir=True,
+        sync=False,
+        writemap=writemap,
+        meminit=False,
+        map_async=True,
     )
 
 
@@ -272,18 +352,24 @@ def read_metadata(env_or_path) -> dict:
     Raises
     ------
     StoreError
-        If the record is missing or its format version is newer than this Scarce understands.
+        If the record is missing or damaged, or its format version is newer than this Scarce
+        understands.
     """
     env = open_env(env_or_path) if isinstance(env_or_path, str | os.PathLike) else env_or_path
+    where = env_or_path if isinstance(env_or_path, str | os.PathLike) else env.path()
     try:
         with env.begin() as txn:
             raw = txn.get(METADATA_KEY)
+        meta = None if raw is None else json.loads(bytes(raw))
+    except _DAMAGE as exc:
+        raise StoreError(f"{where}: metadata record: {corrupt_advice(exc)}") from exc
     finally:
         if env is not env_or_path:
             env.close()
-    if raw is None:
-        raise StoreError(f"{env_or_path}: no metadata record; not a Scarce database")
-    meta = json.loads(bytes(raw))
+    if meta is None:
+        raise StoreError(f"{where}: no metadata record; not a Scarce database")
+    if not isinstance(meta, dict):
+        raise StoreError(f"{where}: metadata record is not a mapping; not a Scarce database")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise StoreError(
             f"{env_or_path}: format version {meta['format_version']} is newer "
@@ -323,7 +409,7 @@ class SampleStore:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} out of range 0..{self.num_samples - 1}")
         with self.env.begin(buffers=True) as txn:
-            sample = decode_sample(txn.get(sample_key(index)))
+            sample = read_record(txn, index, self.path)
             arrays = {key: value.copy() for key, value in sample.arrays.items()}
             return Sample(
                 sample.name, sample.source, sample.origin, arrays, sample.classes, sample.info
@@ -343,98 +429,3 @@ class SampleStore:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool, replaceable=None) -> None:
-    """Refuse an existing ``out_dir`` unless overwriting one that holds only replaceable names.
-
-    Parameters
-    ----------
-    out_dir : path-like
-        The folder a writer is about to create.
-    overwrite : bool
-        Whether an existing folder may be replaced.
-    replaceable : set of str, optional
-        Names an existing folder may hold for an overwrite; ``None`` accepts any content.
-
-    Raises
-    ------
-    OutputExistsError
-        If ``out_dir`` exists and ``overwrite`` is false, is not a folder, or holds a name
-        outside ``replaceable``.
-    """
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise OutputExistsError(
-            f"{out_dir} exists; pass overwrite=True (--overwrite) to replace "
-            "it or choose another output folder"
-        )
-    if not out_dir.is_dir() or (
-        replaceable is not None and set(os.listdir(out_dir)) - set(replaceable)
-    ):
-        raise OutputExistsError(
-            f"refusing to replace {out_dir}: it is not a Scarce database folder "
-            f"(it holds files other than {', '.join(sorted(replaceable or ()))})"
-        )
-
-
-@contextlib.contextmanager
-def install_folder(
-    out_dir: str | os.PathLike, *, overwrite: bool = False, replaceable=None
-) -> Iterator[Path]:
-    """Write a database folder atomically: yield a temporary folder, then rename it into place.
-
-    The temporary folder ``.NAME.tmp-XXXXXXXX`` is made beside ``out_dir``. When the ``with``
-    block ends normally it replaces ``out_dir`` (an existing one is moved aside, then deleted);
-    on any exception, ``KeyboardInterrupt`` included, it is removed and ``out_dir`` is left as
-    it was. So ``out_dir`` is always the old folder, the new one, or absent: never half.
-
-    Parameters
-    ----------
-    out_dir : path-like
-        Final folder, e.g. ``db/nist``.
-    overwrite : bool
-        Replace an existing ``out_dir``.
-    replaceable : set of str, optional
-        Names ``out_dir`` may hold for an overwrite (e.g. ``{"train.lmdb", "test.lmdb",
-        "split.json"}``); anything else makes it refuse. ``None`` accepts any content.
-
-    Yields
-    ------
-    pathlib.Path
-        The empty temporary folder to write into.
-
-    Raises
-    ------
-    OutputExistsError
-        Before anything is written: ``out_dir`` exists and ``overwrite`` is false, or it holds
-        files outside ``replaceable``.
-    """
-    out_dir = Path(out_dir)
-    check_output_folder(out_dir, overwrite=overwrite, replaceable=replaceable)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _rename_into_place(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _rename_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside, then deleted."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

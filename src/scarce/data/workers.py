@@ -11,11 +11,15 @@ Workers are forked from a clean fork server that has imported :mod:`scarce.segme
 started no thread (see :func:`worker_context`), and run one thread each. A worker that dies
 raises :class:`ReaderError` in the consumer within about 5 s (the DataLoader's liveness
 check); a worker that hangs is killed by a watchdog thread after ``timeout_s`` without a
-batch (default :data:`WORKER_TIMEOUT_S`) and raises the same way.
+batch (default :data:`WORKER_TIMEOUT_S`) and raises the same way. A worker ends when the
+process it reads for ends, however that ends (``kill -9`` included): its parent is the fork
+server, which would otherwise keep it, and it the fork server, alive for ever
+(:func:`scarce.lifecycle.die_with_parent` on the consumer's pid).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scarce.errors import ReaderError
+from scarce.errors import ReaderError, ScarceError
+from scarce.lifecycle import STOP_SIGNALS, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +162,26 @@ def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> to
     return tensor.share_memory_() if shared else tensor
 
 
-def init_worker(worker_id: int) -> None:
-    """Give a fresh worker process one thread (the workers are the parallelism).
+def init_worker(worker_id: int, consumer: int | None = None) -> None:
+    """Set up a fresh worker process: one thread, deaf to stop signals, ends with its consumer.
+
+    SIGTERM, SIGINT and SIGUSR1 are ignored: they reach the workers with the rest of their
+    process group (Ctrl-C, ``scancel``, torchrun stopping a rank), and the consumer must keep
+    its batches while it finishes its step and saves; the workers end when it closes the
+    stream, or when it ends.
 
     Parameters
     ----------
     worker_id : int
         DataLoader worker index (unused: every worker is set up alike).
+    consumer : int, optional
+        Pid of the process the worker reads for (the trainer); the worker kills itself when
+        that process ends (:func:`scarce.lifecycle.die_with_parent`).
     """
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    if consumer is not None:
+        die_with_parent(signal.SIGKILL, parent=consumer)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import cv2  # safe here: the fork server never started OpenCV's thread pool
@@ -201,6 +218,19 @@ def worker_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.Bas
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, *preload])
     return context
+
+
+def _one_line(exc: ScarceError) -> ScarceError:
+    """A worker's ScarceError as the worker raised it: the DataLoader re-raises it with
+    "Caught ... in DataLoader worker process N" and the worker's traceback in the message."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    try:
+        return type(exc)(last.partition(": ")[2] or text)
+    except TypeError:  # a class whose constructor takes more than a message
+        return exc
 
 
 def _watchdog(batches: weakref.ref, stop: threading.Event) -> None:
@@ -283,7 +313,7 @@ class TrainBatches:
             prefetch_factor=max(1, prefetch),
             persistent_workers=True,
             timeout=0,
-            worker_init_fn=init_worker,
+            worker_init_fn=functools.partial(init_worker, consumer=os.getpid()),
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=worker_context((type(maker).__module__,)),
             generator=torch.Generator().manual_seed(maker.cfg.seed),  # leave global RNG alone
@@ -311,6 +341,8 @@ class TrainBatches:
         try:
             batch = next(self._iterator)
             batch = self.maker.collate(batch)
+        except ScarceError as exc:  # a worker's own ScarceError, with its traceback appended
+            raise _one_line(exc) from exc
         except RuntimeError as exc:
             if isinstance(exc, ReaderError) or "DataLoader" not in str(exc):
                 raise

@@ -24,6 +24,7 @@ Training, prediction and export all use this module, so the predictor never impo
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from scarce import atomic
 from scarce.errors import CheckpointError
 from scarce.models import build_model
 
@@ -54,10 +56,14 @@ def versions() -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
+    """Write ``state`` to ``path`` atomically and durably; the previous file survives any failure.
 
-    ``format``, ``format_version`` and ``versions`` are added. A crash while writing leaves the
-    previous file intact.
+    ``format``, ``format_version`` and ``versions`` are added. The checkpoint is serialised in
+    memory first (so its size is known and a full disk reports an ``errno``, which
+    ``torch.save`` writing to a file does not), written to a temporary file beside ``path``,
+    flushed with ``fsync`` and renamed over ``path`` (:func:`scarce.atomic.atomic_output`).
+    A crash, ``kill -9`` or power cut while writing leaves the previous file intact; the
+    temporary file of a killed writer is removed by the next run (:func:`sweep_checkpoints`).
 
     Parameters
     ----------
@@ -65,18 +71,27 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         Destination, e.g. ``RUN_DIR/checkpoints/last.pt``.
     state : dict
         Tensors and plain values only (see the module docstring).
+
+    Raises
+    ------
+    scarce.errors.WriteError
+        If the disk is full or read-only (names the path, the free space and the size).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **state}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(full, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    buffer = io.BytesIO()
+    torch.save(full, buffer)
+    return atomic.write_bytes(path, buffer.getbuffer(), durable=True)
+
+
+def sweep_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary checkpoint files that killed runs left in ``folder`` (logged).
+
+    Only Scarce's temporary names (``.NAME.tmp-PID@HOST-...``) of writers no longer running
+    go (see :func:`scarce.atomic.sweep_stale`); finished checkpoints are never touched.
+    """
+    return atomic.sweep_stale(folder)
 
 
 def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
@@ -133,6 +148,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a refused object: bytes that are no pickle
+            raise CheckpointError(f"{file}: unreadable or truncated checkpoint") from exc
         raise CheckpointError(
             f"{file}: refused to load: it contains objects other than tensors and plain "
             f"values, which could run code when unpickled ({exc.__class__.__name__}). Only load "

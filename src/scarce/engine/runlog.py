@@ -18,25 +18,19 @@ class and the mean foreground Dice). Only rank 0 creates a :class:`RunLog`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from scarce import atomic
 from scarce.config import config_from_dict
 from scarce.engine.checkpoint import load_checkpoint
 from scarce.errors import MissingInputError, OutputExistsError
 
 logger = logging.getLogger("scarce")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -86,19 +80,45 @@ class RunLog:
             self.writer.add_scalar(tag, value, step)
 
     def evaluation(self, row: dict) -> None:
-        """Append one evaluation row to ``metrics.csv`` and TensorBoard, redraw the loss plot."""
+        """Append one evaluation row to ``metrics.csv`` and TensorBoard, redraw the loss plot.
+
+        The row is appended with a single write, so a kill leaves at most one partial last
+        line, which :meth:`keep_until` drops when the run is resumed.
+        """
         new = not self.metrics_path.exists()
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt(row.get(k)) for k in self.columns})
         with self.metrics_path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: _fmt(row.get(k)) for k in self.columns})
+            fh.write(text.getvalue())
         for key in self.columns[2:]:
             if row.get(key) is not None:
                 self.scalar(f"eval/{key}", float(row[key]), row["step"])
         if self.writer is not None:
             self.writer.flush()
         self.plot_losses()
+
+    def keep_until(self, step: int) -> None:
+        """Drop the ``metrics.csv`` rows after ``step`` (and a partial last line) on resume.
+
+        A run killed after an evaluation was logged but before its checkpoint was saved
+        repeats that evaluation when resumed; without this its row would appear twice.
+        """
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = [lines[0]] if lines else []
+        for line in lines[1:]:
+            cells = next(csv.reader([line]), [])
+            if line.endswith("\n") and len(cells) == len(self.columns) and float(cells[0]) <= step:
+                kept.append(line)
+        if kept != lines:
+            atomic.write_text(self.metrics_path, "".join(kept))
+            logger.info(
+                "metrics.csv: dropped %d row(s) after step %d", len(lines) - len(kept), step
+            )
 
     def read_metrics(self) -> list[dict]:
         """Rows of ``metrics.csv`` as dicts of floats (empty list if none yet)."""
@@ -125,7 +145,8 @@ class RunLog:
         ax2.set_xlabel("step")
         ax2.set_ylabel(f"test {self.headline}")
         fig.tight_layout()
-        fig.savefig(self.run_dir / "plots" / "loss.png", dpi=80)
+        with atomic.atomic_output(self.run_dir / "plots" / "loss.png") as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
         plt.close(fig)
 
     @property
@@ -135,7 +156,7 @@ class RunLog:
 
     def summary(self, data: dict) -> None:
         """Write ``summary.json`` (read by ``scarce history``)."""
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(data, indent=2))
+        atomic.write_text(self.run_dir / "summary.json", json.dumps(data, indent=2))
 
     def close(self) -> None:
         """Flush and detach the log file and TensorBoard writer."""

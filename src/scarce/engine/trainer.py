@@ -13,6 +13,14 @@ stopping, ``max_steps``, ``max_minutes`` or the task itself (e.g. an aligner tha
 end the run with a final evaluation and a log line that says why. Under ``torchrun`` the model
 is wrapped in DistributedDataParallel; only rank 0 logs and writes.
 
+SIGTERM, SIGINT or SIGUSR1 (:class:`scarce.lifecycle.GracefulStop`) end the run after the
+current step without an evaluation: ``last.pt`` is saved and ``summary.json`` says
+``stop_reason: signal``; every rank of a DDP run stops at the same step (the stop flag travels
+with the time-budget flag in one all-reduce per step). ``--resume`` continues exactly. A kill
+loses at most the steps since the last checkpoint; the temporary files of a killed run are
+swept when the next one starts. A rank that dies makes the others raise
+:class:`~scarce.errors.PeerLostError` naming it (:class:`~scarce.engine.distributed.PeerWatch`).
+
 References
 ----------
 torch-em ``DefaultTrainer.fit`` (train, validate, save best/latest, early stop); nanoGPT
@@ -32,13 +40,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from scarce import atomic
 from scarce.config import config_to_dict, save_config
 from scarce.data.monitor import StarvationMonitor
 from scarce.engine import distributed
-from scarce.engine.checkpoint import load_matching_weights, save_checkpoint
+from scarce.engine.checkpoint import load_matching_weights, save_checkpoint, sweep_checkpoints
 from scarce.engine.runlog import RunLog
 from scarce.engine.schedule import learning_rate
 from scarce.engine.task import Evaluation, Runtime, Task
+from scarce.lifecycle import GracefulStop
 
 logger = logging.getLogger("scarce")
 
@@ -80,8 +90,11 @@ class Trainer:
             if self.overwrite and self.resume_ckpt is None and self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self._sweep()
             save_config(cfg, self.run_dir / "config.yaml")
             self.log = RunLog(self.run_dir, self.task.columns, self.task.headline)
+            if self.resume_ckpt is not None:
+                self.log.keep_until(int(self.resume_ckpt["step"]))
         model = self.task.build_model()
         if self.init_from and self.resume_ckpt is None:
             load_matching_weights(model, self.init_from)
@@ -106,6 +119,12 @@ class Trainer:
             )
         self.forward = torch.compile(forward) if cfg.compile else forward
 
+    def _sweep(self) -> None:
+        """Remove what a killed run left in the run folder (temporary files; logged)."""
+        sweep_checkpoints(self.run_dir / "checkpoints")
+        atomic.sweep_stale(self.run_dir)
+        atomic.sweep_stale(self.run_dir / "plots")
+
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -125,28 +144,41 @@ class Trainer:
         -------
         dict
             ``task``, ``steps``, ``stop_reason`` (``max_steps`` | ``max_minutes`` |
-            ``early_stopping`` | a task's reason), ``wall_time_s``, ``best_test_loss``,
-            ``best_step``, ``best_<headline>``, ``last_eval`` (the final metrics row),
-            ``world_size``, ``amp``.
+            ``early_stopping`` | ``signal`` | a task's reason), ``signal`` (its name, e.g.
+            ``"SIGTERM"``, else ``None``), ``wall_time_s``, ``best_test_loss``, ``best_step``,
+            ``best_<headline>``, ``last_eval`` (the final metrics row, ``None`` after a
+            signal), ``world_size``, ``amp``.
+
+        Raises
+        ------
+        scarce.errors.PeerLostError
+            Under DDP, when another rank died (names it).
         """
         self._setup()
+        self._stop = GracefulStop()
+        with self._stop, distributed.PeerWatch(self.runtime.dist) as peers:
+            try:
+                return self._fit()
+            except Exception as exc:
+                lost = peers.error(exc)
+                if lost is not None:
+                    raise lost from exc
+                raise
+
+    def _fit(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         stream = self.task.train_batches(self.runtime.dist.rank, start_batch=self.step)
         batches = StarvationMonitor(stream, threshold_ms=cfg.data.starvation_ms, logger=logger)
         self._log_start()
         train_losses, last_eval, reason = [], None, "max_steps"
         bar = self._progress_bar()
+        stream_of = iter(batches)
         try:
-            for batch in batches:
-                if self.step >= cfg.max_steps:
-                    break
-                elapsed = time.perf_counter() - start
-                if cfg.max_minutes and distributed.any_rank(
-                    elapsed > 60 * cfg.max_minutes, self.runtime.dist
-                ):
-                    reason = "max_minutes"
-                    break
-                train_losses.append(self.train_step(batch))
+            while self.step < cfg.max_steps:
+                reason = self._should_stop(time.perf_counter() - start) or reason
+                if reason in ("max_minutes", "signal"):
+                    break  # before asking the readers for a batch it would not use
+                train_losses.append(self.train_step(next(stream_of)))
                 self.step += 1
                 self._report_step(bar, train_losses, batches, start)
                 if self.step % cfg.test_every_n_steps == 0:
@@ -159,9 +191,34 @@ class Trainer:
             stream.close()
             if bar is not None:
                 bar.close()
-        if last_eval is None or last_eval["step"] != self.step:
+        if reason == "signal":
+            self._save_on_signal()
+            last_eval = None
+        elif last_eval is None or last_eval["step"] != self.step:
             last_eval, _ = self.evaluate_and_save(train_losses, batches)
         return self._finish(reason, last_eval, time.perf_counter() - start)
+
+    def _should_stop(self, elapsed: float) -> str | None:
+        """``"signal"`` or ``"max_minutes"`` when any rank must stop before the next step."""
+        time_up = bool(self.cfg.max_minutes) and elapsed > 60 * self.cfg.max_minutes
+        if not self.runtime.dist.distributed and not (time_up or self._stop.requested):
+            return None  # single process: no collective needed
+        signalled, time_up = distributed.any_rank(
+            self._stop.requested, time_up, info=self.runtime.dist
+        )
+        return "signal" if signalled else ("max_minutes" if time_up else None)
+
+    def _save_on_signal(self) -> None:
+        """Save ``last.pt`` at the current step, without an evaluation (rank 0)."""
+        if not self.runtime.dist.is_main:
+            return
+        path = save_checkpoint(self.run_dir / "checkpoints" / "last.pt", self._state())
+        logger.warning(
+            "Stopped by %s after step %d: saved %s; continue with --resume",
+            self._stop.name or "a signal on another rank",
+            self.step,
+            path,
+        )
 
     def train_step(self, batch: dict) -> float:
         """One optimiser step on ``batch``; returns the (local) training loss."""
@@ -324,6 +381,7 @@ class Trainer:
             "task": self.task.name,
             "steps": self.step,
             "stop_reason": reason,
+            "signal": self._stop.name if reason == "signal" else None,
             "wall_time_s": round(wall, 1),
             "best_test_loss": self.best["test_loss"],
             "best_step": self.best["step"],
@@ -352,6 +410,7 @@ def _why(reason: str, cfg) -> str:
         "max_steps": f"reached max_steps = {cfg.max_steps}",
         "max_minutes": f"time budget of {cfg.max_minutes} minutes used",
         "early_stopping": "early stopping",
+        "signal": "stopped by a signal; resume with --resume",
     }
     return known.get(reason, reason)
 

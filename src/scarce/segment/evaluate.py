@@ -13,12 +13,12 @@ import csv
 import io as _io
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import skimage.measure
 
+from scarce import atomic
 from scarce.errors import EvaluationError, InputError
 from scarce.io import MASK_EXTENSIONS, ImageFileError, list_image_files, read_mask, stem_of
 from scarce.segment.metrics import (
@@ -291,18 +291,11 @@ def _load_pairs(pred_dir, truth_dir, num_classes, ignore_label, instances) -> li
     return pairs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_outputs(out_dir, metrics: dict, rows: list[dict]) -> None:
     """metrics.json and per_image.csv (6 decimals, empty cells for None) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     buf = _io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -313,7 +306,7 @@ def _write_outputs(out_dir, metrics: dict, rows: list[dict]) -> None:
                 for k, v in row.items()
             }
         )
-    _write_atomic(out / "per_image.csv", buf.getvalue())
+    atomic.write_text(out / "per_image.csv", buf.getvalue())
 
 
 def evaluate_folders(

@@ -20,6 +20,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
+from scarce import atomic
 from scarce.config import PredictConfig
 from scarce.data.normalize import normalize
 from scarce.engine.checkpoint import load_model
@@ -259,7 +260,8 @@ def _check_all(files: list[Path], ckpt: dict) -> None:
 
 
 def _make_out_dir(out_dir) -> Path:
-    """Create the output folder, or raise an InputError saying why it cannot be used."""
+    """Create the output folder (or raise an InputError saying why it cannot be used) and
+    remove the temporary files a killed prediction left in it (logged)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +271,7 @@ def _make_out_dir(out_dir) -> Path:
         ) from exc
     if not os.access(out, os.W_OK):
         raise InputError(f"output folder {out} is not writable; choose another --out")
+    atomic.sweep_stale(out)
     return out
 
 
@@ -338,6 +341,9 @@ def predict_files(
         or two images with the same stem.
     scarce.engine.checkpoint.CheckpointError
         For a missing or invalid checkpoint.
+    scarce.errors.WriteError
+        If the disk is full or read-only; every output already written is complete, and the
+        one being written keeps its previous version (or none).
     """
     if fmt not in ("tif", "png"):
         raise InputError(f"fmt must be 'tif' or 'png', got {fmt!r}")

@@ -33,7 +33,7 @@ from scarce.config import TrainConfig
 from scarce.data.augment import augment_patch
 from scarce.data.monitor import measure_batches
 from scarce.data.normalize import normalization_params, normalization_spec, normalize
-from scarce.data.store import decode_sample, open_env, read_metadata, sample_key
+from scarce.data.store import open_env, read_metadata, read_record
 from scarce.data.workers import (
     TrainBatches,
     batch_generator,
@@ -138,7 +138,7 @@ class _BatchMaker:
         if self.cfg.data.balance_classes and self.classes:
             k = int(rng.integers(len(self.classes)))
             index = int(self.samples_with[k][rng.integers(len(self.samples_with[k]))])
-            sample = decode_sample(txn.get(sample_key(index)))
+            sample = read_record(txn, index, self.db_path)
             pixels = self._class_pixels(index, self.classes[k], sample.mask)
             if len(pixels) == 0:
                 raise ValueError(
@@ -148,7 +148,7 @@ class _BatchMaker:
             y, x = divmod(int(pixels[rng.integers(len(pixels))]), sample.mask.shape[1])
         else:
             index = int(rng.integers(len(self.shapes)))
-            sample = decode_sample(txn.get(sample_key(index)))
+            sample = read_record(txn, index, self.db_path)
             y, x = (_inside_centre(n, self.cfg.data.patch_size, rng) for n in self.shapes[index])
         return index, (float(y), float(x)), sample
 
@@ -366,7 +366,7 @@ def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, target: Target
         target = target or resolve_target(meta)
         for index in range(int(meta["num_samples"])):
             with env.begin(buffers=True) as txn:
-                sample = decode_sample(txn.get(sample_key(index)))
+                sample = read_record(txn, index, db_path)
                 image = normalize(sample.image, norm_spec)
                 if np.may_share_memory(image, sample.image):
                     image = image.copy()  # the view dies with the transaction

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scarce import atomic
 from scarce.config import TrainConfig
 from scarce.data.normalize import normalization_spec
 from scarce.data.store import SampleStore, read_metadata
@@ -215,7 +216,8 @@ class SegmentationTask:
             ax.axis("off")
         fig.tight_layout()
         path = Path(plots_dir) / f"step_{step:05d}.png"
-        fig.savefig(path, dpi=72)
+        with atomic.atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=72, format="png")
         plt.close(fig)
         return path
 
