@@ -34,6 +34,10 @@ def _add_ingest(sub) -> None:
     p.add_argument("--metadata", help="dataset.yaml (default: IMAGES/dataset.yaml if present)")
     p.add_argument("--channel-axis", type=int, choices=(0, -1), help="channel axis of 3D files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DB_DIR")
+    p.add_argument(
+        "--label-map",
+        help="mask values -> classes: 'ilastik' (0 -> ignore, k -> k-1) or '0:ignore,1:0,2:1'",
+    )
 
 
 def _add_train(sub) -> None:
@@ -64,6 +68,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--format", choices=("tif", "png"), default="tif")
+    p.add_argument("--pixel-size-um", type=float, help="pixel size recorded in the outputs")
+    p.add_argument(
+        "--dask-scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler"
+    )
+    p.add_argument("--workers", type=int, help="run on a local Dask cluster of N processes")
+    p.add_argument(
+        "--chunk-size", type=int, default=2048, help="block side for .zarr images, pixels"
+    )
 
 
 def _add_evaluate(sub) -> None:
@@ -147,6 +159,7 @@ def cmd_ingest(args) -> int:
         metadata=args.metadata,
         overwrite=args.overwrite,
         channel_axis=args.channel_axis,
+        label_map=args.label_map,
     )
     print(format_inspection(inspect_database(args.out)))
     return 0
@@ -163,12 +176,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_predict(args) -> int:
     """``scarce predict``."""
-    from scarce.segment.predict import predict_files
+    from scarce.segment.scaleout import predict_any
 
-    written = predict_files(
+    written = predict_any(
         args.model,
         args.images,
         args.out,
+        scheduler=args.dask_scheduler,
+        workers=args.workers,
+        chunk=args.chunk_size,
         tile_size=args.tile_size,
         overlap=args.overlap,
         blend=args.blend,
@@ -178,6 +194,7 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fmt=args.format,
+        pixel_size_um=args.pixel_size_um,
     )
     print(f"wrote predictions for {len(written)} image(s) into {args.out}")
     return 0

@@ -59,7 +59,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scarce import io
 from scarce.data import store
 from scarce.data.checks import (
     CACHE_BYTES,
@@ -77,6 +76,7 @@ from scarce.data.records import (
     split_metadata,
     tile_origins,
 )
+from scarce.data.sources import FileReader, parse_label_map
 from scarce.errors import InputError
 
 __all__ = ["OUTPUT_NAMES", "ingest", "load_split", "split_stems"]
@@ -187,7 +187,7 @@ class _Job:
     """What every split of one ingest shares besides the storage plan."""
 
     tiling: tuple[int | None, int | None]  # (tile_size, tile_stride), pixels
-    channel_axis: int | None
+    reader: FileReader
     workers: int
     dataset: dict  # from dataset.yaml
     folders: dict  # {"images": folder, "masks": folder}, absolute
@@ -199,8 +199,8 @@ def _records(source: Source, plan: StoragePlan, job: _Job):
         image, mask = source.image, source.mask
         source.image = source.mask = None  # free the cache as we go
     else:
-        image = io.read_image(source.image_path, job.channel_axis)
-        mask = io.read_mask(source.mask_path)
+        image = job.reader.image(source.image_path)
+        mask = job.reader.mask(source.mask_path)
         if mask.shape != source.shape or image.shape[1:] != source.shape:
             raise IngestError(
                 [
@@ -329,6 +329,7 @@ def ingest(
     channel_axis: int | None = None,
     progress: bool = True,
     workers: int | None = None,
+    label_map: str | None = None,
 ) -> dict:
     """Validate folders of images and masks and write ``out_dir/{train,test}.lmdb``.
 
@@ -358,6 +359,10 @@ def ingest(
         Progress bars on stderr (off when it is not a terminal).
     workers : int or None
         Decoder threads; default ``min(8, os.cpu_count())``.
+    label_map : str or None
+        Mask values -> class ids, e.g. ``"ilastik"`` (0 -> ignore, k -> k - 1) or
+        ``"0:ignore,1:0,2:1"`` (:func:`scarce.data.sources.parse_label_map`). Images and masks
+        may also be ``.zarr``/``.ome.zarr`` folders.
 
     Returns
     -------
@@ -393,7 +398,7 @@ def ingest(
         masks_dir,
         mask_kind=mask_kind,
         metadata=metadata,
-        channel_axis=channel_axis,
+        reader=(reader := FileReader(channel_axis, parse_label_map(label_map))),
         progress=progress,
         workers=workers,
         cache_bytes=CACHE_BYTES,
@@ -412,7 +417,7 @@ def ingest(
     validated = time.perf_counter()
     job = _Job(
         (tile_size, tile_stride),
-        channel_axis,
+        reader.for_dataset(dataset),
         workers,
         dataset,
         {"images": str(images_dir.resolve()), "masks": str(masks_dir.resolve())},
