@@ -89,6 +89,21 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--ignore-label", type=int)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model: TorchScript, ONNX or a bioimage.io zip")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", choices=("torchscript", "onnx", "bioimageio"), required=True)
+    p.add_argument("--out", required=True)
+    g = p.add_argument_group("bioimageio (default: dataset.yaml of the training data)")
+    g.add_argument("--test-image", help="image for the test tensors (default: a test image)")
+    g.add_argument("--name")
+    g.add_argument("--description")
+    g.add_argument("--author", action="append", help="author name (repeat for several)")
+    g.add_argument("--license", help="SPDX licence id (default CC-BY-4.0)")
+    g.add_argument("--cite", action="append", help="citation text (repeat; pair with --doi)")
+    g.add_argument("--doi", action="append", help="DOI of the --cite at the same position")
+
+
 def add_verbs(sub) -> None:
     """Add the segmentation verbs to the ``scarce`` sub-command parser."""
     _add_ingest(sub)
@@ -98,10 +113,7 @@ def add_verbs(sub) -> None:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
-    p = sub.add_parser("export", help="export a model to TorchScript or ONNX")
-    p.add_argument("--model", required=True)
-    p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
-    p.add_argument("--out", required=True)
+    _add_export(sub)
     p = sub.add_parser("demo", help="ingest, train, predict and evaluate on a real dataset")
     p.add_argument(
         "--data", default="../shared/data/nist_rpe", help="folder with images/ and masks/"
@@ -225,6 +237,26 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     """``scarce export``."""
+    if args.format == "bioimageio":
+        from scarce.segment.bioimageio import export_bioimageio
+
+        dois = args.doi or []
+        cite = [
+            {"text": t, **({"doi": dois[i]} if i < len(dois) else {})}
+            for i, t in enumerate(args.cite or [])
+        ]
+        out = export_bioimageio(
+            args.model,
+            args.out,
+            test_image=args.test_image,
+            name=args.name,
+            description=args.description,
+            authors=args.author,
+            license_id=args.license,
+            cite=cite or None,
+        )
+        print(f"wrote bioimage.io package {out} (passes bioimageio test)")
+        return 0
     from scarce.segment.predict import export_model
 
     out = export_model(args.model, args.format, args.out)

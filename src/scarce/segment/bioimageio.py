@@ -184,7 +184,14 @@ def _people(v, ckpt, authors, license_id, cite):
     entries = [dict(c) for c in (cite or dataset.get("cite") or [])] + [UNET_CITATION]
     citations = [v.CiteEntry(text=c["text"], doi=c.get("doi"), url=c.get("url")) for c in entries]
     chosen = license_id or dataset.get("license") or DEFAULT_LICENSE
-    return [v.Author(name=n) for n in names], v.LicenseId(chosen), citations
+    try:
+        licence = v.LicenseId(chosen)
+    except ValueError as exc:
+        raise InputError(
+            f"licence {chosen!r} is not an SPDX identifier bioimage.io accepts (e.g. "
+            "CC-BY-4.0, MIT, BSD-3-Clause); pass --license or set license in dataset.yaml"
+        ) from exc
+    return [v.Author(name=n) for n in names], licence, citations
 
 
 def export_bioimageio(

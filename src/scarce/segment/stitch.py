@@ -11,7 +11,8 @@ lazy class maps and probabilities (:mod:`scarce.segment.blockwise`):
 2. ``boundary`` targets grow the seeds by a watershed on ``1 - p_interior`` inside the
    foreground, block by block with ``depth`` pixels of context (``map_overlap``): the seed
    ids are global already, so the pieces fit together without seams; only flooding paths
-   longer than ``depth`` can differ from the whole-image watershed.
+   longer than ``depth``, and ties on exactly flat plateaus (broken by scan order, which
+   differs inside a block), can differ from the whole-image watershed.
 3. Objects under ``min_object_size`` pixels (global sizes, one ``bincount`` pass) are
    removed and the rest numbered ``1..N``.
 
