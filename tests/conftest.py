@@ -80,3 +80,18 @@ def nist_run(nist_db, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("nist_run") / "run"
     train(nist_db / "train.lmdb", nist_db / "test.lmdb", run, cfg)
     return run
+
+
+@pytest.fixture(scope="session")
+def nist_package(nist_run, tmp_path_factory) -> Path:
+    """``nist_run`` exported with ``scarce export --format bioimageio`` (authors etc. by flag)."""
+    pytest.importorskip("bioimageio.core")
+    pytest.importorskip("onnxruntime")
+    from scarce.cli import main
+
+    out = tmp_path_factory.mktemp("bioimageio") / "nist.zip"
+    flags = ["--author", "Ada Lovelace", "--license", "MIT", "--cite", "NIST RPE data"]
+    flags += ["--doi", "10.18434/M32138"]
+    args = ["export", "--model", str(nist_run), "--format", "bioimageio", "--out", str(out)]
+    assert main([*args, *flags]) == 0
+    return out

@@ -70,7 +70,7 @@ def _bioimageio_probabilities(path: Path, image: np.ndarray):
     sample = predict(model=descr, inputs={tensor_in: x}, blocksize_parameter=8)
     probs = np.asarray(sample.members[tensor_out].data)[0]
     names = [str(n) for n in descr.outputs[0].axes[1].channel_names]
-    config = (descr.config or {}).get("scarce") or {}
+    config = descr.config.model_dump().get("scarce") or {}
     return probs, config.get("target", "semantic"), names, 0
 
 
