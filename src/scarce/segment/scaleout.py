@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from scarce.data.omezarr import is_zarr, open_image, open_labels, staged, write_image, write_labels
+from scarce.engine.distributed import resolve_device
 from scarce.errors import InputError, MissingInputError
 from scarce.io import IMAGE_EXTENSIONS, list_image_files
 from scarce.segment import blockwise, stitch
@@ -210,7 +211,7 @@ def predict_any(
     rows: list[dict] = []
     with blockwise.dask_client(scheduler, workers) as client:
         threads = blockwise.worker_threads(client, workers)
-        block_device = "cpu" if device == "auto" else device
+        block_device = str(resolve_device(device))  # the workers run where the client would
         zarr_options = {k: v for k, v in options.items() if k != "fmt"}
         for path in zarrs:
             rows.append(predict_zarr(model_path, path, out_dir, chunk=chunk, device=block_device,
