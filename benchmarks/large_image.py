@@ -17,11 +17,13 @@ instances.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,8 +64,39 @@ def tiled_image(size: int, chunk: int, seed: int = 0):
                 ]
         return out
 
-    return da.map_blocks(block, chunks=((1,), *(da.core.normalize_chunks(chunk, (size,))[0],) * 2),
-                         dtype=np.uint16)  # fmt: skip
+    return da.map_blocks(
+        block, chunks=((1,), *(da.core.normalize_chunks(chunk, (size,))[0],) * 2), dtype=np.uint16
+    )
+
+
+def monitor(work: Path, stop: threading.Event, every: float = 15.0) -> None:
+    """Every ``every`` s: chunks of the class map written, RSS of each worker process (the
+    children of this one), load; into ``work/progress.json`` (kept if the run is cut short)."""
+    import psutil
+
+    me, start, peaks, rows = psutil.Process(), time.perf_counter(), {}, []
+    while not stop.wait(every):
+        rss = {}
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                rss[child.pid] = child.memory_info().rss
+        peaks = {pid: max(peaks.get(pid, 0), v) for pid, v in rss.items()} | {
+            pid: v for pid, v in peaks.items() if pid not in rss
+        }
+        written = sum(1 for _ in work.glob(".*.tmp/labels/class_map/s0/*/*"))
+        rows.append(
+            {
+                "s": round(time.perf_counter() - start),
+                "class_map_chunks": written,
+                "rss_gb": sorted(round(v / 2**30, 3) for v in rss.values()),
+                "load": round(os.getloadavg()[0], 2),
+            }
+        )
+        progress = {
+            "peak_rss_gb_by_pid": {p: round(v / 2**30, 3) for p, v in peaks.items()},
+            "samples": rows,
+        }
+        (work / "progress.json").write_text(json.dumps(progress, indent=1))
 
 
 def crop_check(model_path, image_path, out_group, centre, half, chunk, options) -> dict:
@@ -108,9 +141,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/nist")
     parser.add_argument("--size", type=int, default=20_000)
-    parser.add_argument("--chunk", type=int, default=3104)
-    parser.add_argument("--tile", type=int, default=1024)
-    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--chunk", type=int, default=3904)
+    parser.add_argument("--tile", type=int, default=1536)
+    parser.add_argument("--overlap", type=float, default=0.15625)  # 240 px = 2 x 112 + 16
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory", default="2GB")
     parser.add_argument("--work", default="bench-large")
@@ -134,14 +167,18 @@ def main() -> int:
             threads_per_worker=1,
             memory_limit=args.memory,
             dashboard_address=None,
-        ) as cluster,  # fmt: skip
+        ) as cluster,
         Client(cluster) as client,
     ):
+        stop = threading.Event()
+        threading.Thread(target=monitor, args=(work, stop), daemon=True).start()
         t0 = time.perf_counter()
-        row = predict_zarr(args.model, image, work / "out", instances=True, chunk=args.chunk,
-                           threads=1, **options)  # fmt: skip
+        row = predict_zarr(
+            args.model, image, work / "out", instances=True, chunk=args.chunk, threads=1, **options
+        )
         seconds = time.perf_counter() - t0
         peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        stop.set()
     out_group = Path(row["output"])
     centre = 2 * args.chunk
     check = crop_check(args.model, image, out_group, centre, 768, args.chunk, options)

@@ -75,8 +75,9 @@ def test_axes_are_reordered_and_plain_zarr_arrays_read(tmp_path, nist_image):
     assert lazy.array.shape == (2, 256, 256) and lazy.pixel_size_um is None
     assert np.array_equal(lazy.array.compute()[1], nist_image[0])
     assert not lazy.array.compute()[0].any()
-    plain = zarr.open_array(str(tmp_path / "plain.zarr"), mode="w", shape=(256, 256, 3),
-                            dtype="uint16", zarr_format=2)  # fmt: skip
+    plain = zarr.open_array(
+        str(tmp_path / "plain.zarr"), mode="w", shape=(256, 256, 3), dtype="uint16", zarr_format=2
+    )
     plain[:] = np.repeat(nist_image[0][..., None], 3, axis=2)
     image = omezarr.read_image_array(tmp_path / "plain.zarr")
     assert image.shape == (3, 256, 256) and np.array_equal(image[2], nist_image[0])
@@ -87,8 +88,14 @@ def test_stacks_and_non_zarr_folders_are_refused_naming_the_file(tmp_path, nist_
     from ome_zarr.writer import write_image
 
     root = zarr.open_group(str(tmp_path / "zstack.ome.zarr"), mode="w", zarr_format=2)
-    write_image(np.stack([nist_image[0]] * 3), root, scale_factors=(), scaler=None, axes="zyx",
-                fmt=FormatV04())  # fmt: skip
+    write_image(
+        np.stack([nist_image[0]] * 3),
+        root,
+        scale_factors=(),
+        scaler=None,
+        axes="zyx",
+        fmt=FormatV04(),
+    )
     with pytest.raises(
         ImageFileError,
         match=r"zstack.ome.zarr: expected a 2D image.*\['z', 'y', 'x'\] and shape \(3, 256",

@@ -46,8 +46,14 @@ def scribbles(shared_data, tmp_path_factory):
 def test_ilastik_scribbles_ingest_with_the_unlabelled_pixels_ignored(scribbles, shared_data):
     split = {"train": [stem_of(f) for f in list_image_files(scribbles / "images")]}
     split["test"] = [split["train"].pop()]
-    ingest(scribbles / "images", scribbles / "masks", scribbles / "db", split=split,
-           label_map="ilastik", progress=False)  # fmt: skip
+    ingest(
+        scribbles / "images",
+        scribbles / "masks",
+        scribbles / "db",
+        split=split,
+        label_map="ilastik",
+        progress=False,
+    )
     meta = read_metadata(scribbles / "db" / "train.lmdb")
     assert meta["ignore_label"] == IGNORE_DEFAULT
     assert meta["class_ids"] == [0, 1, IGNORE_DEFAULT]
@@ -60,8 +66,14 @@ def test_ilastik_scribbles_ingest_with_the_unlabelled_pixels_ignored(scribbles, 
     assert (mask[:, 40:] == IGNORE_DEFAULT).all()
     # without the map, values 1/2 would be classes and 0 background: refused by a wrong map
     with pytest.raises(IngestError, match=r"mask values \[0, 1, 2\] are not in --label-map 5:1"):
-        ingest(scribbles / "images", scribbles / "masks", scribbles / "db2", split=split,
-               label_map="5:1", progress=False)  # fmt: skip
+        ingest(
+            scribbles / "images",
+            scribbles / "masks",
+            scribbles / "db2",
+            split=split,
+            label_map="5:1",
+            progress=False,
+        )
 
 
 def test_ome_zarr_images_ingest_like_their_tiffs(shared_data, tmp_path):

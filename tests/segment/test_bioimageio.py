@@ -67,8 +67,23 @@ def test_test_tensors_reproduce_scarce_predict(package, nist_run, tmp_path):
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "crop.tif", x[0].astype(np.uint16))
     side = str(x.shape[-1])
-    assert main(["predict", "--model", str(nist_run), "--images", str(tmp_path / "in"), "--out",
-                 str(tmp_path / "out"), "--probabilities", "--tile-size", side]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(nist_run),
+                "--images",
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "out"),
+                "--probabilities",
+                "--tile-size",
+                side,
+            ]
+        )
+        == 0
+    )
     got = tifffile.imread(tmp_path / "out" / "crop_prob.tif")
     assert np.abs(got - expected).max() < 1e-5
 

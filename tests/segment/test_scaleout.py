@@ -36,8 +36,21 @@ def test_zarr_prediction_equals_tiff_prediction_and_validates(nist_run, mosaic, 
         main(["predict", *flags, "--images", str(mosaic / "tif"), "--out", str(tmp_path / "t")])
         == 0
     )
-    assert main(["predict", *flags, "--images", str(mosaic / "mosaic.ome.zarr"), "--out",
-                 str(tmp_path / "z"), "--chunk-size", "256"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                *flags,
+                "--images",
+                str(mosaic / "mosaic.ome.zarr"),
+                "--out",
+                str(tmp_path / "z"),
+                "--chunk-size",
+                "256",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "z" / "mosaic.ome.zarr"
     validate(out)
     group = zarr.open_group(str(out), mode="r")
@@ -56,10 +69,36 @@ def test_zarr_prediction_equals_tiff_prediction_and_validates(nist_run, mosaic, 
 
 def test_two_worker_local_cluster_gives_the_same_outputs(nist_run, mosaic, tmp_path):
     flags = ["--model", str(nist_run), "--tile-size", "128", "--workers", "2"]
-    assert main(["predict", *flags, "--images", str(mosaic / "mosaic.ome.zarr"), "--out",
-                 str(tmp_path / "z"), "--chunk-size", "256"]) == 0  # fmt: skip
-    assert main(["predict", *flags, "--images", str(mosaic / "tif"), "--out",
-                 str(tmp_path / "t"), "--pixel-size-um", "0.5"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                *flags,
+                "--images",
+                str(mosaic / "mosaic.ome.zarr"),
+                "--out",
+                str(tmp_path / "z"),
+                "--chunk-size",
+                "256",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                *flags,
+                "--images",
+                str(mosaic / "tif"),
+                "--out",
+                str(tmp_path / "t"),
+                "--pixel-size-um",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     classes = zarr.open_group(str(tmp_path / "z" / "mosaic.ome.zarr"))["labels/class_map/s0"][:]
     with tifffile.TiffFile(tmp_path / "t" / "mosaic.tif") as tif:
         assert np.array_equal(classes, tif.asarray())
@@ -73,6 +112,19 @@ def test_block_wise_refuses_tta_and_overwriting_its_input(nist_run, mosaic, caps
     assert "--tta is not available for block-wise" in capsys.readouterr().err
     assert main(["predict", *flags, "--out", str(mosaic)]) == 2
     assert "would replace the input image" in capsys.readouterr().err
-    assert main(["predict", *flags, "--out", str(mosaic), "--workers", "2",
-                 "--dask-scheduler", "tcp://127.0.0.1:1"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                *flags,
+                "--out",
+                str(mosaic),
+                "--workers",
+                "2",
+                "--dask-scheduler",
+                "tcp://127.0.0.1:1",
+            ]
+        )
+        == 2
+    )
     assert "either --dask-scheduler or --workers" in capsys.readouterr().err

@@ -279,7 +279,7 @@ def export_bioimageio(
                     id=v.TensorId("raw"),
                     axes=_axes(
                         v, [identifier(c, f"c{i}") for i, c in enumerate(channels)], size, px
-                    ),  # fmt: skip
+                    ),
                     test_tensor=v.FileDescr(source=folder / "test_input.npy"),
                     sample_tensor=v.FileDescr(source=folder / "sample_input.tif"),
                     preprocessing=preprocessing(meta["normalization"], crop.shape[0]),
@@ -294,7 +294,7 @@ def export_bioimageio(
                         None,
                         px,
                         halo=depth,
-                    ),  # fmt: skip
+                    ),
                     test_tensor=v.FileDescr(source=folder / "test_output.npy"),
                     sample_tensor=v.FileDescr(source=folder / "sample_output.tif"),
                     postprocessing=[v.SoftmaxDescr(kwargs=v.SoftmaxKwargs(axis="channel"))],

@@ -110,8 +110,9 @@ def cached_model(model_path: str, device: str, threads: int | None):
     return load_model(model_path, device)
 
 
-def _block_probabilities(block, *, model_path, device, threads, offset, scale, depth, options,
-                         block_info=None) -> np.ndarray:  # fmt: skip
+def _block_probabilities(
+    block, *, model_path, device, threads, offset, scale, depth, options, block_info=None
+) -> np.ndarray:
     """Softmax probabilities ``(K, h, w)`` float32 of the core of one extended block."""
     model, _ = cached_model(model_path, device, threads)
     location, blocks = block_info[0]["chunk-location"], block_info[0]["num-chunks"]

@@ -128,10 +128,12 @@ def predict_zarr(
     keep = probabilities or (instances and rule == "boundary")
     count = None
     with staged(out) as group:
-        writes = write_image(group, probs if keep else classes, pixel_size_um=px, chunks=chunk,
-                             compute=False)  # fmt: skip
-        writes += write_labels(group, "class_map", classes, pixel_size_um=px, chunks=chunk,
-                               compute=False)  # fmt: skip
+        writes = write_image(
+            group, probs if keep else classes, pixel_size_um=px, chunks=chunk, compute=False
+        )
+        writes += write_labels(
+            group, "class_map", classes, pixel_size_um=px, chunks=chunk, compute=False
+        )
         import dask
 
         dask.compute(*writes)
@@ -139,10 +141,16 @@ def predict_zarr(
             min_size = _predict_options(ckpt, min_object_size=None)["min_object_size"]
             count = _write_instances(group, model_path, rule, min_size, chunk, px)
     seconds = time.perf_counter() - start
-    logger.info("%s: %dx%d block-wise in %.1f s -> %s", image_path.name, *probs.shape[1:],
-                seconds, out)  # fmt: skip
-    return {"image": str(image_path), "output": str(out), "shape": tuple(probs.shape[1:]),
-            "instances": count, "seconds": seconds}  # fmt: skip
+    logger.info(
+        "%s: %dx%d block-wise in %.1f s -> %s", image_path.name, *probs.shape[1:], seconds, out
+    )
+    return {
+        "image": str(image_path),
+        "output": str(out),
+        "shape": tuple(probs.shape[1:]),
+        "instances": count,
+        "seconds": seconds,
+    }
 
 
 def _inputs(images) -> tuple[list[Path], list[Path]]:
@@ -214,19 +222,36 @@ def predict_any(
         block_device = str(resolve_device(device))  # the workers run where the client would
         zarr_options = {k: v for k, v in options.items() if k != "fmt"}
         for path in zarrs:
-            rows.append(predict_zarr(model_path, path, out_dir, chunk=chunk, device=block_device,
-                                     threads=threads, **common, **zarr_options))  # fmt: skip
+            rows.append(
+                predict_zarr(
+                    model_path,
+                    path,
+                    out_dir,
+                    chunk=chunk,
+                    device=block_device,
+                    threads=threads,
+                    **common,
+                    **zarr_options,
+                )
+            )
         if files and client is None:
             folder = images if not zarrs and Path(images).is_dir() else None
             for target in [folder] if folder else files:
-                rows += predict_files(model_path, target, out_dir, device=device, **common,
-                                      **options)  # fmt: skip
+                rows += predict_files(
+                    model_path, target, out_dir, device=device, **common, **options
+                )
         elif files:
             _make_out_dir(out_dir)
             tasks = [dict(device=device, **common, **options)] * len(files)
-            futures = client.map(_predict_one_file, [model_path] * len(files),
-                                 [str(f) for f in files], [str(out_dir)] * len(files),
-                                 [threads] * len(files), tasks, pure=False)  # fmt: skip
+            futures = client.map(
+                _predict_one_file,
+                [model_path] * len(files),
+                [str(f) for f in files],
+                [str(out_dir)] * len(files),
+                [threads] * len(files),
+                tasks,
+                pure=False,
+            )
             rows += [row for result in client.gather(futures) for row in result]
     return rows
 
