@@ -128,3 +128,24 @@ def test_block_wise_refuses_tta_and_overwriting_its_input(nist_run, mosaic, caps
         == 2
     )
     assert "either --dask-scheduler or --workers" in capsys.readouterr().err
+
+
+def test_the_network_runs_once_per_block(nist_run, mosaic, tmp_path, monkeypatch):
+    """Writing the class map and its label image (and instances) must not re-run the network."""
+    from scarce.segment import blockwise
+
+    calls = []
+    original = blockwise._block_probabilities
+
+    def counted(*args, block_info=None, **kwargs):
+        calls.append(block_info[0]["chunk-location"])
+        return original(*args, block_info=block_info, **kwargs)
+
+    monkeypatch.setattr(blockwise, "_block_probabilities", counted)
+    from scarce.segment.scaleout import predict_zarr
+
+    with blockwise.dask_client():
+        predict_zarr(
+            nist_run, mosaic / "mosaic.ome.zarr", tmp_path, chunk=256, tile_size=128, instances=True
+        )
+    assert sorted(calls) == [(0, i, j) for i in range(2) for j in range(3)]  # 512 x 768 image

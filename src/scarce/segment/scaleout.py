@@ -11,9 +11,10 @@
   process, or one task per image on a ``dask.distributed`` cluster (``scheduler`` or
   ``workers``) when there are many.
 
-Block-wise prediction runs in two passes so no worker holds more than a few blocks: the class
-map (and probabilities) are computed and written; instances are then labelled from the written
-class map, so the network runs once per pixel.
+Block-wise prediction writes what the network gives (probabilities, or the class map) first,
+then derives the rest (class-map label image, instances) from the written arrays: the network
+runs once per pixel (a single Dask graph storing two arrays that share the network would run
+it once per store), and no worker holds more than a few blocks.
 """
 
 from __future__ import annotations
@@ -119,24 +120,22 @@ def predict_zarr(
     out = out_dir / f"{zarr_stem(image_path)}.ome.zarr"
     if out.resolve() == image_path.resolve():
         raise InputError(f"{out}: the output would replace the input image; choose another --out")
-    opts = _predict_options(ckpt, **options)
+    keys = ("tile_size", "overlap", "blend", "batch_size")
+    opts = _predict_options(ckpt, **{k: options.get(k) for k in keys})
     rule, px = target_of(ckpt).rule, pixel_size_of(ckpt, pixel_size_um or lazy.pixel_size_um)
     probs = blockwise.probabilities(
         model_path, lazy.array, chunk=chunk, device=device, threads=threads, **opts
     )
-    classes = blockwise.class_map(probs)
     keep = probabilities or (instances and rule == "boundary")
     count = None
     with staged(out) as group:
-        writes = write_image(
-            group, probs if keep else classes, pixel_size_um=px, chunks=chunk, compute=False
-        )
-        writes += write_labels(
-            group, "class_map", classes, pixel_size_um=px, chunks=chunk, compute=False
-        )
-        import dask
-
-        dask.compute(*writes)
+        # pass 1, the network: the group's image (probabilities or class map), once per pixel
+        image = probs if keep else blockwise.class_map(probs)
+        write_image(group, image, pixel_size_um=px, chunks=chunk)
+        # pass 2, from the store: the class map label image, then instances
+        stored = open_image(group).array
+        classes = blockwise.class_map(stored) if keep else stored[0]
+        write_labels(group, "class_map", classes, pixel_size_um=px, chunks=chunk)
         if instances:
             min_size = _predict_options(ckpt, min_object_size=None)["min_object_size"]
             count = _write_instances(group, model_path, rule, min_size, chunk, px)
