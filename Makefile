@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,onnx]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,onnx,bioimageio,zarr,napari]'
+	-bash scripts/install_gui_libs.sh
 	touch $(STAMP)
 
 test: setup

@@ -187,3 +187,24 @@ def test_real_files():
         if Image.open(p).mode == "RGB"
     )
     assert io.read_image(rgb).shape[0] == 3
+
+
+def test_tiff_outputs_carry_axes_and_pixel_size(tmp_path, shared_data):
+    """Fiji reads ImageJ metadata (uint8/uint16/float32) and OME-XML (other dtypes)."""
+    mask = io.read_mask(sorted((shared_data / "bbbc039" / "masks").iterdir())[0])
+    io.write_label_image(tmp_path / "classes.tif", (mask > 0).astype(np.uint8), pixel_size_um=0.65)
+    io.write_label_image(tmp_path / "many.tif", mask.astype(np.uint32) * 1000, pixel_size_um=0.65)
+    probs = np.stack([mask == 0, mask > 0]).astype(np.float32)
+    io.write_float_image(tmp_path / "prob.tif", probs, pixel_size_um=0.65)
+    with tifffile.TiffFile(tmp_path / "classes.tif") as tif:
+        assert tif.series[0].axes == "YX" and tif.imagej_metadata["unit"] == "um"
+        x_res = tif.pages[0].tags["XResolution"].value
+        assert x_res[1] / x_res[0] == pytest.approx(0.65, rel=1e-6)
+    with tifffile.TiffFile(tmp_path / "prob.tif") as tif:
+        assert tif.series[0].axes == "CYX" and tif.series[0].shape == probs.shape
+        assert tif.imagej_metadata["channels"] == 2 and tif.imagej_metadata["unit"] == "um"
+        assert np.array_equal(tif.asarray(), probs)
+    with tifffile.TiffFile(tmp_path / "many.tif") as tif:  # uint32 labels: OME-TIFF
+        assert tif.is_ome and tif.series[0].axes == "YX" and tif.series[0].dtype == np.uint32
+        assert 'PhysicalSizeX="0.65"' in tif.ome_metadata
+        assert np.array_equal(tif.asarray(), mask.astype(np.uint32) * 1000)

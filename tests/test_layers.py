@@ -37,7 +37,7 @@ RANKS = {
     "align": 4,
     "faces": 5,
 }
-FACES = {"cli", "demo", "__main__"}
+FACES = {"cli", "demo", "__main__", "napari"}
 
 
 def module_files(src: Path, package: str) -> dict[str, Path]:

@@ -61,8 +61,9 @@ def list_image_files(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> 
 
 
 def stem_of(path: str | os.PathLike) -> str:
-    """File name without its extension (``a/b/img_01.tif`` -> ``img_01``)."""
-    return Path(path).stem
+    """File name without its extension (``a/b/img_01.tif``, ``img_01.ome.zarr`` -> ``img_01``)."""
+    name = Path(path).name
+    return name[: -len(".ome.zarr")] if name.lower().endswith(".ome.zarr") else Path(path).stem
 
 
 def _png_is_16bit_colour(path: Path) -> bool:
@@ -290,11 +291,63 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, **options) -> Path:
     return Path(path)
 
 
-def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
+def tiff_metadata(array: np.ndarray, axes: str, pixel_size_um: float | None) -> dict:
+    """``tifffile.imwrite`` keywords that record axes and pixel size (Fiji shows micrometres).
+
+    ImageJ hyperstack metadata (``axes``, ``unit: um``, X/Y resolution in pixels per
+    micrometre) for the dtypes ImageJ reads (uint8, uint16, float32); OME-XML
+    (``PhysicalSizeX/Y`` in micrometres, plus X/Y resolution per centimetre) for the others
+    (e.g. uint32 instance labels).
+
+    Parameters
+    ----------
+    array : ndarray
+        What will be written (its dtype picks the flavour).
+    axes : {"YX", "CYX"}
+        Axis order of ``array``.
+    pixel_size_um : float or None
+        Micrometres per pixel; ``None`` records the axes only.
+    """
+    if array.dtype in (np.uint8, np.uint16, np.float32):
+        meta: dict = {"axes": axes}
+        options: dict = {"imagej": True, "metadata": meta}
+        if pixel_size_um:
+            meta["unit"] = "um"
+            options["resolution"] = (1.0 / pixel_size_um, 1.0 / pixel_size_um)
+        return options
+    meta = {"axes": axes}
+    if pixel_size_um:
+        meta.update(
+            PhysicalSizeX=pixel_size_um,
+            PhysicalSizeY=pixel_size_um,
+            PhysicalSizeXUnit="µm",
+            PhysicalSizeYUnit="µm",
+        )
+        per_cm = 1e4 / pixel_size_um  # baseline TIFF tags too, for readers without OME
+        return {
+            "ome": True,
+            "metadata": meta,
+            "resolution": (per_cm, per_cm),
+            "resolutionunit": "CENTIMETER",
+        }
+    return {"ome": True, "metadata": meta}
+
+
+def write_label_image(
+    path: str | os.PathLike, labels: np.ndarray, *, pixel_size_um: float | None = None
+) -> Path:
     """Write a class map or instance labels ``(H, W)`` in the smallest unsigned dtype.
 
-    The format follows the suffix: ``.tif``/``.tiff`` (tifffile, zlib-compressed) or
-    ``.png`` (8 or 16 bit; labels above 65535 need TIFF). Written to a temp file, then renamed.
+    The format follows the suffix: ``.tif``/``.tiff`` (tifffile, zlib-compressed, axes ``YX``
+    and the pixel size recorded: see :func:`tiff_metadata`) or ``.png`` (8 or 16 bit; labels
+    above 65535 need TIFF). Written to a temp file, then renamed.
+
+    Parameters
+    ----------
+    path : path-like
+    labels : ndarray, shape (H, W), integer
+    pixel_size_um : float, optional
+        Micrometres per pixel, stored in TIFF files.
 
     Raises
     ------
@@ -312,7 +365,7 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
         raise ValueError("labels must be non-negative")
     out = labels.astype(smallest_label_dtype(max_value), copy=False)
     if path.suffix.lower() in (".tif", ".tiff"):
-        return write_tiff(path, out, compression="zlib")
+        return write_tiff(path, out, compression="zlib", **tiff_metadata(out, "YX", pixel_size_um))
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: unsupported label format {path.suffix!r} (use .tif or .png)")
     if max_value > 65535:
@@ -322,6 +375,19 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
     return path
 
 
-def write_float_image(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write a float32 array such as probabilities ``(C, H, W)`` as TIFF (temp, then rename)."""
-    return write_tiff(path, np.asarray(array, dtype=np.float32), compression="zlib")
+def write_float_image(
+    path: str | os.PathLike, array: np.ndarray, *, pixel_size_um: float | None = None
+) -> Path:
+    """Write float32 ``(C, H, W)`` (e.g. probabilities, axes ``CYX``) or ``(H, W)`` as TIFF.
+
+    ImageJ metadata records the axes (channels, not a plain stack) and, if given, the pixel
+    size in micrometres. Written atomically (:func:`write_tiff`).
+
+    Raises
+    ------
+    scarce.errors.WriteError
+        If the disk is full or read-only.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    options = tiff_metadata(array, "CYX" if array.ndim == 3 else "YX", pixel_size_um)
+    return write_tiff(path, array, compression="zlib", **options)

@@ -128,3 +128,16 @@ def test_low_overlap_warns_once_and_bad_arguments_say_what_is_wrong(caplog):
         kwargs = {"image": image, "tile_size": 16, **change}
         with pytest.raises(error, match=message):
             sliding_window_logits(model, **kwargs)
+
+
+def test_the_accumulator_moves_to_the_cpu_when_the_gpu_is_small(monkeypatch):
+    from scarce.engine.tiling import accumulator_device
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib, 80 * gib))
+    cuda = torch.device("cuda:0")
+    assert accumulator_device(cuda, 4 * gib, "auto") == cuda
+    assert accumulator_device(cuda, 12 * gib, "auto") == torch.device("cpu")  # > half of free
+    assert accumulator_device(cuda, 12 * gib, "device") == cuda
+    assert accumulator_device(cuda, 1, "cpu") == torch.device("cpu")
+    assert accumulator_device(torch.device("cpu"), 12 * gib, "device") == torch.device("cpu")

@@ -39,6 +39,10 @@ def _add_ingest(sub) -> None:
         help="confirm the class count of class masks (needed for class ids above 255)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DB_DIR")
+    p.add_argument(
+        "--label-map",
+        help="mask values -> classes: 'ilastik' (0 -> ignore, k -> k-1) or '0:ignore,1:0,2:1'",
+    )
 
 
 def _add_train(sub) -> None:
@@ -69,6 +73,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--format", choices=("tif", "png"), default="tif")
+    p.add_argument("--pixel-size-um", type=float, help="pixel size recorded in the outputs")
+    p.add_argument(
+        "--dask-scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler"
+    )
+    p.add_argument("--workers", type=int, help="run on a local Dask cluster of N processes")
+    p.add_argument(
+        "--chunk-size", type=int, default=2048, help="block side for .zarr images, pixels"
+    )
 
 
 def _add_evaluate(sub) -> None:
@@ -82,6 +94,21 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--ignore-label", type=int)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model: TorchScript, ONNX or a bioimage.io zip")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", choices=("torchscript", "onnx", "bioimageio"), required=True)
+    p.add_argument("--out", required=True)
+    g = p.add_argument_group("bioimageio (default: dataset.yaml of the training data)")
+    g.add_argument("--test-image", help="image for the test tensors (default: a test image)")
+    g.add_argument("--name")
+    g.add_argument("--description")
+    g.add_argument("--author", action="append", help="author name (repeat for several)")
+    g.add_argument("--license", help="SPDX licence id (default CC-BY-4.0)")
+    g.add_argument("--cite", action="append", help="citation text (repeat; pair with --doi)")
+    g.add_argument("--doi", action="append", help="DOI of the --cite at the same position")
+
+
 def add_verbs(sub) -> None:
     """Add the segmentation verbs to the ``scarce`` sub-command parser."""
     _add_ingest(sub)
@@ -91,10 +118,7 @@ def add_verbs(sub) -> None:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
-    p = sub.add_parser("export", help="export a model to TorchScript or ONNX")
-    p.add_argument("--model", required=True)
-    p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
-    p.add_argument("--out", required=True)
+    _add_export(sub)
     p = sub.add_parser("demo", help="ingest, train, predict and evaluate on a real dataset")
     p.add_argument(
         "--data", default="../shared/data/nist_rpe", help="folder with images/ and masks/"
@@ -152,6 +176,7 @@ def cmd_ingest(args) -> int:
         overwrite=args.overwrite,
         channel_axis=args.channel_axis,
         num_classes=args.num_classes,
+        label_map=args.label_map,
     )
     print(format_inspection(inspect_database(args.out)))
     return 0
@@ -168,12 +193,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_predict(args) -> int:
     """``scarce predict``."""
-    from scarce.segment.predict import predict_files
+    from scarce.segment.scaleout import predict_any
 
-    written = predict_files(
+    written = predict_any(
         args.model,
         args.images,
         args.out,
+        scheduler=args.dask_scheduler,
+        workers=args.workers,
+        chunk=args.chunk_size,
         tile_size=args.tile_size,
         overlap=args.overlap,
         blend=args.blend,
@@ -183,6 +211,7 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fmt=args.format,
+        pixel_size_um=args.pixel_size_um,
     )
     print(f"wrote predictions for {len(written)} image(s) into {args.out}")
     return 0
@@ -213,6 +242,26 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     """``scarce export``."""
+    if args.format == "bioimageio":
+        from scarce.segment.bioimageio import export_bioimageio
+
+        dois = args.doi or []
+        cite = [
+            {"text": t, **({"doi": dois[i]} if i < len(dois) else {})}
+            for i, t in enumerate(args.cite or [])
+        ]
+        out = export_bioimageio(
+            args.model,
+            args.out,
+            test_image=args.test_image,
+            name=args.name,
+            description=args.description,
+            authors=args.author,
+            license_id=args.license,
+            cite=cite or None,
+        )
+        print(f"wrote bioimage.io package {out} (passes bioimageio test)")
+        return 0
     from scarce.segment.predict import export_model
 
     out = export_model(args.model, args.format, args.out)

@@ -23,44 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from scarce import io
 from scarce.data.consistency import check_dataset
+from scarce.data.datasetyaml import read_dataset_metadata
 from scarce.data.records import StoragePlan, label_counts
+from scarce.data.sources import FileReader, list_inputs
 from scarce.errors import IngestError
 
-__all__ = [
-    "IngestError",
-    "Source",
-    "map_ahead",
-    "pair_files",
-    "read_dataset_metadata",
-    "validate_folders",
-]
+__all__ = ["IngestError", "Source", "map_ahead", "pair_files", "validate_folders"]
 
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 2 << 30  # default: decoded arrays kept between validation and writing, bytes
-_DATASET_RULES = {  # dataset.yaml key: (accepts the value, what it must be)
-    "class_names": (
-        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "a list of strings",
-    ),
-    "channel_names": (
-        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-        "a list of strings",
-    ),
-    "pixel_size_um": (
-        lambda v: type(v) in (int, float) and v > 0,
-        "a positive number (micrometres per pixel)",
-    ),
-    "description": (lambda v: isinstance(v, str), "a string"),
-    "mask_kind": (lambda v: v in ("class", "instance"), "'class' or 'instance'"),
-    "ignore_label": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
-}
-DATASET_KEYS = tuple(_DATASET_RULES)
 
 
 @dataclass
@@ -101,7 +77,7 @@ def map_ahead(function, items, workers: int):
                 future.cancel()
 
 
-# ----------------------------------------------------------------------------- pairing, yaml
+# ----------------------------------------------------------------------------- pairing
 
 
 def _index_folder(folder: Path, role: str, problems: list[str]) -> tuple[dict[str, Path], set]:
@@ -112,7 +88,7 @@ def _index_folder(folder: Path, role: str, problems: list[str]) -> tuple[dict[st
     if not folder.is_dir():
         problems.append(f"{folder}: not a folder (expected the folder of {role}s)")
         return {}, set()
-    files = io.list_image_files(folder)
+    files = list_inputs(folder)
     if not files:
         problems.append(f"{folder}: no {role} files (looked for {', '.join(io.IMAGE_EXTENSIONS)})")
     index: dict[str, Path] = {}
@@ -172,58 +148,18 @@ def pair_files(images_dir, masks_dir) -> tuple[list[tuple[str, Path, Path]], lis
     return pairs, problems
 
 
-def read_dataset_metadata(path) -> tuple[dict, list[str]]:
-    """Read an optional ``dataset.yaml`` (class/channel names, pixel size, description, ...).
-
-    Parameters
-    ----------
-    path : path-like or None
-        The YAML file; ``None`` gives the defaults.
-
-    Returns
-    -------
-    meta : dict
-        All of ``DATASET_KEYS``, ``None`` where not given or not valid.
-    problems : list of str
-        Unreadable file, unknown keys, wrong types; each names the file.
-    """
-    meta = dict.fromkeys(DATASET_KEYS)
-    if path is None:
-        return meta, []
-    path = Path(path)
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        problem = " ".join(str(exc).split())  # one line; python/* tags are refused here
-        return meta, [f"{path}: cannot read dataset metadata ({type(exc).__name__}: {problem})"]
-    if not isinstance(loaded, dict):
-        return meta, [f"{path}: expected a mapping of {', '.join(DATASET_KEYS)}"]
-    problems = [
-        f"{path}: unknown key {k!r}; allowed: {', '.join(DATASET_KEYS)}"
-        for k in loaded
-        if k not in DATASET_KEYS
-    ]
-    for key, (accepts, wanted) in _DATASET_RULES.items():
-        value = loaded.get(key)
-        if value is not None and accepts(value):
-            meta[key] = value
-        elif value is not None:
-            problems.append(f"{path}: {key} must be {wanted}, got {value!r}")
-    return meta, problems
-
-
 # ----------------------------------------------------------------------------- per file
 
 
-def _check_pair(stem, image_path, mask_path, channel_axis) -> tuple[Source | None, tuple, list]:
+def _check_pair(stem, image_path, mask_path, reader) -> tuple[Source | None, tuple, list]:
     """Read and check one pair; return its Source (no arrays), the arrays and problems."""
     problems, image, mask = [], None, None
     try:
-        image = io.read_image(image_path, channel_axis)
+        image = reader.image(image_path)
     except io.ImageFileError as exc:
         problems.append(str(exc))
     try:
-        mask = io.read_mask(mask_path)
+        mask = reader.mask(mask_path)
     except io.ImageFileError as exc:
         problems.append(str(exc))
     if image is not None and mask is not None and image.shape[1:] != mask.shape:
@@ -247,10 +183,10 @@ def _check_pair(stem, image_path, mask_path, channel_axis) -> tuple[Source | Non
     return source, (image, mask), []
 
 
-def _check_pairs(pairs, channel_axis, progress, workers, cache_bytes):
+def _check_pairs(pairs, reader, progress, workers, cache_bytes):
     """Check all pairs on ``workers`` threads; cache arrays, in stem order, up to the budget."""
     sources, problems, cached = [], [], 0
-    results = map_ahead(lambda pair: _check_pair(*pair, channel_axis), pairs, workers)
+    results = map_ahead(lambda pair: _check_pair(*pair, reader), pairs, workers)
     for source, arrays, found in tqdm(
         results, total=len(pairs), desc="validate", unit="file", disable=None if progress else True
     ):
@@ -271,7 +207,7 @@ def check_folders(
     *,
     mask_kind,
     metadata,
-    channel_axis,
+    reader,
     progress,
     workers,
     cache_bytes,
@@ -279,13 +215,15 @@ def check_folders(
 ) -> tuple[list[Source], dict, StoragePlan | None, list]:
     """:func:`validate_folders` without the raise: ``(sources, meta, plan, problems)``.
 
-    ``plan`` is ``None`` when no pair could be read.
+    ``reader`` is a :class:`scarce.data.sources.FileReader`; ``plan`` is ``None`` when no
+    pair could be read.
     """
     pairs, problems = pair_files(images_dir, masks_dir)
     meta, found = read_dataset_metadata(metadata)
     problems += found
     mask_kind = mask_kind or meta["mask_kind"] or "class"
-    sources, found = _check_pairs(pairs, channel_axis, progress, workers, cache_bytes)
+    reader = reader.for_dataset(meta)
+    sources, found = _check_pairs(pairs, reader, progress, workers, cache_bytes)
     problems += found
     plan = None
     if sources:
@@ -350,7 +288,7 @@ def validate_folders(
         masks_dir,
         mask_kind=mask_kind,
         metadata=metadata,
-        channel_axis=channel_axis,
+        reader=FileReader(channel_axis),
         progress=progress,
         workers=workers or min(8, os.cpu_count() or 1),
         cache_bytes=cache_bytes,

@@ -142,7 +142,7 @@ def check_dataset(
     sources : list of scarce.data.checks.Source
         Validated pairs (at least one). Fiji 0/255 masks get their ``labels`` remapped here.
     meta : dict
-        From :func:`scarce.data.checks.read_dataset_metadata`.
+        From :func:`scarce.data.datasetyaml.read_dataset_metadata`.
     mask_kind : {"class", "instance"}
     meta_path : path-like or None
         Named in problems about ``meta``.

@@ -54,7 +54,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from scarce import io
 from scarce.data import install, store
 from scarce.data.checks import (
     CACHE_BYTES,
@@ -72,6 +71,7 @@ from scarce.data.records import (
     split_metadata,
     tile_origins,
 )
+from scarce.data.sources import FileReader, parse_label_map
 from scarce.data.split import load_split, split_stems
 from scarce.errors import InputError
 
@@ -92,7 +92,7 @@ class _Job:
     """What every split of one ingest shares besides the storage plan."""
 
     tiling: tuple[int | None, int | None]  # (tile_size, tile_stride), pixels
-    channel_axis: int | None
+    reader: FileReader
     workers: int
     dataset: dict  # from dataset.yaml
     folders: dict  # {"images": folder, "masks": folder}, absolute
@@ -104,8 +104,8 @@ def _records(source: Source, plan: StoragePlan, job: _Job):
         image, mask = source.image, source.mask
         source.image = source.mask = None  # free the cache as we go
     else:
-        image = io.read_image(source.image_path, job.channel_axis)
-        mask = io.read_mask(source.mask_path)
+        image = job.reader.image(source.image_path)
+        mask = job.reader.mask(source.mask_path)
         if mask.shape != source.shape or image.shape[1:] != source.shape:
             raise IngestError(
                 [
@@ -238,6 +238,7 @@ def ingest(
     progress: bool = True,
     workers: int | None = None,
     num_classes: int | None = None,
+    label_map: str | None = None,
 ) -> dict:
     """Validate folders of images and masks and write ``out_dir/{train,test}.lmdb``.
 
@@ -271,6 +272,10 @@ def ingest(
         Confirms the class count of class masks: ids must be below it, ids above 255 are then
         accepted, and 0/255 masks are not read as Fiji binary masks
         (:mod:`scarce.data.consistency`).
+    label_map : str or None
+        Mask values -> class ids, e.g. ``"ilastik"`` (0 -> ignore, k -> k - 1) or
+        ``"0:ignore,1:0,2:1"`` (:func:`scarce.data.sources.parse_label_map`). Images and masks
+        may also be ``.zarr``/``.ome.zarr`` folders.
 
     Returns
     -------
@@ -307,7 +312,7 @@ def ingest(
         masks_dir,
         mask_kind=mask_kind,
         metadata=metadata,
-        channel_axis=channel_axis,
+        reader=(reader := FileReader(channel_axis, parse_label_map(label_map))),
         progress=progress,
         workers=workers,
         cache_bytes=CACHE_BYTES,
@@ -327,7 +332,7 @@ def ingest(
     validated = time.perf_counter()
     job = _Job(
         (tile_size, tile_stride),
-        channel_axis,
+        reader.for_dataset(dataset),
         workers,
         dataset,
         {"images": str(images_dir.resolve()), "masks": str(masks_dir.resolve())},

@@ -91,13 +91,17 @@ def normalization_spec(
     return {"mode": mode, "percentiles": [lo, hi], "mean": mean, "std": std}
 
 
+def stat_step(height: int, width: int) -> int:
+    """Row and column stride of the statistics sample: 1 up to MAX_STAT_PIXELS pixels, else
+    ``ceil(sqrt(H * W / MAX_STAT_PIXELS))`` (block-wise prediction takes the same sample)."""
+    pixels = height * width
+    return 1 if pixels <= MAX_STAT_PIXELS else math.ceil(math.sqrt(pixels / MAX_STAT_PIXELS))
+
+
 def _subsample(image: np.ndarray) -> np.ndarray:
     """A regular strided view of at most about MAX_STAT_PIXELS pixels per channel."""
-    pixels = image.shape[1] * image.shape[2]
-    if pixels <= MAX_STAT_PIXELS:
-        return image
-    step = math.ceil(math.sqrt(pixels / MAX_STAT_PIXELS))
-    return image[:, ::step, ::step]
+    step = stat_step(image.shape[1], image.shape[2])
+    return image if step == 1 else image[:, ::step, ::step]
 
 
 def _floor(values: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
@@ -115,7 +119,9 @@ def _check_image(image: np.ndarray) -> None:
         raise TypeError(f"image dtype {image.dtype} is not numeric")
 
 
-def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, np.ndarray]:
+def normalization_params(
+    image: np.ndarray, spec: Mapping, *, sampled: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(offset, scale)`` such that ``normalised = (image - offset) / scale``.
 
     Parameters
@@ -126,6 +132,10 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
         ``s = ceil(sqrt(H * W / MAX_STAT_PIXELS))``.
     spec : mapping
         From :func:`normalization_spec` (or a checkpoint).
+    sampled : bool
+        ``image`` already is the strided sample of a larger image
+        (``full[:, ::s, ::s]``, ``s = stat_step(H, W)``): use all of it. Gives the same
+        result as passing the full image.
 
     Returns
     -------
@@ -145,7 +155,7 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
     _check_image(image)
     mode = spec.get("mode")
     channels = image.shape[0]
-    sample = _subsample(image).reshape(channels, -1)
+    sample = (image if sampled else _subsample(image)).reshape(channels, -1)
     magnitude = np.maximum(
         np.abs(sample.min(axis=1).astype(np.float64)), np.abs(sample.max(axis=1).astype(np.float64))
     )
@@ -205,4 +215,5 @@ __all__ = [
     "normalization_params",
     "normalization_spec",
     "normalize",
+    "stat_step",
 ]

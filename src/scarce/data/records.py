@@ -390,7 +390,7 @@ def split_metadata(
     tiling : (int or None, int or None)
         ``(tile_size, tile_stride)``, pixels.
     dataset : dict
-        From ``dataset.yaml`` (:func:`scarce.data.checks.read_dataset_metadata`).
+        From ``dataset.yaml`` (:func:`scarce.data.datasetyaml.read_dataset_metadata`).
     folders : dict
         ``{"images": path, "masks": path}``, absolute.
     """
@@ -425,6 +425,9 @@ def split_metadata(
                 "pixel_size_um",
                 "description",
                 "ignore_label",
+                "authors",
+                "license",
+                "cite",
             )
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -31,6 +31,7 @@ from scarce.errors import InputError
 logger = logging.getLogger(__name__)
 
 BLENDS = CHOICES["predict.blend"]
+ACCUMULATE = ("auto", "cpu", "device")
 GAUSSIAN_FLOOR = 1e-3  # floor of the 1D Gaussian weight, so the 2D weight is >= 1e-6
 TILE_BAR_MIN = 16  # images with at least this many tiles get a progress bar over tiles
 
@@ -171,23 +172,41 @@ def _tile_plan(net, h: int, w: int, tile_size: int, overlap: float):
     return tile, sizes, starts, margin
 
 
-def _accumulate(model, padded, tile, grid, batch_size, device, bar) -> torch.Tensor:
+def accumulator_device(device: torch.device, nbytes: int, accumulate: str) -> torch.device:
+    """Where the ``(K, H, W)`` accumulator lives: the compute device, or the CPU.
+
+    ``accumulate="auto"`` keeps it on a CUDA device only while it takes at most half of the
+    device's free memory (a 40,000 x 25,000 slide with 3 classes needs 12 GB), else on the
+    CPU, where each batch of tile logits is copied; ``"cpu"`` and ``"device"`` force one.
+    """
+    if accumulate == "cpu" or device.type == "cpu":
+        return torch.device("cpu")
+    if accumulate == "device":
+        return device
+    free, _ = torch.cuda.mem_get_info(device) if device.type == "cuda" else (nbytes * 2, 0)
+    return device if nbytes <= free // 2 else torch.device("cpu")
+
+
+def _accumulate(model, padded, tile, grid, batch_size, device, bar, accumulate):
     """Sum of ``logits * weight`` over the tiles of ``grid``, ``(K, Hp, Wp)`` float32.
 
     ``grid`` holds ``((y, weight_y), (x, weight_x))`` per tile; only one batch of tiles and
-    one 2D weight per tile exist at a time.
+    one 2D weight per tile exist at a time. Returns the accumulator and its device.
     """
-    acc = None
+    acc = where = None
     for b in range(0, len(grid), batch_size):
         chunk = grid[b : b + batch_size]
         batch = torch.stack([padded[:, y : y + tile, x : x + tile] for (y, _), (x, _) in chunk])
         out = model(batch.to(device)).float()  # (B, K, tile, tile)
         if acc is None:
-            acc = torch.zeros((out.shape[1], *padded.shape[1:]), device=device)
+            nbytes = 4 * out.shape[1] * padded.shape[1] * padded.shape[2]
+            where = accumulator_device(device, nbytes, accumulate)
+            acc = torch.zeros((out.shape[1], *padded.shape[1:]), device=where)
+        out = out.to(where)
         for ((y, wy), (x, wx)), logits in zip(chunk, out):
-            acc[:, y : y + tile, x : x + tile] += logits * (wy[:, None] * wx[None, :]).to(device)
+            acc[:, y : y + tile, x : x + tile] += logits * (wy[:, None] * wx[None, :]).to(where)
         bar.update(len(chunk))
-    return acc
+    return acc, where
 
 
 def sliding_window_logits(
@@ -200,6 +219,7 @@ def sliding_window_logits(
     batch_size: int = 4,
     device=None,
     progress: bool = False,
+    accumulate: str = "auto",
 ) -> torch.Tensor:
     """Logits of a whole image from overlapping tiles, blended and cropped back.
 
@@ -225,6 +245,9 @@ def sliding_window_logits(
         Where the network runs; default: the device of the model's parameters.
     progress : bool
         Show a progress bar over tiles (for images with many tiles, on a terminal).
+    accumulate : {"auto", "cpu", "device"}
+        Where the blended ``(K, H, W)`` float32 sum lives (:func:`accumulator_device`):
+        on a small GPU, ``auto`` keeps it in CPU memory and copies each batch of logits.
 
     Returns
     -------
@@ -257,6 +280,8 @@ def sliding_window_logits(
     doi:10.1038/s41592-020-01008-z (tile grid, Gaussian importance weighting).
     """
     net, image = _check_window_args(model, image, tile_size, overlap, blend, batch_size)
+    if accumulate not in ACCUMULATE:
+        raise InputError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
     if device is None:
         param = next(net.parameters(), None)
         device = param.device if param is not None else "cpu"
@@ -274,9 +299,11 @@ def sliding_window_logits(
         total=len(grid), desc="tiles", unit="tile", leave=False, disable=None if show else True
     )
     with torch.inference_mode(), bar:
-        acc = _accumulate(model, padded, tile, grid, int(batch_size), device, bar)
-        total = (total_y[:h, None] * total_x[None, :w]).to(device)  # (H, W) sum of weights
+        acc, where = _accumulate(
+            model, padded, tile, grid, int(batch_size), device, bar, accumulate
+        )
+        total = (total_y[:h, None] * total_x[None, :w]).to(where)  # (H, W) sum of weights
         return (acc[:, :h, :w] / total).cpu()
 
 
-__all__ = ["BLENDS", "sliding_window_logits", "tile_starts"]
+__all__ = ["BLENDS", "accumulator_device", "sliding_window_logits", "tile_starts"]

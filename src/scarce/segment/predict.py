@@ -223,6 +223,8 @@ def instances_from_prediction(
 def _collect_images(images) -> list[Path]:
     """Image files from a folder or a single file (errors before any work)."""
     path = Path(images)
+    if path.suffix.lower() == ".zarr":
+        raise InputError(f"{path}: Zarr images are predicted block-wise (scaleout.predict_any)")
     if path.is_dir():
         files = list_image_files(path)
         if not files:
@@ -275,16 +277,24 @@ def _make_out_dir(out_dir) -> Path:
     return out
 
 
-def _write_outputs(stem: Path, probs, fmt, probabilities, instances, ckpt) -> dict:
+def pixel_size_of(ckpt: dict, given: float | None = None) -> float | None:
+    """Micrometres per pixel for outputs: ``given``, else the training data's (dataset.yaml)."""
+    return given or (ckpt["extras"].get("dataset") or {}).get("pixel_size_um")
+
+
+def _write_outputs(stem: Path, probs, fmt, probabilities, instances, ckpt, px) -> dict:
     """Write the class map (and probabilities, instances) of ``probs`` ``(K, H, W)``."""
     row = {"probabilities": None, "instances": None}
-    row["class_map"] = str(write_label_image(f"{stem}.{fmt}", probs.argmax(0).numpy()))
+    classes = probs.argmax(0).numpy()
+    row["class_map"] = str(write_label_image(f"{stem}.{fmt}", classes, pixel_size_um=px))
     if probabilities:
-        row["probabilities"] = str(write_float_image(f"{stem}_prob.tif", probs.numpy()))
+        row["probabilities"] = str(
+            write_float_image(f"{stem}_prob.tif", probs.numpy(), pixel_size_um=px)
+        )
     if instances:
         min_size = _predict_options(ckpt, min_object_size=None)["min_object_size"]
         labels = instances_from_prediction(probs, target_of(ckpt).rule, min_object_size=min_size)
-        row["instances"] = str(write_label_image(f"{stem}_instances.tif", labels))
+        row["instances"] = str(write_label_image(f"{stem}_instances.tif", labels, pixel_size_um=px))
     return row
 
 
@@ -303,6 +313,7 @@ def predict_files(
     device: str = "auto",
     fmt: str = "tif",
     progress: bool = True,
+    pixel_size_um: float | None = None,
 ) -> list[dict]:
     """Predict every image of a folder (or one file) and write class maps beside their stems.
 
@@ -324,6 +335,9 @@ def predict_files(
         Class map format.
     progress : bool
         Progress bars over images (and tiles of big images); off when not on a terminal.
+    pixel_size_um : float, optional
+        Micrometres per pixel recorded in the TIFF outputs (ImageJ/OME metadata); default:
+        the training data's ``pixel_size_um`` from ``dataset.yaml``, if any.
 
     Returns
     -------
@@ -360,7 +374,8 @@ def predict_files(
         image = read_image(file)
         probs = predict_image(model, image, ckpt, progress=progress, **options)
         row = {"image": str(file), "shape": tuple(image.shape[1:])}
-        row |= _write_outputs(out / stem_of(file), probs, fmt, probabilities, instances, ckpt)
+        px = pixel_size_of(ckpt, pixel_size_um)
+        row |= _write_outputs(out / stem_of(file), probs, fmt, probabilities, instances, ckpt, px)
         row["seconds"] = time.perf_counter() - start
         logger.info("%s: %dx%d in %.2f s", file.name, *row["shape"], row["seconds"])
         results.append(row)

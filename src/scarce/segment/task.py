@@ -184,8 +184,13 @@ class SegmentationTask:
         return Evaluation(test_loss=loss, metrics=metrics, examples=examples)
 
     def checkpoint_extras(self) -> dict:
-        """``normalization`` and ``target`` (:meth:`TargetSpec.to_dict`), read by predict/export."""
-        return {"normalization": self.norm_spec, "target": self.target.to_dict()}
+        """``normalization``, ``target`` (:meth:`TargetSpec.to_dict`) and ``dataset`` (what
+        ``dataset.yaml`` said, the source folder, the test images), read by predict/export."""
+        return {
+            "normalization": self.norm_spec,
+            "target": self.target.to_dict(),
+            "dataset": dataset_record(self.metadata, self.test_db),
+        }
 
     def plot(self, plots_dir: Path, step: int, examples: list) -> Path | None:
         """Draw ``plots_dir/step_XXXXX.png``: each test image with truth and prediction outlines.
@@ -236,6 +241,26 @@ class SegmentationTask:
                     total += np.bincount(derived, minlength=t.num_classes)[: t.num_classes]
             counts = {str(k): int(c) for k, c in enumerate(total)}
         return class_weights_from_counts(counts, t.num_classes)
+
+
+def dataset_record(metadata: dict, test_db) -> dict:
+    """What a model's users need to know of its training data (plain JSON values).
+
+    ``pixel_size_um``, ``channel_names``, ``description`` (from ``dataset.yaml``), ``images``
+    (the ingested folder), ``train_images`` (count) and ``test_images`` (absolute paths of
+    the test split's source images, when the test database is known: the bioimage.io export
+    takes its test tensors from the first).
+    """
+    keys = ("pixel_size_um", "channel_names", "description", "authors", "license", "cite")
+    record = {k: metadata.get(k) for k in keys}
+    folder = (metadata.get("source") or {}).get("images")
+    record.update(images=folder, train_images=len(metadata.get("sources") or []), test_images=[])
+    if test_db is not None and Path(test_db).is_dir():
+        test = read_metadata(test_db)
+        test_folder = Path((test.get("source") or {}).get("images") or ".")
+        files = test.get("source_files") or {}
+        record["test_images"] = [str(test_folder / files[s][0]) for s in sorted(files)]
+    return record
 
 
 def target_of(ckpt: dict) -> TargetSpec:
