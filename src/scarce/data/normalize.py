@@ -3,8 +3,9 @@
 A normalisation is described by a *spec*, a plain-JSON dict saved in every checkpoint so that
 prediction normalises exactly as training did::
 
-    {"mode": "zscore" | "percentile" | "dataset",
-     "percentiles": [lo, hi],           # used by "percentile"
+    {"mode": "zscore" | "percentile" | "robust" | "dataset",
+     "percentiles": [lo, hi],           # used by "percentile" and "robust"
+     "noise_floor": k,                  # used by "robust"
      "mean": [...] or None,             # per channel, used by "dataset"
      "std": [...] or None}
 
@@ -13,7 +14,23 @@ with ``normalised = (image - offset) / scale``:
 
 - ``zscore``: mean and standard deviation of this image (NIST semantic-segmentation-unet);
 - ``percentile``: ``offset = p_lo``, ``scale = p_hi - p_lo`` of this image (CSBDeep/StarDist);
-- ``dataset``: mean and std of the training set, from the database metadata.
+- ``robust``: as ``percentile``, but ``scale = max(p_hi - p_lo, k * sigma)`` with ``sigma``
+  the image's noise (:func:`noise_sigma`) and ``k = noise_floor``: an image whose range is
+  less than ``k`` noise standard deviations (an empty or near-empty field) is not stretched,
+  so its noise stays near 0 instead of filling [0, 1]. Invariant to gain and offset
+  (percentiles and sigma scale with the gain, the offset cancels) and, up to quantisation,
+  to bit depth;
+- ``dataset``: mean and std of the training set, from the database metadata (not invariant:
+  an image from another camera, gain or bit depth lands outside the training range).
+
+Export to bioimage.io: ``zscore`` is ``zero_mean_unit_variance`` (mode per_sample),
+``percentile`` is ``scale_range`` (per_sample, ``min_percentile=lo``, ``max_percentile=hi``),
+``dataset`` is ``zero_mean_unit_variance`` with fixed ``mean``/``std``. ``robust`` is
+``scale_range`` whenever the floor is inactive (``p_hi - p_lo >= k * sigma``, every non-empty
+image of bbbc039 and dsb2018); the floor itself has no bioimage.io operator, so an exported
+model either ships a custom preprocessing step (:func:`noise_sigma` is numpy-only and short)
+or passes the per-image ``(offset, scale)`` of :func:`normalization_params` as
+``scale_linear`` (``gain = 1 / scale``, ``offset = -offset / scale``), computed per image.
 
 Per-image statistics of images above :data:`MAX_STAT_PIXELS` pixels are estimated on a
 regular strided subsample (deterministic). Scales are floored at
@@ -26,16 +43,27 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from scarce.config import CHOICES
 
 NORMALIZATION_MODES = CHOICES["data.normalization"]
 MAX_STAT_PIXELS = 4_000_000  # above this many pixels per channel, statistics use a subsample
 _RELATIVE_FLOOR = 1e-6
+DEFAULT_NOISE_FLOOR = 50.0  # "robust": a range below 50 noise sigmas is not stretched
+# Immerkaer's noise kernel: the difference of two Laplacians; it cancels constant, linear and
+# most of smooth image structure, leaving the noise (norm sqrt(36) = 6 per unit of sigma)
+_NOISE_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+_MAD_TO_SIGMA = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a Gaussian -> its std
+_BAND_ROWS = 32  # noise of big images: horizontal bands of this many rows
 
 
 def normalization_spec(
-    mode: str, percentiles: Sequence[float] = (1.0, 99.8), metadata: Mapping | None = None
+    mode: str,
+    percentiles: Sequence[float] = (1.0, 99.8),
+    metadata: Mapping | None = None,
+    *,
+    noise_floor: float = DEFAULT_NOISE_FLOOR,
 ) -> dict:
     """Build the plain-JSON normalisation spec stored in checkpoints.
 
@@ -44,34 +72,41 @@ def normalization_spec(
     mode : str
         One of :data:`NORMALIZATION_MODES`.
     percentiles : pair of float
-        ``(lo, hi)`` percentiles in [0, 100], lo < hi, for ``"percentile"`` (kept in every
-        spec so a checkpoint records the full setting).
+        ``(lo, hi)`` percentiles in [0, 100], lo < hi, for ``"percentile"`` and ``"robust"``
+        (kept in every spec so a checkpoint records the full setting).
     metadata : mapping, optional
         Database metadata; ``"dataset"`` needs ``metadata["intensity"] = {"mean": [...],
         "std": [...]}`` with one value per channel (written by ingest).
+    noise_floor : float
+        ``k`` of ``"robust"``: the scale is at least ``k`` noise standard deviations
+        (dimensionless, >= 0; 0 is plain ``"percentile"``).
 
     Returns
     -------
     dict
-        ``{"mode", "percentiles": [lo, hi], "mean": list or None, "std": list or None}``.
+        ``{"mode", "percentiles": [lo, hi], "noise_floor": k, "mean": list or None,
+        "std": list or None}``.
 
     Raises
     ------
     ValueError
-        On an unknown mode, bad percentiles, or ``"dataset"`` without usable intensity
-        statistics in ``metadata``.
+        On an unknown mode, bad percentiles, a negative or non-finite ``noise_floor``, or
+        ``"dataset"`` without usable intensity statistics in ``metadata``.
 
     References
     ----------
     Weigert et al., "Content-aware image restoration" (CSBDeep), Nature Methods 2018,
     doi:10.1038/s41592-018-0216-7 (percentile normalisation); NIST
-    semantic-segmentation-unet (per-image z-score).
+    semantic-segmentation-unet (per-image z-score); Immerkaer, "Fast noise variance
+    estimation", CVIU 64(2):300-302, 1996, doi:10.1006/cviu.1996.0060 (the noise floor).
     """
     if mode not in NORMALIZATION_MODES:
         raise ValueError(f"normalization mode {mode!r} is not one of {list(NORMALIZATION_MODES)}")
     lo, hi = (float(p) for p in percentiles)
     if not 0.0 <= lo < hi <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {list(percentiles)}")
+    if not (math.isfinite(float(noise_floor)) and float(noise_floor) >= 0.0):
+        raise ValueError(f"noise_floor must be a finite number >= 0, got {noise_floor!r}")
     mean = std = None
     if mode == "dataset":
         stats = (metadata or {}).get("intensity")
@@ -88,7 +123,13 @@ def normalization_spec(
                 f"metadata['intensity'] needs finite mean and std of equal length, "
                 f"got mean={mean}, std={std}"
             )
-    return {"mode": mode, "percentiles": [lo, hi], "mean": mean, "std": std}
+    return {
+        "mode": mode,
+        "percentiles": [lo, hi],
+        "noise_floor": float(noise_floor),
+        "mean": mean,
+        "std": std,
+    }
 
 
 def _subsample(image: np.ndarray) -> np.ndarray:
@@ -98,6 +139,65 @@ def _subsample(image: np.ndarray) -> np.ndarray:
         return image
     step = math.ceil(math.sqrt(pixels / MAX_STAT_PIXELS))
     return image[:, ::step, ::step]
+
+
+def _bands(image: np.ndarray) -> list[np.ndarray]:
+    """The whole image, or evenly spaced full-width row bands of about MAX_STAT_PIXELS."""
+    height, width = image.shape[1:]
+    if height * width <= MAX_STAT_PIXELS or height <= _BAND_ROWS:
+        return [image]
+    count = max(1, min(height // _BAND_ROWS, MAX_STAT_PIXELS // (_BAND_ROWS * width)))
+    starts = np.linspace(0, height - _BAND_ROWS, count).round().astype(int)
+    return [image[:, s : s + _BAND_ROWS] for s in np.unique(starts)]
+
+
+def noise_sigma(image: np.ndarray) -> np.ndarray:
+    """Robust per-channel estimate of the standard deviation of the image's pixel noise.
+
+    The image is filtered with Immerkaer's 3 x 3 kernel ``[[1, -2, 1], [-2, 4, -2], [1, -2,
+    1]]`` (a difference of two Laplacians: it removes constant, linear and most smooth
+    structure and keeps the noise, times 6 for white noise); the estimate is the median
+    absolute deviation of the filtered interior pixels, times 1.4826 / 6. The median (instead
+    of Immerkaer's mean absolute value) ignores the few pixels on object edges. For integer
+    images it is at least ``1 / sqrt(12)`` grey levels, the noise of rounding to integers,
+    so a flat quantised background never gives 0.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, H, W)
+        Any numeric dtype; H, W >= 3 for a measurement (smaller images give 0 or the
+        quantisation floor). Images with more than :data:`MAX_STAT_PIXELS` pixels use evenly
+        spaced full-width bands of 32 rows (deterministic).
+
+    Returns
+    -------
+    ndarray of float64, shape (C,)
+        Noise standard deviation per channel, in the image's grey levels. Scales with a gain
+        and ignores an offset: ``noise_sigma(a * x + b) == |a| * noise_sigma(x)`` for float
+        images.
+
+    References
+    ----------
+    Immerkaer J., "Fast noise variance estimation", Computer Vision and Image Understanding
+    64(2):300-302, 1996, doi:10.1006/cviu.1996.0060; Donoho D. L. & Johnstone I. M.,
+    Biometrika 81(3):425-455, 1994, doi:10.1093/biomet/81.3.425 (the MAD of a high-pass
+    residual as a noise estimate).
+    """
+    channels = image.shape[0]
+    residuals = [[] for _ in range(channels)]
+    for band in _bands(image):
+        for c in range(channels):
+            if min(band.shape[1:]) >= 3:
+                r = ndi.convolve(band[c].astype(np.float64), _NOISE_KERNEL, mode="nearest")
+                residuals[c].append(r[1:-1, 1:-1].ravel())
+    sigma = np.zeros(channels)
+    for c, parts in enumerate(residuals):
+        if parts:
+            r = np.concatenate(parts)
+            sigma[c] = _MAD_TO_SIGMA * np.median(np.abs(r - np.median(r))) / 6.0
+    if image.dtype.kind in "biu":
+        sigma = np.maximum(sigma, 1.0 / math.sqrt(12.0))
+    return sigma
 
 
 def _floor(values: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
@@ -130,7 +230,8 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
     Returns
     -------
     offset, scale : ndarray of float32, shape (C,)
-        ``scale >= 1e-6 * max(1, max |image|)`` per channel (constant images give zeros).
+        ``scale >= 1e-6 * max(1, max |image|)`` per channel (constant images give zeros);
+        ``robust``: also ``scale >= noise_floor * noise_sigma(image)``.
 
     Raises
     ------
@@ -140,7 +241,8 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
 
     References
     ----------
-    Weigert et al., Nature Methods 2018, doi:10.1038/s41592-018-0216-7 (percentiles).
+    Weigert et al., Nature Methods 2018, doi:10.1038/s41592-018-0216-7 (percentiles);
+    :func:`noise_sigma` for the ``robust`` floor.
     """
     _check_image(image)
     mode = spec.get("mode")
@@ -152,9 +254,12 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
     if mode == "zscore":
         offset = sample.mean(axis=1, dtype=np.float64)
         scale = sample.std(axis=1, dtype=np.float64)
-    elif mode == "percentile":
+    elif mode in ("percentile", "robust"):
         lo, hi = np.percentile(sample, spec["percentiles"], axis=1)
         offset, scale = lo, hi - lo
+        if mode == "robust":
+            k = float(spec.get("noise_floor", DEFAULT_NOISE_FLOOR))
+            scale = np.maximum(scale, k * noise_sigma(image))
     elif mode == "dataset":
         offset = np.asarray(spec["mean"], dtype=np.float64)
         scale = np.asarray(spec["std"], dtype=np.float64)
@@ -200,9 +305,11 @@ def normalize(image: np.ndarray, spec: Mapping) -> np.ndarray:
 
 
 __all__ = [
+    "DEFAULT_NOISE_FLOOR",
     "MAX_STAT_PIXELS",
     "NORMALIZATION_MODES",
     "normalization_params",
     "normalization_spec",
+    "noise_sigma",
     "normalize",
 ]

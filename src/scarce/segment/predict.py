@@ -21,6 +21,7 @@ from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from scarce.config import PredictConfig
+from scarce.data.drift import warn_if_unusual
 from scarce.data.normalize import normalize
 from scarce.engine.checkpoint import load_model
 from scarce.engine.distributed import resolve_device
@@ -101,8 +102,14 @@ def predict_image(
     batch_size: int | None = None,
     device=None,
     progress: bool = False,
+    name: str = "image",
 ) -> torch.Tensor:
     """Class probabilities of one raw image: normalise, sliding window, softmax (+ TTA).
+
+    After normalisation the image's intensity statistics are compared with the training
+    images' (``ckpt["extras"]["input_statistics"]``,
+    :func:`scarce.data.drift.warn_if_unusual`): one logged warning naming ``name`` and the
+    statistics far outside the training range.
 
     Parameters
     ----------
@@ -120,6 +127,8 @@ def predict_image(
         Default: the model's device.
     progress : bool
         Progress bar over tiles for big images.
+    name : str
+        What the warning calls the image (e.g. its path).
 
     Returns
     -------
@@ -149,7 +158,9 @@ def predict_image(
         ckpt, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
     )
     tta = kwargs.pop("tta")
-    x = torch.from_numpy(np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"])))
+    x = np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"]))
+    warn_if_unusual(x, ckpt["extras"].get("input_statistics"), name)
+    x = torch.from_numpy(x)
     kwargs.update(device=device, progress=progress)
     if not tta:
         return torch.softmax(sliding_window_logits(model, x, **kwargs), dim=0)
@@ -352,7 +363,7 @@ def predict_files(
     for file in tqdm(files, desc="images", unit="image", disable=None if progress else True):
         start = time.perf_counter()
         image = read_image(file)
-        probs = predict_image(model, image, ckpt, progress=progress, **options)
+        probs = predict_image(model, image, ckpt, progress=progress, name=str(file), **options)
         row = {"image": str(file), "shape": tuple(image.shape[1:])}
         row |= _write_outputs(out / stem_of(file), probs, fmt, probabilities, instances, ckpt)
         row["seconds"] = time.perf_counter() - start

@@ -324,7 +324,12 @@ def benchmark_readers(
         path = path / "train.lmdb"
     cfg = replace(cfg, data=replace(cfg.data, reader_count=count))
     warmup = 2 * max(count, 1) if warmup_batches is None else warmup_batches
-    spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(path))
+    spec = normalization_spec(
+        cfg.data.normalization,
+        cfg.data.percentiles,
+        read_metadata(path),
+        noise_floor=cfg.data.noise_floor,
+    )
     with make_train_loader(path, cfg, norm_spec=spec) as batches:
         result = measure_batches(
             batches, seconds=seconds, warmup_batches=warmup, batch_size=cfg.data.batch_size

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from scarce.config import TrainConfig
-from scarce.data.normalize import normalization_spec
+from scarce.data.drift import training_statistics
+from scarce.data.normalize import normalization_spec, normalize
 from scarce.data.store import SampleStore, read_metadata
 from scarce.engine import distributed
 from scarce.engine.runlog import open_run
@@ -32,6 +33,7 @@ from scarce.segment.readers import iter_test_images, make_train_loader
 from scarce.segment.targets import TargetSpec, resolve_target
 
 logger = logging.getLogger("scarce")
+STATISTICS_SAMPLES = 100  # training images whose normalised statistics go into checkpoints
 
 
 class SegmentationTask:
@@ -51,6 +53,10 @@ class SegmentationTask:
         The training target, resolved once from the training database and ``cfg.data``.
     norm_spec : dict
         The normalisation (:func:`scarce.data.normalize.normalization_spec`).
+    input_statistics : dict
+        Intensity statistics of up to :data:`STATISTICS_SAMPLES` normalised training images
+        (evenly spaced), from :func:`scarce.data.drift.training_statistics`; prediction
+        warns about images far outside them.
 
     Raises
     ------
@@ -74,7 +80,10 @@ class SegmentationTask:
             boundary_width=data.boundary_width,
             ignore_label=data.ignore_label,
         )
-        self.norm_spec = normalization_spec(data.normalization, data.percentiles, self.metadata)
+        self.norm_spec = normalization_spec(
+            data.normalization, data.percentiles, self.metadata, noise_floor=data.noise_floor
+        )
+        self.input_statistics = self._input_statistics()
         names = self.target.class_names
         self.columns = (*(f"iou_{n}" for n in names), *(f"dice_{n}" for n in names), "mean_dice")
         self.samples_per_batch = data.batch_size
@@ -84,6 +93,14 @@ class SegmentationTask:
             class_weights=self._class_weights(),
             ignore_label=self.target.ignore_label,
         )
+
+    def _input_statistics(self) -> dict:
+        """Normalised statistics of up to STATISTICS_SAMPLES evenly spaced training samples."""
+        with SampleStore(self.train_db) as store:
+            count = len(store)
+            picks = np.unique(np.linspace(0, count - 1, min(count, STATISTICS_SAMPLES)).round())
+            images = (normalize(store[int(i)].image, self.norm_spec) for i in picks)
+            return training_statistics(images)
 
     def build_model(self) -> torch.nn.Module:
         """The configured network for the database's channels and the target's classes."""
@@ -183,8 +200,16 @@ class SegmentationTask:
         return Evaluation(test_loss=loss, metrics=metrics, examples=examples)
 
     def checkpoint_extras(self) -> dict:
-        """``normalization`` and ``target`` (:meth:`TargetSpec.to_dict`), read by predict/export."""
-        return {"normalization": self.norm_spec, "target": self.target.to_dict()}
+        """``normalization``, ``target`` (:meth:`TargetSpec.to_dict`) and ``input_statistics``.
+
+        Read by predict and export; ``input_statistics`` feeds the predict-time check of
+        :func:`scarce.data.drift.unusual_statistics`.
+        """
+        return {
+            "normalization": self.norm_spec,
+            "target": self.target.to_dict(),
+            "input_statistics": self.input_statistics,
+        }
 
     def plot(self, plots_dir: Path, step: int, examples: list) -> Path | None:
         """Draw ``plots_dir/step_XXXXX.png``: each test image with truth and prediction outlines.
