@@ -54,7 +54,7 @@ class DataConfig:
     balance_classes: bool = False  # sample a class uniformly, then a patch centred on it
     normalization: str = "zscore"  # zscore | percentile | robust (per image) | dataset
     percentiles: tuple[float, float] = (1.0, 99.8)  # low/high percentile: percentile, robust
-    noise_floor: float = 50.0  # robust: scale >= this many noise sigmas (empty fields stay dark)
+    floor_fraction: float = 0.25  # robust: scale >= this x training median SNR x noise sigma
     target: str = "auto"  # auto | class | semantic | boundary: how masks become class maps
     boundary_width: int = 2  # boundary thickness for target "boundary", pixels
     ignore_label: int | None = None  # mask value that marks unlabelled pixels (skipped)

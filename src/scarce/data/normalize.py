@@ -5,7 +5,8 @@ prediction normalises exactly as training did::
 
     {"mode": "zscore" | "percentile" | "robust" | "dataset",
      "percentiles": [lo, hi],           # used by "percentile" and "robust"
-     "noise_floor": k,                  # used by "robust"
+     "noise_floor": [k, ...] or None,   # per channel, used by "robust"
+     "floor_fraction": f, "training_snr": [...] or None,   # how "robust" chose k
      "mean": [...] or None,             # per channel, used by "dataset"
      "std": [...] or None}
 
@@ -17,9 +18,13 @@ with ``normalised = (image - offset) / scale``:
 - ``robust``: as ``percentile``, but ``scale = max(p_hi - p_lo, k * sigma)`` with ``sigma``
   the image's noise (:func:`noise_sigma`) and ``k = noise_floor``: an image whose range is
   less than ``k`` noise standard deviations (an empty or near-empty field) is not stretched,
-  so its noise stays near 0 instead of filling [0, 1]. Invariant to gain and offset
-  (percentiles and sigma scale with the gain, the offset cancels) and, up to quantisation,
-  to bit depth;
+  so its noise stays near 0 instead of filling [0, 1]. ``k`` is fixed at training time as
+  ``floor_fraction`` (default 0.25) times the training images' median signal-to-noise ratio
+  (:func:`signal_to_noise`), because what counts as "only noise" depends on the modality:
+  the median ratio is 194 on bbbc039 (fluorescence; its empty fields 8-10), 50 on nist_rpe
+  (phase contrast) and 43 on isbi2012 (EM, where fine texture counts as noise). Invariant to
+  gain and offset (percentiles and sigma scale with the gain, the offset cancels) and, up to
+  quantisation, to bit depth;
 - ``dataset``: mean and std of the training set, from the database metadata (not invariant:
   an image from another camera, gain or bit depth lands outside the training range).
 
@@ -40,7 +45,7 @@ regular strided subsample (deterministic). Scales are floored at
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -50,7 +55,7 @@ from scarce.config import CHOICES
 NORMALIZATION_MODES = CHOICES["data.normalization"]
 MAX_STAT_PIXELS = 4_000_000  # above this many pixels per channel, statistics use a subsample
 _RELATIVE_FLOOR = 1e-6
-DEFAULT_NOISE_FLOOR = 50.0  # "robust": a range below 50 noise sigmas is not stretched
+DEFAULT_FLOOR_FRACTION = 0.25  # "robust": k = this x the training images' median SNR
 # Immerkaer's noise kernel: the difference of two Laplacians; it cancels constant, linear and
 # most of smooth image structure, leaving the noise (norm sqrt(36) = 6 per unit of sigma)
 _NOISE_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
@@ -63,7 +68,8 @@ def normalization_spec(
     percentiles: Sequence[float] = (1.0, 99.8),
     metadata: Mapping | None = None,
     *,
-    noise_floor: float = DEFAULT_NOISE_FLOOR,
+    images: Iterable[np.ndarray] | None = None,
+    floor_fraction: float = DEFAULT_FLOOR_FRACTION,
 ) -> dict:
     """Build the plain-JSON normalisation spec stored in checkpoints.
 
@@ -77,20 +83,24 @@ def normalization_spec(
     metadata : mapping, optional
         Database metadata; ``"dataset"`` needs ``metadata["intensity"] = {"mean": [...],
         "std": [...]}`` with one value per channel (written by ingest).
-    noise_floor : float
-        ``k`` of ``"robust"``: the scale is at least ``k`` noise standard deviations
-        (dimensionless, >= 0; 0 is plain ``"percentile"``).
+    images : iterable of ndarray (C, H, W), optional
+        Raw training images (a sample is enough); ``"robust"`` needs them to fix its noise
+        floor ``k = floor_fraction * median(signal_to_noise(image))`` per channel.
+    floor_fraction : float
+        See ``images`` (dimensionless, >= 0; 0 makes ``"robust"`` plain ``"percentile"``).
 
     Returns
     -------
     dict
-        ``{"mode", "percentiles": [lo, hi], "noise_floor": k, "mean": list or None,
-        "std": list or None}``.
+        ``{"mode", "percentiles": [lo, hi], "noise_floor": [k per channel] or None,
+        "floor_fraction": f, "training_snr": [median SNR per channel] or None,
+        "mean": list or None, "std": list or None}``.
 
     Raises
     ------
     ValueError
-        On an unknown mode, bad percentiles, a negative or non-finite ``noise_floor``, or
+        On an unknown mode, bad percentiles, a negative or non-finite ``floor_fraction``,
+        ``"robust"`` without ``images`` (or with images of different channel counts), or
         ``"dataset"`` without usable intensity statistics in ``metadata``.
 
     References
@@ -105,9 +115,12 @@ def normalization_spec(
     lo, hi = (float(p) for p in percentiles)
     if not 0.0 <= lo < hi <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= lo < hi <= 100, got {list(percentiles)}")
-    if not (math.isfinite(float(noise_floor)) and float(noise_floor) >= 0.0):
-        raise ValueError(f"noise_floor must be a finite number >= 0, got {noise_floor!r}")
-    mean = std = None
+    if not (math.isfinite(float(floor_fraction)) and float(floor_fraction) >= 0.0):
+        raise ValueError(f"floor_fraction must be a finite number >= 0, got {floor_fraction!r}")
+    mean = std = floor = snr = None
+    if mode == "robust":
+        snr = _median_snr(images, (lo, hi))
+        floor = [float(floor_fraction) * v for v in snr]
     if mode == "dataset":
         stats = (metadata or {}).get("intensity")
         if not isinstance(stats, Mapping) or stats.get("mean") is None or stats.get("std") is None:
@@ -126,10 +139,52 @@ def normalization_spec(
     return {
         "mode": mode,
         "percentiles": [lo, hi],
-        "noise_floor": float(noise_floor),
+        "noise_floor": floor,
+        "floor_fraction": float(floor_fraction),
+        "training_snr": snr,
         "mean": mean,
         "std": std,
     }
+
+
+def _median_snr(images, percentiles) -> list[float]:
+    """Per-channel median of :func:`signal_to_noise` over ``images``."""
+    ratios = [signal_to_noise(image, percentiles) for image in (images or ())]
+    if not ratios or len({r.shape for r in ratios}) != 1:
+        raise ValueError(
+            "normalization 'robust' needs raw training images of one channel count to fix "
+            "its noise floor (normalization_spec(..., images=...)); got "
+            f"{len(ratios)} image(s) with channel counts {sorted({r.size for r in ratios})}"
+        )
+    return [float(v) for v in np.median(np.stack(ratios), axis=0)]
+
+
+def signal_to_noise(image: np.ndarray, percentiles: Sequence[float] = (1.0, 99.8)) -> np.ndarray:
+    """``(p_hi - p_lo) / noise_sigma`` per channel: an image's range in noise units.
+
+    Parameters
+    ----------
+    image : ndarray, shape (C, H, W)
+        Raw image, any numeric dtype.
+    percentiles : pair of float
+        ``(lo, hi)`` in [0, 100].
+
+    Returns
+    -------
+    ndarray of float64, shape (C,)
+        Dimensionless; 0 where the noise is 0 (a constant float image). Invariant to gain and
+        offset. A field with only noise gives about 5-10; bbbc039's nuclei fields 131-255.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`normalization_params` for a bad image.
+    """
+    _check_image(image)
+    sample = _subsample(image).reshape(image.shape[0], -1)
+    lo, hi = np.percentile(sample, list(percentiles), axis=1)
+    sigma = noise_sigma(image)
+    return np.where(sigma > 0, (hi - lo) / np.where(sigma > 0, sigma, 1.0), 0.0)
 
 
 def _subsample(image: np.ndarray) -> np.ndarray:
@@ -258,7 +313,12 @@ def normalization_params(image: np.ndarray, spec: Mapping) -> tuple[np.ndarray, 
         lo, hi = np.percentile(sample, spec["percentiles"], axis=1)
         offset, scale = lo, hi - lo
         if mode == "robust":
-            k = float(spec.get("noise_floor", DEFAULT_NOISE_FLOOR))
+            k = np.asarray(spec["noise_floor"], dtype=np.float64)
+            if k.shape != (channels,):
+                raise ValueError(
+                    f"robust normalisation has a noise floor for {k.size} channel(s) but the "
+                    f"image has {channels}; ingest and predict the same channels"
+                )
             scale = np.maximum(scale, k * noise_sigma(image))
     elif mode == "dataset":
         offset = np.asarray(spec["mean"], dtype=np.float64)
@@ -305,11 +365,12 @@ def normalize(image: np.ndarray, spec: Mapping) -> np.ndarray:
 
 
 __all__ = [
-    "DEFAULT_NOISE_FLOOR",
+    "DEFAULT_FLOOR_FRACTION",
     "MAX_STAT_PIXELS",
     "NORMALIZATION_MODES",
     "normalization_params",
     "normalization_spec",
     "noise_sigma",
     "normalize",
+    "signal_to_noise",
 ]

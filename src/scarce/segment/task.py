@@ -18,7 +18,7 @@ import torch
 
 from scarce.config import TrainConfig
 from scarce.data.drift import training_statistics
-from scarce.data.normalize import normalization_spec, normalize
+from scarce.data.normalize import normalize
 from scarce.data.store import SampleStore, read_metadata
 from scarce.engine import distributed
 from scarce.engine.runlog import open_run
@@ -29,7 +29,12 @@ from scarce.errors import CheckpointError
 from scarce.models import build_model
 from scarce.segment.losses import SegmentationLoss, class_weights_from_counts
 from scarce.segment.metrics import confusion_matrix, pixel_metrics
-from scarce.segment.readers import iter_test_images, make_train_loader
+from scarce.segment.readers import (
+    iter_test_images,
+    make_train_loader,
+    normalization_spec_for,
+    sample_images,
+)
 from scarce.segment.targets import TargetSpec, resolve_target
 
 logger = logging.getLogger("scarce")
@@ -80,9 +85,7 @@ class SegmentationTask:
             boundary_width=data.boundary_width,
             ignore_label=data.ignore_label,
         )
-        self.norm_spec = normalization_spec(
-            data.normalization, data.percentiles, self.metadata, noise_floor=data.noise_floor
-        )
+        self.norm_spec = normalization_spec_for(self.train_db, self.cfg)
         self.input_statistics = self._input_statistics()
         names = self.target.class_names
         self.columns = (*(f"iou_{n}" for n in names), *(f"dice_{n}" for n in names), "mean_dice")
@@ -96,11 +99,8 @@ class SegmentationTask:
 
     def _input_statistics(self) -> dict:
         """Normalised statistics of up to STATISTICS_SAMPLES evenly spaced training samples."""
-        with SampleStore(self.train_db) as store:
-            count = len(store)
-            picks = np.unique(np.linspace(0, count - 1, min(count, STATISTICS_SAMPLES)).round())
-            images = (normalize(store[int(i)].image, self.norm_spec) for i in picks)
-            return training_statistics(images)
+        images = sample_images(self.train_db, STATISTICS_SAMPLES)
+        return training_statistics(normalize(image, self.norm_spec) for image in images)
 
     def build_model(self) -> torch.nn.Module:
         """The configured network for the database's channels and the target's classes."""
