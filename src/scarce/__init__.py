@@ -37,7 +37,7 @@ _EXPORTS = {
     "Trainer": "scarce.engine.trainer",
     "load_model": "scarce.engine.checkpoint",
     "sliding_window_logits": "scarce.engine.tiling",
-    "export_model": "scarce.segment.predict",
+    "export_model": "scarce.segment.export",
     "SegmentationTask": "scarce.segment.task",
     "train": "scarce.segment.task",
     "make_train_loader": "scarce.segment.readers",

@@ -30,7 +30,7 @@ from scarce.errors import ConfigError
 # their tuple from here (e.g. the losses take CHOICES["loss.name"]).
 CHOICES: dict[str, tuple] = {
     "amp": ("auto", "off", "bf16", "fp16"),
-    "data.normalization": ("zscore", "percentile", "dataset"),
+    "data.normalization": ("zscore", "percentile", "robust", "dataset"),
     "data.target": ("auto", "class", "semantic", "boundary"),
     "augment.interpolation": ("linear", "cubic"),
     "model.norm": ("batch", "group", "instance", "none"),
@@ -53,8 +53,9 @@ class DataConfig:
     reader_count: int = -1  # workers per device; 0 = in the trainer; -1 = auto: cores // 2 in 1..8
     prefetch_batches: int = 4  # batches each worker keeps ready in the queue
     balance_classes: bool = False  # sample a class uniformly, then a patch centred on it
-    normalization: str = "zscore"  # zscore (per image) | percentile (per image) | dataset
-    percentiles: tuple[float, float] = (1.0, 99.8)  # low/high percentile for "percentile"
+    normalization: str = "zscore"  # zscore | percentile | robust (per image) | dataset
+    percentiles: tuple[float, float] = (1.0, 99.8)  # low/high percentile: percentile, robust
+    floor_fraction: float = 0.25  # robust: scale >= this x training median SNR x noise sigma
     target: str = "auto"  # auto | class | semantic | boundary: how masks become class maps
     boundary_width: int = 2  # boundary thickness for target "boundary", pixels
     ignore_label: int | None = None  # mask value that marks unlabelled pixels (skipped)

@@ -12,7 +12,7 @@ from scarce.data.normalize import normalize
 from scarce.engine.checkpoint import load_model
 from scarce.engine.export import read_export_metadata
 from scarce.io import read_image
-from scarce.segment.predict import export_model
+from scarce.segment.export import export_model
 from scarce.segment.task import target_of
 from tests.segment.test_predict import SPEC, tiny_unet, write_checkpoint
 

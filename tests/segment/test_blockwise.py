@@ -48,11 +48,24 @@ def test_blockwise_probabilities_equal_whole_image_prediction(shared_data, check
     assert np.array_equal(blockwise.class_map(probs).compute(), whole.argmax(0))
 
 
-def test_statistics_are_computed_once_for_the_whole_image_as_predict_image_does(shared_data):
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"mode": "percentile", "percentiles": [1.0, 99.8], "mean": None, "std": None},
+        # the noise floor binds (scale = floor x the image's noise): the noise must be the
+        # whole image's, not the strided sample's
+        {"mode": "robust", "percentiles": [1.0, 99.8], "noise_floor": [500.0]},
+    ],
+    ids=["percentile", "robust"],
+)
+def test_statistics_are_computed_once_for_the_whole_image_as_predict_image_does(shared_data, spec):
     image = np.tile(isbi_mosaic(shared_data, 1024, 1024), (1, 3, 2))  # > MAX_STAT_PIXELS
     assert image.shape[1] * image.shape[2] > MAX_STAT_PIXELS
-    spec = {"mode": "percentile", "percentiles": [1.0, 99.8], "mean": None, "std": None}
-    from scarce.data.normalize import normalization_params
+    from scarce.data.normalize import noise_sigma, normalization_params
+
+    if spec["mode"] == "robust":  # the floor is what sets the scale
+        lo, hi = np.percentile(image[:, ::2, ::2], spec["percentiles"])
+        assert 500.0 * noise_sigma(image)[0] > hi - lo
 
     expected = normalization_params(image, spec)
     got = blockwise.image_statistics(da.from_array(image, chunks=(1, 500, 500)), spec)

@@ -77,3 +77,18 @@ def test_evaluation_skips_unlabelled_pixels(ignore_db):
     assert ev.metrics["iou_background"] == pytest.approx(0.0)
     wrong = ((mask > 0).sum()) / mask.size
     assert abs(ev.metrics["iou_foreground"] - wrong) > 0.05
+
+
+def test_robust_extras_record_the_noise_floor_and_training_statistics(ignore_db):
+    db = ignore_db / "db"
+    cfg = override(TrainConfig(), {"data.normalization": "robust"})
+    extras = SegmentationTask(db / "train.lmdb", None, cfg).checkpoint_extras()
+    assert json.loads(json.dumps(extras)) == extras  # plain values for weights_only loading
+    spec = extras["normalization"]
+    assert spec["mode"] == "robust" and spec["floor_fraction"] == 0.25
+    assert 50 < spec["training_snr"][0] < 400  # bbbc039 nuclei fields, in noise sigmas
+    assert spec["noise_floor"] == [pytest.approx(0.25 * spec["training_snr"][0])]
+    stats = extras["input_statistics"]
+    assert stats["images"] == 2 and stats["statistics"]["p1"]["max"][0] == pytest.approx(
+        0.0, abs=1e-3
+    )

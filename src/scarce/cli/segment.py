@@ -262,7 +262,7 @@ def cmd_export(args) -> int:
         )
         print(f"wrote bioimage.io package {out} (passes bioimageio test)")
         return 0
-    from scarce.segment.predict import export_model
+    from scarce.segment.export import export_model
 
     out = export_model(args.model, args.format, args.out)
     print(f"exported {args.format} model to {out} (metadata: {out}.json)")

@@ -5,7 +5,7 @@ The exported network takes ``(N, C, H, W)`` float32 for any N and any H, W that 
 with it, in the file (TorchScript ``_extra_files["scarce.json"]``, ONNX ``metadata_props``
 key ``"scarce"``) and in a JSON file beside it (``<out>.json``): the engine's part (model,
 ``size_multiple``, halo, versions) and the task's part (for segmentation the normalisation,
-class names and target rule: :func:`scarce.segment.predict.export_model` adds them).
+class names and target rule: :func:`scarce.segment.export.export_model` adds them).
 
 Every export is checked before it is reported done: the exported model runs on an input of
 another size and batch than the export example and must give the PyTorch logits within
@@ -218,7 +218,7 @@ def export_network(
         :func:`base_metadata`).
     describe : callable, optional
         ``describe(model, ckpt) -> dict``: the task's part of the metadata, merged over the
-        engine's (segmentation: :func:`scarce.segment.predict.export_metadata`).
+        engine's (segmentation: :func:`scarce.segment.export.export_metadata`).
 
     Returns
     -------

@@ -48,7 +48,8 @@ from scarce.errors import InputError, MissingInputError
 from scarce.io import read_image
 from scarce.segment import bioimageio_docs as docs
 from scarce.segment.blockwise import context_depth
-from scarce.segment.predict import export_metadata, pixel_size_of, predict_image
+from scarce.segment.export import export_metadata
+from scarce.segment.predict import pixel_size_of, predict_image
 from scarce.segment.task import target_of
 
 logger = logging.getLogger(__name__)

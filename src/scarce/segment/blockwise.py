@@ -33,7 +33,7 @@ import os
 import numpy as np
 import torch
 
-from scarce.data.normalize import normalization_params, stat_step
+from scarce.data.normalize import noise_sigma, normalization_params, stat_step
 from scarce.engine.checkpoint import load_model
 from scarce.engine.tiling import sliding_window_logits
 from scarce.errors import InputError
@@ -83,7 +83,8 @@ def axis_chunks(size: int, chunk: int, tile: int, multiple: int) -> tuple[int, .
 def image_statistics(image, spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel ``(offset, scale)`` of a whole Dask image, as whole-image prediction has it.
 
-    Reads only the strided statistics sample (:func:`scarce.data.normalize.stat_step`), once.
+    Reads only the strided statistics sample (:func:`scarce.data.normalize.stat_step`), once,
+    and for ``robust`` the row bands its noise estimate uses.
 
     Parameters
     ----------
@@ -99,7 +100,8 @@ def image_statistics(image, spec: dict) -> tuple[np.ndarray, np.ndarray]:
         return normalization_params(np.zeros((image.shape[0], 1, 1), np.float32), spec)
     step = stat_step(image.shape[1], image.shape[2])
     sample = np.asarray(image[:, ::step, ::step].compute())
-    return normalization_params(sample, spec, sampled=True)
+    noise = noise_sigma(image) if spec.get("mode") == "robust" else None  # reads row bands
+    return normalization_params(sample, spec, sampled=True, noise=noise)
 
 
 @functools.lru_cache(maxsize=2)

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from scarce import atomic
 from scarce.config import PredictConfig
+from scarce.data.drift import warn_if_unusual
 from scarce.data.normalize import normalize
 from scarce.engine.checkpoint import load_model
 from scarce.engine.distributed import resolve_device
-from scarce.engine.export import export_network
 from scarce.engine.tiling import sliding_window_logits
 from scarce.errors import InputError, MissingInputError
 from scarce.io import (
@@ -102,8 +102,14 @@ def predict_image(
     batch_size: int | None = None,
     device=None,
     progress: bool = False,
+    name: str = "image",
 ) -> torch.Tensor:
     """Class probabilities of one raw image: normalise, sliding window, softmax (+ TTA).
+
+    After normalisation the image's intensity statistics are compared with the training
+    images' (``ckpt["extras"]["input_statistics"]``,
+    :func:`scarce.data.drift.warn_if_unusual`): one logged warning naming ``name`` and the
+    statistics far outside the training range.
 
     Parameters
     ----------
@@ -121,6 +127,8 @@ def predict_image(
         Default: the model's device.
     progress : bool
         Progress bar over tiles for big images.
+    name : str
+        What the warning calls the image (e.g. its path).
 
     Returns
     -------
@@ -150,7 +158,9 @@ def predict_image(
         ckpt, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
     )
     tta = kwargs.pop("tta")
-    x = torch.from_numpy(np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"])))
+    x = np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"]))
+    warn_if_unusual(x, ckpt["extras"].get("input_statistics"), name)
+    x = torch.from_numpy(x)
     kwargs.update(device=device, progress=progress)
     if not tta:
         return torch.softmax(sliding_window_logits(model, x, **kwargs), dim=0)
@@ -372,7 +382,7 @@ def predict_files(
     for file in tqdm(files, desc="images", unit="image", disable=None if progress else True):
         start = time.perf_counter()
         image = read_image(file)
-        probs = predict_image(model, image, ckpt, progress=progress, **options)
+        probs = predict_image(model, image, ckpt, progress=progress, name=str(file), **options)
         row = {"image": str(file), "shape": tuple(image.shape[1:])}
         px = pixel_size_of(ckpt, pixel_size_um)
         row |= _write_outputs(out / stem_of(file), probs, fmt, probabilities, instances, ckpt, px)
@@ -380,67 +390,3 @@ def predict_files(
         logger.info("%s: %dx%d in %.2f s", file.name, *row["shape"], row["seconds"])
         results.append(row)
     return results
-
-
-INPUT_LAYOUT = "(N, C, H, W) float32 normalised; H, W multiples of size_multiple"
-OUTPUT_LAYOUT = "(N, K, H, W) float32 logits (softmax over K gives class probabilities)"
-
-
-def export_metadata(model, ckpt: dict) -> dict:
-    """Segmentation's part of an exported model's metadata: how to feed it, how to read it.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The rebuilt network.
-    ckpt : dict
-        Its checkpoint.
-
-    Returns
-    -------
-    dict
-        ``in_channels``, ``num_classes``, ``normalization`` (apply it before the network:
-        :func:`scarce.data.normalize.normalize`), ``class_names``, ``target`` (rule),
-        ``mask_kind``, ``ignore_label``, ``input`` and ``output`` (layouts).
-    """
-    target = target_of(ckpt)
-    return {
-        "in_channels": int(model.in_channels),
-        "num_classes": int(model.num_classes),
-        "normalization": ckpt["extras"]["normalization"],
-        "class_names": list(target.class_names),
-        "target": target.rule,
-        "mask_kind": target.mask_kind,
-        "ignore_label": target.ignore_label,
-        "input": INPUT_LAYOUT,
-        "output": OUTPUT_LAYOUT,
-    }
-
-
-def export_model(model_path, fmt: str, out) -> Path:
-    """Export a segmentation checkpoint to TorchScript or ONNX with its metadata (``scarce export``).
-
-    :func:`scarce.engine.export.export_network` with :func:`export_metadata`: the file and
-    ``<out>.json`` say how to normalise inputs and read the logits.
-
-    Parameters
-    ----------
-    model_path : path-like
-        Checkpoint file or run folder.
-    fmt : {"torchscript", "onnx"}
-    out : path-like
-        Model file to write.
-
-    Returns
-    -------
-    pathlib.Path
-        ``out``.
-
-    Raises
-    ------
-    scarce.errors.InputError
-        For an unknown ``fmt`` or an output folder that cannot be created.
-    scarce.errors.CheckpointError
-        For a missing, invalid or non-segmentation checkpoint.
-    """
-    return export_network(model_path, fmt, out, describe=export_metadata)

@@ -33,7 +33,7 @@ from scarce.config import TrainConfig
 from scarce.data.augment import augment_patch
 from scarce.data.monitor import measure_batches
 from scarce.data.normalize import normalization_params, normalization_spec, normalize
-from scarce.data.store import open_env, read_metadata, read_record
+from scarce.data.store import SampleStore, open_env, read_metadata, read_record
 from scarce.data.workers import (
     TrainBatches,
     batch_generator,
@@ -324,12 +324,56 @@ def benchmark_readers(
         path = path / "train.lmdb"
     cfg = replace(cfg, data=replace(cfg.data, reader_count=count))
     warmup = 2 * max(count, 1) if warmup_batches is None else warmup_batches
-    spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, read_metadata(path))
+    spec = normalization_spec_for(path, cfg)
     with make_train_loader(path, cfg, norm_spec=spec) as batches:
         result = measure_batches(
             batches, seconds=seconds, warmup_batches=warmup, batch_size=cfg.data.batch_size
         )
     return {**result, "reader_count": count, "patch_size": cfg.data.patch_size}
+
+
+def sample_images(db_path: str | os.PathLike, limit: int = 100):
+    """Up to ``limit`` evenly spaced raw images of a database (in index order).
+
+    Parameters
+    ----------
+    db_path : path-like
+        LMDB directory.
+    limit : int
+        Most images yielded.
+
+    Yields
+    ------
+    ndarray, shape (C, H, W)
+        The stored image (its stored dtype), a copy.
+    """
+    with SampleStore(db_path) as store:
+        count = len(store)
+        picks = np.unique(np.linspace(0, count - 1, min(count, limit)).round().astype(int))
+        for index in picks:
+            yield store[int(index)].image
+
+
+def normalization_spec_for(db_path: str | os.PathLike, cfg: TrainConfig) -> dict:
+    """The run's normalisation spec from ``cfg.data`` and the training database.
+
+    ``robust`` fixes its noise floor on up to 100 evenly spaced training images
+    (:func:`scarce.data.normalize.normalization_spec`); ``dataset`` reads the metadata.
+
+    Raises
+    ------
+    ValueError
+        As :func:`scarce.data.normalize.normalization_spec`.
+    """
+    data = cfg.data
+    images = sample_images(db_path) if data.normalization == "robust" else None
+    return normalization_spec(
+        data.normalization,
+        data.percentiles,
+        read_metadata(db_path),
+        images=images,
+        floor_fraction=data.floor_fraction,
+    )
 
 
 def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, target: TargetSpec | None = None):
@@ -376,4 +420,10 @@ def iter_test_images(db_path: str | os.PathLike, norm_spec: dict, target: Target
         env.close()
 
 
-__all__ = ["benchmark_readers", "iter_test_images", "make_train_loader"]
+__all__ = [
+    "benchmark_readers",
+    "iter_test_images",
+    "make_train_loader",
+    "normalization_spec_for",
+    "sample_images",
+]

@@ -18,7 +18,8 @@ import torch
 
 from scarce import atomic
 from scarce.config import TrainConfig
-from scarce.data.normalize import normalization_spec
+from scarce.data.drift import training_statistics
+from scarce.data.normalize import normalize
 from scarce.data.store import SampleStore, read_metadata
 from scarce.engine import distributed
 from scarce.engine.runlog import open_run
@@ -29,10 +30,16 @@ from scarce.errors import CheckpointError
 from scarce.models import build_model
 from scarce.segment.losses import SegmentationLoss, class_weights_from_counts
 from scarce.segment.metrics import confusion_matrix, pixel_metrics
-from scarce.segment.readers import iter_test_images, make_train_loader
+from scarce.segment.readers import (
+    iter_test_images,
+    make_train_loader,
+    normalization_spec_for,
+    sample_images,
+)
 from scarce.segment.targets import TargetSpec, resolve_target
 
 logger = logging.getLogger("scarce")
+STATISTICS_SAMPLES = 100  # training images whose normalised statistics go into checkpoints
 
 
 class SegmentationTask:
@@ -52,6 +59,10 @@ class SegmentationTask:
         The training target, resolved once from the training database and ``cfg.data``.
     norm_spec : dict
         The normalisation (:func:`scarce.data.normalize.normalization_spec`).
+    input_statistics : dict
+        Intensity statistics of up to :data:`STATISTICS_SAMPLES` normalised training images
+        (evenly spaced), from :func:`scarce.data.drift.training_statistics`; prediction
+        warns about images far outside them.
 
     Raises
     ------
@@ -75,7 +86,8 @@ class SegmentationTask:
             boundary_width=data.boundary_width,
             ignore_label=data.ignore_label,
         )
-        self.norm_spec = normalization_spec(data.normalization, data.percentiles, self.metadata)
+        self.norm_spec = normalization_spec_for(self.train_db, self.cfg)
+        self.input_statistics = self._input_statistics()
         names = self.target.class_names
         self.columns = (*(f"iou_{n}" for n in names), *(f"dice_{n}" for n in names), "mean_dice")
         self.samples_per_batch = data.batch_size
@@ -85,6 +97,11 @@ class SegmentationTask:
             class_weights=self._class_weights(),
             ignore_label=self.target.ignore_label,
         )
+
+    def _input_statistics(self) -> dict:
+        """Normalised statistics of up to STATISTICS_SAMPLES evenly spaced training samples."""
+        images = sample_images(self.train_db, STATISTICS_SAMPLES)
+        return training_statistics(normalize(image, self.norm_spec) for image in images)
 
     def build_model(self) -> torch.nn.Module:
         """The configured network for the database's channels and the target's classes."""
@@ -184,12 +201,17 @@ class SegmentationTask:
         return Evaluation(test_loss=loss, metrics=metrics, examples=examples)
 
     def checkpoint_extras(self) -> dict:
-        """``normalization``, ``target`` (:meth:`TargetSpec.to_dict`) and ``dataset`` (what
-        ``dataset.yaml`` said, the source folder, the test images), read by predict/export."""
+        """``normalization``, ``target`` (:meth:`TargetSpec.to_dict`), ``dataset`` (what
+        ``dataset.yaml`` said, the source folder, the test images) and ``input_statistics``.
+
+        Read by predict and export; ``input_statistics`` feeds the predict-time check of
+        :func:`scarce.data.drift.unusual_statistics`.
+        """
         return {
             "normalization": self.norm_spec,
             "target": self.target.to_dict(),
             "dataset": dataset_record(self.metadata, self.test_db),
+            "input_statistics": self.input_statistics,
         }
 
     def plot(self, plots_dir: Path, step: int, examples: list) -> Path | None:
