@@ -7,7 +7,10 @@ task needs: the optimiser and learning-rate schedule, mixed precision, DDP, the 
 checkpoints and exact resume, early stopping, the time budget and progress.
 
 Each step draws a batch from the task's readers, computes the task's loss (under bf16 or fp16
-autocast when asked), clips gradients and steps AdamW. Every ``test_every_n_steps`` steps the
+autocast when asked) on ``grad_accumulation`` micro-batches, clips gradients and steps AdamW.
+A CUDA out-of-memory error in the first ``OOM_FALLBACK_STEPS`` steps halves the micro-batch
+(doubling ``grad_accumulation``, so the global batch and the data stay the same), is logged
+once and recorded in ``summary.json`` (``oom_fallback``), and training continues. Every ``test_every_n_steps`` steps the
 task evaluates, ``last.pt`` is saved and, if the test loss improved, ``best.pt``. Early
 stopping, ``max_steps``, ``max_minutes`` or the task itself (e.g. an aligner that collapsed)
 end the run with a final evaluation and a log line that says why. Under ``torchrun`` the model
@@ -21,11 +24,13 @@ torch-em ``DefaultTrainer.fit`` (train, validate, save best/latest, early stop);
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +41,14 @@ from scarce.config import config_to_dict, save_config
 from scarce.data.monitor import StarvationMonitor
 from scarce.engine import distributed
 from scarce.engine.checkpoint import load_matching_weights, save_checkpoint
+from scarce.engine.probe import PeakMemory
 from scarce.engine.runlog import RunLog
 from scarce.engine.schedule import learning_rate
 from scarce.engine.task import Evaluation, Runtime, Task
 
 logger = logging.getLogger("scarce")
+
+OOM_FALLBACK_STEPS = 20  # an out-of-memory error before this step halves the micro-batch
 
 
 class Trainer:
@@ -95,13 +103,15 @@ class Trainer:
         self.runtime = Runtime(dist, amp, cfg.channels_last)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.step, self.plateau_scale, self.bad_evals = 0, 1.0, 0
+        self.oom_fallback: dict | None = None
+        self.memory = PeakMemory(dist.device)
         self.best = {"test_loss": math.inf, "step": None, self.task.headline: None}
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
-        forward = self.model
+        forward = self.ddp = self.model
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            forward = DistributedDataParallel(
+            forward = self.ddp = DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=self.task.partial_forward
             )
         self.forward = torch.compile(forward) if cfg.compile else forward
@@ -134,6 +144,7 @@ class Trainer:
         stream = self.task.train_batches(self.runtime.dist.rank, start_batch=self.step)
         batches = StarvationMonitor(stream, threshold_ms=cfg.data.starvation_ms, logger=logger)
         self._log_start()
+        self.memory.reset()
         train_losses, last_eval, reason = [], None, "max_steps"
         bar = self._progress_bar()
         try:
@@ -164,20 +175,67 @@ class Trainer:
         return self._finish(reason, last_eval, time.perf_counter() - start)
 
     def train_step(self, batch: dict) -> float:
-        """One optimiser step on ``batch``; returns the (local) training loss."""
+        """One optimiser step on ``batch``; returns the (local) training loss.
+
+        Raises
+        ------
+        torch.OutOfMemoryError
+            When memory runs out after the first ``OOM_FALLBACK_STEPS`` steps, with micro-batches
+            of one sample, or under DDP (ranks must agree on the micro-batches).
+        """
+        while True:
+            try:
+                return self._optimizer_step(batch)
+            except torch.OutOfMemoryError:
+                if not self._halve_micro_batch(batch):
+                    raise
+
+    def _optimizer_step(self, batch: dict) -> float:
         lr = learning_rate(self.step, self.cfg, self.plateau_scale) * self.task.lr_factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = self.task.loss(self.forward, batch, self.runtime, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        parts = split_batch(batch, self.cfg.grad_accumulation)
+        total, n = 0.0, sum(size for size, _ in parts)
+        for i, (size, part) in enumerate(parts):
+            last = i == len(parts) - 1
+            no_sync = getattr(self.ddp, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = self.task.loss(self.forward, part, self.runtime, self.step) * (size / n)
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return total
+
+    def _halve_micro_batch(self, batch: dict) -> bool:
+        """After an out-of-memory error: double ``grad_accumulation`` if allowed; say so once."""
+        n = split_batch(batch, 1)[0][0]
+        micro = -(-n // self.cfg.grad_accumulation)
+        if self.step >= OOM_FALLBACK_STEPS or micro < 2 or self.runtime.dist.distributed:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cfg = replace(self.cfg, grad_accumulation=min(n, 2 * self.cfg.grad_accumulation))
+        self.task.cfg = self.cfg
+        micro = -(-n // self.cfg.grad_accumulation)
+        event = {"step": self.step, "grad_accumulation": self.cfg.grad_accumulation}
+        event["micro_batch"], event["batch"] = micro, n
+        (logger.warning if self.oom_fallback is None else logger.info)(
+            "Out of memory at step %d: continuing with %d micro-batches of <= %d samples "
+            "(gradient accumulation keeps the batch of %d per step); recorded in summary.json. "
+            "Start with --set grad_accumulation=%d to skip this.",
+            *(self.step, self.cfg.grad_accumulation, micro, n, self.cfg.grad_accumulation),
+        )
+        self.oom_fallback = event
+        if self.runtime.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        return True
 
     # ------------------------------------------------------------------------ evaluation
     def evaluate_and_save(self, train_losses: list[float], batches) -> tuple[dict, str | None]:
@@ -333,6 +391,8 @@ class Trainer:
             "last_eval": last_eval,
             "world_size": self.runtime.dist.world_size,
             "amp": self.runtime.amp,
+            "peak_memory_bytes": self.memory.peak(),
+            "oom_fallback": self.oom_fallback,
         }
         if self.runtime.dist.is_main:
             logger.info(
@@ -345,6 +405,32 @@ class Trainer:
             self.log.close()
         distributed.cleanup()
         return summary
+
+
+def split_batch(batch: dict, parts: int) -> list[tuple[int, dict]]:
+    """Split a batch into ``parts`` micro-batches along the first axis of its tensors.
+
+    Parameters
+    ----------
+    batch : dict
+        Tensors whose first axis is the batch ``(N, ...)`` (other values go to every part).
+    parts : int
+        Number of micro-batches (at most N; sizes differ by at most one).
+
+    Returns
+    -------
+    list of (int, dict)
+        The size of each micro-batch and its batch.
+    """
+    n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim)
+    bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).astype(int)
+
+    def cut(v, a, b):
+        return v[a:b] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v
+
+    return [
+        (b - a, {k: cut(v, a, b) for k, v in batch.items()}) for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def _why(reason: str, cfg) -> str:

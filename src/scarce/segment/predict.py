@@ -21,6 +21,7 @@ from skimage.segmentation import relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from scarce.config import PredictConfig
+from scarce.data.checks import read_dataset_metadata
 from scarce.data.normalize import normalize
 from scarce.engine.checkpoint import load_model
 from scarce.engine.distributed import resolve_device
@@ -36,6 +37,7 @@ from scarce.io import (
     write_float_image,
     write_label_image,
 )
+from scarce.segment.scale import downscale_image, relative_factor, upsample_logits
 from scarce.segment.task import target_of
 
 logger = logging.getLogger(__name__)
@@ -101,8 +103,13 @@ def predict_image(
     batch_size: int | None = None,
     device=None,
     progress: bool = False,
+    pixel_size_um: float | None = None,
 ) -> torch.Tensor:
     """Class probabilities of one raw image: normalise, sliding window, softmax (+ TTA).
+
+    A model trained on downscaled images (``data.downscale``, recorded in the checkpoint's
+    ``extras["scale"]``) gets the image shrunk the same way (to its pixel size when both
+    pixel sizes are known) and its logits are enlarged back (:mod:`scarce.segment.scale`).
 
     Parameters
     ----------
@@ -120,6 +127,8 @@ def predict_image(
         Default: the model's device.
     progress : bool
         Progress bar over tiles for big images.
+    pixel_size_um : float, optional
+        The image's pixel size, µm (brings it to the model's pixel size).
 
     Returns
     -------
@@ -149,14 +158,22 @@ def predict_image(
         ckpt, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
     )
     tta = kwargs.pop("tta")
-    x = torch.from_numpy(np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"])))
+    scale = ckpt["extras"].get("scale") or {}
+    factor = relative_factor(scale.get("pixel_size_um"), pixel_size_um, scale.get("downscale", 1))
+    x = downscale_image(normalize(image, ckpt["extras"]["normalization"]), factor)
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (C, h, w)
     kwargs.update(device=device, progress=progress)
+
+    def probabilities(t: torch.Tensor, k: int = 0) -> torch.Tensor:  # (C, h, w) -> (K, H, W)
+        logits = sliding_window_logits(model, t.contiguous(), **kwargs)
+        full = image.shape[1:] if k % 2 == 0 else image.shape[:0:-1]  # turned by k quarters
+        return torch.softmax(upsample_logits(logits, full), dim=0)
+
     if not tta:
-        return torch.softmax(sliding_window_logits(model, x, **kwargs), dim=0)
+        return probabilities(x)
     probs = 0.0
     for k, flip in itertools.product(range(4), (False, True)):
-        logits = sliding_window_logits(model, _dihedral(x, k, flip).contiguous(), **kwargs)
-        probs += _undo_dihedral(torch.softmax(logits, dim=0), k, flip)
+        probs += _undo_dihedral(probabilities(_dihedral(x, k, flip), k), k, flip)
     return probs / 8
 
 
@@ -300,6 +317,7 @@ def predict_files(
     device: str = "auto",
     fmt: str = "tif",
     progress: bool = True,
+    pixel_size_um: float | None = None,
 ) -> list[dict]:
     """Predict every image of a folder (or one file) and write class maps beside their stems.
 
@@ -321,6 +339,9 @@ def predict_files(
         Class map format.
     progress : bool
         Progress bars over images (and tiles of big images); off when not on a terminal.
+    pixel_size_um : float, optional
+        The images' pixel size, µm; default ``pixel_size_um`` of ``dataset.yaml`` beside
+        them, if any (see :func:`predict_image`).
 
     Returns
     -------
@@ -345,9 +366,11 @@ def predict_files(
     out = _make_out_dir(out_dir)
     model, ckpt = load_model(model_path, resolve_device(device))
     _check_all(files, ckpt)
-    options = dict(
-        tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
-    )
+    meta_file = files[0].parent / "dataset.yaml"
+    if pixel_size_um is None and meta_file.is_file():
+        pixel_size_um = read_dataset_metadata(meta_file)[0]["pixel_size_um"]
+    options = dict(tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
+    options.update(batch_size=batch_size, pixel_size_um=pixel_size_um)
     results = []
     for file in tqdm(files, desc="images", unit="image", disable=None if progress else True):
         start = time.perf_counter()
@@ -391,6 +414,7 @@ def export_metadata(model, ckpt: dict) -> dict:
         "target": target.rule,
         "mask_kind": target.mask_kind,
         "ignore_label": target.ignore_label,
+        "scale": ckpt["extras"].get("scale"),  # shrink inputs by scale["downscale"] first
         "input": INPUT_LAYOUT,
         "output": OUTPUT_LAYOUT,
     }

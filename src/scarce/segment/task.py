@@ -29,6 +29,7 @@ from scarce.models import build_model
 from scarce.segment.losses import SegmentationLoss, class_weights_from_counts
 from scarce.segment.metrics import confusion_matrix, pixel_metrics
 from scarce.segment.readers import iter_test_images, make_train_loader
+from scarce.segment.scale import downscale_image, relative_factor, upsample_logits
 from scarce.segment.targets import TargetSpec, resolve_target
 
 logger = logging.getLogger("scarce")
@@ -51,6 +52,10 @@ class SegmentationTask:
         The training target, resolved once from the training database and ``cfg.data``.
     norm_spec : dict
         The normalisation (:func:`scarce.data.normalize.normalization_spec`).
+    scale : dict
+        ``downscale`` (``data.downscale``) and ``pixel_size_um``: the size of the pixels the
+        network sees (the training database's ``pixel_size_um`` times ``downscale``, µm;
+        ``None`` when unknown). Test images are shrunk to it (:mod:`scarce.segment.scale`).
 
     Raises
     ------
@@ -75,6 +80,11 @@ class SegmentationTask:
             ignore_label=data.ignore_label,
         )
         self.norm_spec = normalization_spec(data.normalization, data.percentiles, self.metadata)
+        train_px = self.metadata.get("pixel_size_um")
+        model_px = train_px * data.downscale if train_px else None
+        self.scale = {"downscale": data.downscale, "pixel_size_um": model_px}
+        test_px = read_metadata(self.test_db).get("pixel_size_um") if self.test_db else None
+        self.test_factor = relative_factor(model_px, test_px, data.downscale)
         names = self.target.class_names
         self.columns = (*(f"iou_{n}" for n in names), *(f"dice_{n}" for n in names), "mean_dice")
         self.samples_per_batch = data.batch_size
@@ -106,6 +116,7 @@ class SegmentationTask:
         return (
             f"{self.train_db}: {t.num_classes} classes {list(t.class_names)}, target {t.rule}, "
             f"batch {d.batch_size}, patch {d.patch_size}"
+            + (f", images downscaled by {d.downscale:g}" if d.downscale != 1 else "")
         )
 
     def train_batches(self, rank: int, start_batch: int):
@@ -157,12 +168,13 @@ class SegmentationTask:
             with runtime.autocast():
                 logits = sliding_window_logits(
                     model,
-                    image,
+                    downscale_image(image, self.test_factor),  # (C, h, w) at the run's scale
                     tile_size=self.cfg.data.test_tile_size,
                     overlap=self.cfg.predict.overlap,
                     batch_size=self.cfg.data.batch_size,
                     device=dev,
-                )  # (K, H, W)
+                )  # (K, h, w)
+            logits = upsample_logits(logits, image.shape[1:])  # (K, H, W)
             t = torch.as_tensor(target)
             loss = self.loss_fn.to(dev)(logits[None].to(dev).float(), t[None].to(dev))
             loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
@@ -183,8 +195,12 @@ class SegmentationTask:
         return Evaluation(test_loss=loss, metrics=metrics, examples=examples)
 
     def checkpoint_extras(self) -> dict:
-        """``normalization`` and ``target`` (:meth:`TargetSpec.to_dict`), read by predict/export."""
-        return {"normalization": self.norm_spec, "target": self.target.to_dict()}
+        """``normalization``, ``target`` (:meth:`TargetSpec.to_dict`) and ``scale``, for predict."""
+        return {
+            "normalization": self.norm_spec,
+            "target": self.target.to_dict(),
+            "scale": self.scale,
+        }
 
     def plot(self, plots_dir: Path, step: int, examples: list) -> Path | None:
         """Draw ``plots_dir/step_XXXXX.png``: each test image with truth and prediction outlines.
