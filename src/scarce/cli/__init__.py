@@ -1,8 +1,8 @@
 """``scarce`` command line: a thin face over the public functions a notebook user calls.
 
 Segmentation verbs (:mod:`scarce.cli.segment`): ingest, inspect, train, predict, evaluate,
-export, demo, benchmark-readers. Alignment verbs (:mod:`scarce.cli.align`): ingest-stack,
-align-train, align, align-evaluate. For both: history. Errors that are the user's
+export, demo, benchmark-readers; planning (:mod:`scarce.cli.plan`): plan, learning-curve.
+Alignment verbs (:mod:`scarce.cli.align`): ingest-stack, align-train, align, align-evaluate. For both: history. Errors that are the user's
 (:class:`scarce.errors.ScarceError`: bad input, missing files, bad config, no such device)
 print one line naming the problem and exit 2; anything else is a bug in Scarce and keeps its
 traceback.
@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from scarce.cli import align, segment
+from scarce.cli import align, plan, segment
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
     segment.add_verbs(sub)
+    plan.add_verbs(sub)
     align.add_verbs(sub)
     p = sub.add_parser("history", help="one row per training run")
     p.add_argument("runs", nargs="+", help="run folders or folders of runs")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {**segment.COMMANDS, **align.COMMANDS, "history": cmd_history}
+COMMANDS = {**segment.COMMANDS, **plan.COMMANDS, **align.COMMANDS, "history": cmd_history}
 
 
 def main(argv: list[str] | None = None) -> int:

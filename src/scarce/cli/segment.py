@@ -5,6 +5,7 @@ benchmark-readers. Each parses its flags, calls one library function and prints 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from scarce.cli.common import (
@@ -12,7 +13,6 @@ from scarce.cli.common import (
     db_paths,
     print_summary,
     relaunch_under_torchrun,
-    run_config,
 )
 
 
@@ -64,6 +64,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--format", choices=("tif", "png"), default="tif")
+    p.add_argument("--pixel-size-um", type=float, help="default: dataset.yaml beside the images")
 
 
 def _add_evaluate(sub) -> None:
@@ -112,19 +113,24 @@ def cmd_train(args) -> int:
     code = relaunch_under_torchrun(args)
     if code is not None:
         return code
+    from scarce.cli.plan import record_plan, train_config
     from scarce.config import TrainConfig
     from scarce.segment.task import train
 
     train_db, test_db = db_paths(args)
+    cfg, plan = train_config(args, TrainConfig)
+    start = time.perf_counter()
     summary = train(
         train_db,
         test_db,
         args.out,
-        run_config(args, TrainConfig),
+        cfg,
         resume=args.resume,
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
+    if plan is not None:
+        record_plan(plan, args.out, summary, time.perf_counter() - start)
     print_summary(args, summary)
     return 0
 
@@ -178,6 +184,7 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         fmt=args.format,
+        pixel_size_um=args.pixel_size_um,
     )
     print(f"wrote predictions for {len(written)} image(s) into {args.out}")
     return 0

@@ -3,13 +3,16 @@
 :class:`PeakMemory` reads the high-water mark of the memory a run uses: on CUDA the bytes the
 caching allocator handed out (``torch.cuda.max_memory_allocated``), on the CPU the process's
 peak resident set size (Linux ``VmHWM``, which writing ``5`` to ``/proc/self/clear_refs``
-resets; elsewhere the current RSS from psutil, a lower bound). :func:`time_calls` times a
-callable (one training step, one forward pass) after warm-up calls and returns the median.
-:func:`machine_facts` lists cores, free memory and bf16 support.
+resets; elsewhere the current RSS from psutil, a lower bound); before a reset the C heap's free
+pages go back to the OS (glibc ``malloc_trim``), so a peak measures what a call needs.
+:func:`time_calls` times a callable (one training step, one forward pass) after warm-up calls
+and returns the median. :func:`machine_facts` lists cores, free memory and bf16 support.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import statistics
 import sys
@@ -44,6 +47,16 @@ def _vm_hwm() -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl or another libc
+        pass
+
+
 class PeakMemory:
     """The high-water mark of the memory this process uses on ``device``, resettable.
 
@@ -67,12 +80,19 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._floor = int(torch.cuda.memory_allocated(self.device))
             return
+        gc.collect()
+        _trim_heap()  # give freed memory back, so the peak starts from what is in use
         try:
             _CLEAR_REFS.write_text("5")
         except OSError:  # not Linux, or not allowed: the peak cannot be reset
             pass
         self._floor = current_rss()
+
+    def increase(self) -> int:
+        """How far the peak rose above the use at the last :meth:`reset`, bytes."""
+        return max(0, self.peak() - self._floor)
 
     def peak(self) -> int:
         """The peak since the last :meth:`reset`, bytes (see the class docstring)."""

@@ -7,14 +7,14 @@ task needs: the optimiser and learning-rate schedule, mixed precision, DDP, the 
 checkpoints and exact resume, early stopping, the time budget and progress.
 
 Each step draws a batch from the task's readers, computes the task's loss (under bf16 or fp16
-autocast when asked) on ``grad_accumulation`` micro-batches, clips gradients and steps AdamW.
-A CUDA out-of-memory error in the first ``OOM_FALLBACK_STEPS`` steps halves the micro-batch
-(doubling ``grad_accumulation``, so the global batch and the data stay the same), is logged
-once and recorded in ``summary.json`` (``oom_fallback``), and training continues. Every ``test_every_n_steps`` steps the
-task evaluates, ``last.pt`` is saved and, if the test loss improved, ``best.pt``. Early
-stopping, ``max_steps``, ``max_minutes`` or the task itself (e.g. an aligner that collapsed)
-end the run with a final evaluation and a log line that says why. Under ``torchrun`` the model
-is wrapped in DistributedDataParallel; only rank 0 logs and writes.
+autocast when asked) on ``grad_accumulation`` micro-batches, clips gradients and steps AdamW. A
+CUDA out-of-memory error in the first ``OOM_FALLBACK_STEPS`` steps halves the micro-batch
+(doubling ``grad_accumulation``, so the global batch and the data stay the same), is logged once
+and recorded in ``summary.json`` (``oom_fallback``), and training continues. Every
+``test_every_n_steps`` steps the task evaluates, ``last.pt`` is saved and, if the test loss
+improved, ``best.pt``. Early stopping, ``max_steps``, ``max_minutes`` or the task itself (e.g.
+an aligner that collapsed) end the run with a final evaluation and a log line that says why.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel; only rank 0 logs and writes.
 
 References
 ----------
