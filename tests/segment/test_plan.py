@@ -75,14 +75,7 @@ def test_plan_ends_inside_the_budget(disks_db, disks_data, minutes):
     )
     cfg, p = plan.config, plan.predicted
     assert p["total_seconds"] <= 60 * minutes
-    c = Candidate(
-        cfg.data.downscale,
-        cfg.data.patch_size,
-        cfg.data.batch_size,
-        cfg.model.width,
-        cfg.model.depth,
-        cfg.amp,
-    )
+    c = Candidate.of(cfg)
     assert c in fake.calls  # the chosen sizes were measured, not guessed
     assert cfg.max_steps * fake.step_seconds(c) <= 60 * minutes
     assert cfg.max_steps % cfg.test_every_n_steps == 0  # the last evaluation at max_steps
@@ -107,14 +100,7 @@ def test_plan_respects_memory(disks_db, disks_data):
     fake = FakeMachine(rate=0.01, memory=memory, bytes_per_pixel=5000)
     plan = plan_run(disks_db / "train.lmdb", minutes=5, machine=fake, data=disks_data)
     cfg = plan.config
-    c = Candidate(
-        cfg.data.downscale,
-        cfg.data.patch_size,
-        cfg.data.batch_size,
-        cfg.model.width,
-        cfg.model.depth,
-        cfg.amp,
-    )
+    c = Candidate.of(cfg)
     limit = MEMORY_SHARE["cpu"] * memory
     assert fake.base_bytes + RUN_BYTES + fake.step_bytes(c) <= limit
     assert plan.predicted["peak_memory_bytes"] <= limit

@@ -423,7 +423,7 @@ def split_batch(batch: dict, parts: int) -> list[tuple[int, dict]]:
         The size of each micro-batch and its batch.
     """
     n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim)
-    bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).astype(int)
+    bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).astype(int).tolist()
 
     def cut(v, a, b):
         return v[a:b] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v

@@ -54,6 +54,12 @@ class Candidate:
     depth: int
     amp: str
 
+    @classmethod
+    def of(cls, cfg: TrainConfig, amp: str | None = None) -> Candidate:
+        """The sizes of a config (``amp``: the resolved precision, default ``cfg.amp``)."""
+        d, m = cfg.data, cfg.model
+        return cls(float(d.downscale), d.patch_size, d.batch_size, m.width, m.depth, amp or cfg.amp)
+
     @property
     def pixels(self) -> int:
         """Pixels per step: batch x patch x patch."""

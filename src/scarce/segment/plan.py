@@ -346,9 +346,8 @@ def predict_config(cfg: TrainConfig, train_db, test_db=None, *, machine=None) ->
     planner = Planner(cfg, data, machine, cfg.max_minutes or 60.0)
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
-    d, m = cfg.data, cfg.model
-    c = Candidate(float(d.downscale), d.patch_size, d.batch_size, m.width, m.depth, amp)
-    s = planner.schedule(c, readers=resolve_reader_count(d.reader_count))
+    c = Candidate.of(cfg, amp)
+    s = planner.schedule(c, readers=resolve_reader_count(cfg.data.reader_count))
     evals = math.ceil(cfg.max_steps / cfg.test_every_n_steps)
     s["total_seconds"] = (
         s["setup_seconds"]
