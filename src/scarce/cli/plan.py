@@ -90,6 +90,8 @@ def train_config(args, cls):
         if warning:
             logger.warning("--config %s: %s", args.config, warning)
         return cfg, None
+    import psutil
+
     plan = plan_run(
         train_db,
         test_db,
@@ -98,6 +100,7 @@ def train_config(args, cls):
         amp=args.amp,
         seed=args.seed,
         count_planning=True,
+        spent_seconds=time.time() - psutil.Process().create_time(),  # start-up counts too
     )
     logger.info(
         "No --config: planned the run for --max-minutes %g first\n%s", minutes, format_plan(plan)

@@ -107,6 +107,7 @@ def plan_run(
     machine: Machine | None = None,
     data: dict | None = None,
     count_planning: bool = False,
+    spent_seconds: float = 0.0,
 ) -> Plan:
     """Plan a training run of ``minutes`` on this machine (``scarce plan``).
 
@@ -128,6 +129,9 @@ def plan_run(
     count_planning : bool
         Take the planning's own time out of the budget (``scarce train --max-minutes``
         plans first in the same budget).
+    spent_seconds : float
+        Time already spent before planning (e.g. the process's start-up), also taken out of
+        the budget when ``count_planning``.
 
     Returns
     -------
@@ -154,11 +158,13 @@ def plan_run(
     planner.num_classes = target.num_classes
     best = planner.search()
     if count_planning:  # the same schedule in what is left of the budget
-        minutes -= (time.perf_counter() - start) / 60.0
+        minutes -= (time.perf_counter() - start + spent_seconds) / 60.0
         planner.budget = 60.0 * minutes
         best = planner.schedule(best["candidate"])
     config = _config(cfg, best, planner, minutes)
-    predicted = {k: v for k, v in best.items() if k not in ("candidate", "fits_memory")}
+    predicted = {
+        k: v for k, v in best.items() if k not in ("candidate", "fits_memory", "estimated")
+    }
     kept = {k: v for k, v in data.items() if k not in ("shapes", "test_shapes", "scale_table")}
     return Plan(
         config=config,
@@ -238,7 +244,7 @@ def _choices(cfg: TrainConfig, best: dict, planner: Planner) -> list[dict]:
         (
             "model",
             f"{cfg.model.name} width {c.width} depth {c.depth}",
-            _model_facts(cfg, d["channels"], classes),
+            "; ".join(x for x in (_model_facts(cfg, d["channels"], classes), r.get("width")) if x),
         ),
         ("data.batch_size", f"{c.batch}", r.get("batch", "")),
         ("amp", c.amp, r.get("amp", "")),

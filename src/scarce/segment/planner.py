@@ -43,7 +43,7 @@ from scarce.config import TrainConfig
 from scarce.engine.distributed import resolve_amp, resolve_device
 from scarce.engine.tiling import tile_starts
 from scarce.errors import DeviceError
-from scarce.segment.machine import Candidate, Machine
+from scarce.segment.machine import Candidate, Machine, ReaderRate, Timing
 from scarce.segment.survey import scaled_sides
 
 TARGET_STEPS = 600  # optimiser steps a short run needs (see the module docstring)
@@ -60,6 +60,7 @@ MEMORY_SHARE = {"cpu": 0.6, "cuda": 0.85}  # of the free memory a run may plan t
 SETUP_S = 4.0  # task set-up, first plot, final checkpoint and summary (measured, nist_rpe)
 EVAL_OVERHEAD_S = 1.0  # checkpoint, plot and metrics row per evaluation (measured)
 EVAL_PIXEL_S = 5e-8  # normalisation, loss and confusion matrix per test pixel, seconds
+WIDER_COST = 3.0  # a doubled width costs at least this per step (3.5x measured on a CPU)
 RUN_BYTES = 256 << 20  # CPU: what a run holds beyond the probes (readers' queues, TensorBoard,
 # plots, test images; measured 200-260 MB on nist_rpe)
 
@@ -113,8 +114,12 @@ class Planner:
         side = -(-side // m) * m
         return side if side <= 1024 else self.cfg.data.test_tile_size
 
-    def evaluation(self, c: Candidate) -> tuple[float, int]:
-        """Predicted seconds per evaluation and the forward pass's peak memory (bytes)."""
+    def evaluation(self, c: Candidate, step=None) -> tuple[float, int]:
+        """Predicted seconds per evaluation and the forward pass's peak memory (bytes).
+
+        With ``step`` (a :class:`Timing` of ``c``) the forward pass is estimated as a third of
+        the step's time per pixel instead of measured.
+        """
         shapes = self.test_shapes(c)
         if not shapes:
             return EVAL_OVERHEAD_S, 0
@@ -126,24 +131,33 @@ class Planner:
                 math.prod(len(tile_starts(n, tile, self.cfg.predict.overlap, m)) for n in sizes)
             )
         batch = min(c.batch, max(tiles))
-        fwd = self.forward(c, tile, batch)
+        if step is None:
+            fwd = self.forward(c, tile, batch)
+        else:
+            fwd = Timing(step.seconds * batch * tile * tile / c.pixels / 3, step.peak_bytes)
         passes = sum(math.ceil(t / batch) for t in tiles)
         full = sum(h * w for h, w in self.data["test_shapes"])
         return EVAL_OVERHEAD_S + passes * fwd.seconds + EVAL_PIXEL_S * full, fwd.peak_bytes
 
-    def schedule(self, c: Candidate, readers: int | None = None) -> dict:
+    def schedule(self, c: Candidate, readers: int | None = None, exact: bool = False) -> dict:
         """Readers, evaluations, steps and the predicted times and memory of candidate ``c``.
 
-        ``readers`` fixes the worker count (default: enough for 1.25 x the step rate).
+        ``readers`` fixes the worker count (default: enough for 1.25 x the step rate). Unless
+        ``exact``, a candidate whose training step alone cannot reach 80 % of
+        ``TARGET_STEPS`` is not measured further: its readers are taken as free and its
+        evaluation is estimated from the step (a forward pass is about a third of a step).
         """
-        timing, rate = self.step(c), self.rate(c)
+        timing = self.step(c)
+        hopeless = (SAFETY * self.budget - SETUP_S) / timing.seconds < 0.8 * TARGET_STEPS
+        estimate = hopeless and not exact and readers is None
+        rate = ReaderRate(1e9, 0.0) if estimate else self.rate(c)
         read_s = 1.0 / max(rate.batches_per_second, 1e-9)  # one worker's time per batch
         wall = timing.seconds + (0.0 if self.gpu else read_s / self.cores)
         cap = max(1, self.cores // 2) if not self.gpu else max(1, self.cores - 1)
         readers = readers or min(cap, max(1, math.ceil(1.25 * read_s / wall)))
         keep_up = readers / read_s >= 1.0 / wall
         wall = max(wall, read_s / readers)
-        eval_s, eval_peak = self.evaluation(c)
+        eval_s, eval_peak = self.evaluation(c, timing if estimate else None)
         setup = SETUP_S + rate.startup_seconds
         k = int(min(MAX_EVALS, max(1, EVAL_SHARE * self.budget // eval_s)))
         steps = int(min(MAX_STEPS, max(0.0, (SAFETY * self.budget - setup - k * eval_s) / wall)))
@@ -169,6 +183,7 @@ class Planner:
             "reader_batches_per_second": readers / read_s,
             "needed_batches_per_second": 1.0 / max(timing.seconds, 1e-9),
             "fits_memory": peak <= self.memory_limit,
+            "estimated": estimate,
         }
 
     # ------------------------------------------------------------------------ choices
@@ -304,14 +319,24 @@ class Planner:
             )
         ok = [s for s in self.tried if s["steps"] >= TARGET_STEPS]
         best = ok[0] if ok else max(self.tried, key=lambda s: s["steps"])
+        best = self.schedule(best["candidate"], exact=True)
         if best["candidate"].batch < self.base_batch and "memory" not in self.reasons["batch"]:
             self.reasons["batch"] = (
                 f"{best['candidate'].batch}: halved from {self.base_batch} to fit more steps"
             )
         for w in widths[1:]:
+            if best["steps"] / WIDER_COST < 0.8 * 2 * TARGET_STEPS:
+                self.reasons["width"] = (
+                    f"width {w} would cost about {WIDER_COST:g}x per step: fewer than "
+                    f"{2 * TARGET_STEPS} steps"
+                )
+                break
             wider = self.fitted(replace(best["candidate"], width=w))
-            if wider is not None and wider["steps"] >= 2 * TARGET_STEPS:
-                best = wider
+            if wider is None or wider["steps"] < 2 * TARGET_STEPS:
+                self.reasons["width"] = f"width {w} measured: fewer than {2 * TARGET_STEPS} steps"
+                break
+            best = self.schedule(wider["candidate"], exact=True)
+            self.reasons["width"] = f"width {w}: still {best['steps']} steps (>= 2 x the target)"
         if best["steps"] < MIN_STEPS:
             self.notes.append(
                 f"the budget allows only {best['steps']} steps (a run needs about "

@@ -15,10 +15,17 @@ import numpy as np
 from scarce.data.store import SampleStore, read_metadata
 from scarce.segment.scale import FACTORS, object_diameters, resized_shape, scale_table
 
+MAX_MASK_PIXELS = 8_000_000  # the masks read for the survey hold at most this many pixels
 
-def _mask_sample(train_db, count: int, max_masks: int) -> list[np.ndarray]:
-    """Up to ``max_masks`` training masks, evenly spaced in key order."""
-    picks = np.unique(np.linspace(0, count - 1, min(count, max_masks)).round().astype(int))
+
+def _mask_sample(train_db, shapes: np.ndarray, max_masks: int) -> list[np.ndarray]:
+    """Up to ``max_masks`` training masks (and ``MAX_MASK_PIXELS``), evenly spaced by key."""
+    count = len(shapes)
+    mean_pixels = float(np.prod(shapes, axis=1).mean()) if count else 1.0
+    wanted = min(count, max_masks, max(1, int(MAX_MASK_PIXELS // mean_pixels)))
+    if wanted <= 0 or max_masks <= 0:
+        return []
+    picks = np.unique(np.linspace(0, count - 1, wanted).round().astype(int))
     with SampleStore(train_db) as store:
         return [store[int(i)].mask for i in picks]
 
@@ -37,7 +44,8 @@ def survey_database(
     train_db, test_db : path-like
         LMDB databases written by ``scarce ingest`` (``test_db`` may be None).
     max_masks : int
-        Training masks read for object sizes and the scale table (evenly spaced by key).
+        Training masks read for object sizes and the scale table (evenly spaced by key; at
+        most ``MAX_MASK_PIXELS`` pixels in all).
     factors : sequence of float
         Downscale factors of the scale table.
 
@@ -60,7 +68,7 @@ def survey_database(
     meta = read_metadata(train_db)
     shapes = np.array([s["shape"] for s in meta["samples"]], dtype=np.int64).reshape(-1, 2)
     kind, ignore = meta["mask_kind"], meta.get("ignore_label")
-    masks = _mask_sample(train_db, len(shapes), max_masks) if len(shapes) else []
+    masks = _mask_sample(train_db, shapes, max_masks) if len(shapes) else []
     diameters = np.concatenate([object_diameters(m, kind, ignore) for m in masks] or [[]])
     test_meta = read_metadata(test_db) if test_db else None
     return {
