@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--minutes", type=float, default=8.0)
     parser.add_argument("--amp", default="off", help="off stands for a CPU without bf16")
-    parser.add_argument("--work", default="bench-plan", help="databases, runs and logs")
+    parser.add_argument("--work", default="benchmarks/work/plan", help="databases, runs and logs")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     entries = [

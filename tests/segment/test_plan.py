@@ -182,3 +182,27 @@ def test_train_with_max_minutes_and_no_config_plans_first(disks_db, tmp_path, mo
     assert cfg.max_steps == saved["config"]["max_steps"]
     assert cfg.data.patch_size == saved["config"]["data"]["patch_size"]
     assert saved["measured"]["steps"] <= cfg.max_steps and saved["measured"]["peak_memory_bytes"]
+
+
+def test_plan_verb_prints_the_table_and_writes_both_files(disks_db, tmp_path, monkeypatch, capsys):
+    from scarce.cli import main
+
+    monkeypatch.setattr(plan_module, "LocalMachine", lambda *a, **k: FakeMachine())
+    out = tmp_path / "p" / "plan.yaml"
+    code = main(
+        ["plan", "--train-db", str(disks_db / "train.lmdb"), "--minutes", "2", "--out", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and out.is_file() and out.with_suffix(".json").is_file()
+    assert "predicted:" in printed and f"scarce train --config {out}" in printed
+    assert load_config(out).max_minutes == 2
+
+
+def test_learning_curve_without_a_test_database_is_a_user_error(tmp_path, capsys):
+    from scarce.cli import main
+
+    db = synthetic_db(tmp_path / "d", [(32, 32)] * 3, radius=4, test=0)
+    code = main(
+        ["learning-curve", "--train-db", str(db / "train.lmdb"), "--out", str(tmp_path / "c")]
+    )
+    assert code == 2 and "--test-db" in capsys.readouterr().err
