@@ -206,3 +206,15 @@ def test_learning_curve_without_a_test_database_is_a_user_error(tmp_path, capsys
         ["learning-curve", "--train-db", str(db / "train.lmdb"), "--out", str(tmp_path / "c")]
     )
     assert code == 2 and "--test-db" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_machine_plan_trains_as_written(nist_db, tmp_path):
+    from scarce.segment.task import train
+
+    plan = plan_run(nist_db / "train.lmdb", nist_db / "test.lmdb", minutes=1.0, amp="off")
+    assert plan.measured and plan.predicted["total_seconds"] <= 60
+    config, _ = write_plan(plan, tmp_path / "plan.yaml")
+    cfg = override(load_config(config), {"max_steps": 3, "test_every_n_steps": 3})
+    summary = train(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "run", cfg)
+    assert summary["steps"] == 3 and summary["peak_memory_bytes"] > 0
