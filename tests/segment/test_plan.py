@@ -79,7 +79,7 @@ def test_plan_ends_inside_the_budget(disks_db, disks_data, minutes):
     assert c in fake.calls  # the chosen sizes were measured, not guessed
     assert cfg.max_steps * fake.step_seconds(c) <= 60 * minutes
     assert cfg.max_steps % cfg.test_every_n_steps == 0  # the last evaluation at max_steps
-    assert cfg.max_minutes == minutes
+    assert cfg.max_minutes < minutes  # the hard stop leaves room for the last evaluation
 
 
 def test_more_budget_buys_steps_and_native_resolution(disks_db, disks_data):
@@ -195,7 +195,7 @@ def test_plan_verb_prints_the_table_and_writes_both_files(disks_db, tmp_path, mo
     printed = capsys.readouterr().out
     assert code == 0 and out.is_file() and out.with_suffix(".json").is_file()
     assert "predicted:" in printed and f"scarce train --config {out}" in printed
-    assert load_config(out).max_minutes == 2
+    assert 1.8 < load_config(out).max_minutes < 2
 
 
 def test_learning_curve_without_a_test_database_is_a_user_error(tmp_path, capsys):

@@ -34,6 +34,9 @@ from scarce.segment.targets import resolve_target
 
 logger = logging.getLogger("scarce")
 
+STOP_S = 5.0  # after the hard stop: final checkpoint, summary, process exit (seconds)
+FAR = 1.5  # scarce train warns when an explicit config is predicted to take this x the budget
+
 
 @dataclass
 class Plan:
@@ -201,7 +204,10 @@ def _config(cfg: TrainConfig, best: dict, planner: Planner, minutes: float) -> T
             "amp": c.amp,
             "max_steps": steps,
             "test_every_n_steps": max(1, best["test_every_n_steps"]),
-            "max_minutes": round(minutes, 2),
+            # the hard stop leaves room for the final evaluation, checkpoint and summary
+            "max_minutes": round(
+                max(0.5 * minutes, minutes - (best["seconds_per_evaluation"] + STOP_S) / 60), 2
+            ),
             "optim.warmup_steps": min(cfg.optim.warmup_steps, max(1, steps // 10)),
         },
     )
@@ -268,7 +274,11 @@ def _choices(cfg: TrainConfig, best: dict, planner: Planner) -> list[dict]:
             f"steps of {best['seconds_per_step']:.2f} s end at "
             f"{best['total_seconds'] / 60:.1f} min ({SAFETY:.0%} of the budget)",
         ),
-        ("max_minutes", f"{cfg.max_minutes:g}", "the budget: the run stops there in any case"),
+        (
+            "max_minutes",
+            f"{cfg.max_minutes:g}",
+            "the budget less the final evaluation: the run stops there in any case",
+        ),
     ]
     return [{"setting": s, "value": v, "reason": w} for s, v, w in rows]
 
@@ -362,9 +372,6 @@ def predict_config(cfg: TrainConfig, train_db, test_db=None, *, machine=None) ->
     )
     s["steps"] = cfg.max_steps
     return s
-
-
-FAR = 1.5  # scarce train warns when an explicit config is predicted to take this x the budget
 
 
 def budget_warning(cfg: TrainConfig, train_db, test_db=None, *, machine=None) -> str | None:
