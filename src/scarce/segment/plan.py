@@ -161,9 +161,10 @@ def plan_run(
     planner.num_classes = target.num_classes
     best = planner.search()
     if count_planning:  # the same schedule in what is left of the budget
-        minutes -= (time.perf_counter() - start + spent_seconds) / 60.0
+        spent = (time.perf_counter() - start + spent_seconds) / 60.0
+        minutes = max(0.1 * budget, minutes - spent)
         planner.budget = 60.0 * minutes
-        best = planner.schedule(best["candidate"])
+        best = planner.schedule(best["candidate"], exact=True)
     config = _config(cfg, best, planner, minutes)
     predicted = {
         k: v for k, v in best.items() if k not in ("candidate", "fits_memory", "estimated")
