@@ -124,7 +124,7 @@ def run_one(name: str, seed: int, args) -> dict:
     loads = sampler.stop()
     plan = json.loads((run / "plan.json").read_text())
     score = score_checkpoint(run / "checkpoints" / "last.pt", db / "test.lmdb", device="cpu")
-    p, m, c = plan["predicted"], plan["measured"], plan["config"]
+    c = plan["config"]
     metric, target = TARGETS[name]
     entry = {
         "dataset": name,
@@ -138,16 +138,8 @@ def run_one(name: str, seed: int, args) -> dict:
         "depth": c["model"]["depth"],
         "amp": c["amp"],
         "readers": c["data"]["reader_count"],
-        "max_steps": c["max_steps"],
-        "steps": m["steps"],
-        "stop_reason": m["stop_reason"],
-        "predicted_train_s": round(p["total_seconds"], 1),
-        "measured_train_s": m["wall_seconds"],
-        "time_error_pct": round(100 * (m["wall_seconds"] / p["total_seconds"] - 1), 1),
-        "predicted_s_per_step": round(p["seconds_per_step"], 3),
+        **timing(plan),
         "command_s": round(command_s, 1),
-        "predicted_peak_mb": round(p["peak_memory_bytes"] / 2**20),
-        "measured_peak_mb": round(m["peak_memory_bytes"] / 2**20),
         "fg_dice": round(score["fg_dice"], 4),
         "object_f1": None if score["object_f1"] is None else round(score["object_f1"], 4),
         "target": f"{metric} >= {target}",
@@ -159,9 +151,38 @@ def run_one(name: str, seed: int, args) -> dict:
             round(max(loads), 2),
         ],
         "command": "scarce " + " ".join(shlex.quote(a) for a in cmd[3:]),
+        "run": str(run),
     }
     print(json.dumps(entry), flush=True)
     return entry
+
+
+def timing(plan: dict) -> dict:
+    """Predicted against measured time and memory, from a run's ``plan.json``.
+
+    ``predicted_train_s`` is the plan's total for ``max_steps``; a run stopped early by
+    ``max_minutes`` (other jobs slowed it) did fewer steps, so the error is also given for
+    the steps it did: set-up + steps x predicted step + its evaluations x predicted evaluation.
+    """
+    p, m, c = plan["predicted"], plan["measured"], plan["config"]
+    done = m["steps"]
+    evals = -(-done // c["test_every_n_steps"])
+    for_done = (
+        p["setup_seconds"] + done * p["seconds_per_step"] + evals * p["seconds_per_evaluation"]
+    )
+    return {
+        "max_steps": c["max_steps"],
+        "steps": done,
+        "stop_reason": m["stop_reason"],
+        "predicted_train_s": round(p["total_seconds"], 1),
+        "measured_train_s": m["wall_seconds"],
+        "time_error_pct": round(100 * (m["wall_seconds"] / p["total_seconds"] - 1), 1),
+        "predicted_for_steps_done_s": round(for_done, 1),
+        "step_error_pct": round(100 * (m["wall_seconds"] / for_done - 1), 1),
+        "predicted_s_per_step": round(p["seconds_per_step"], 3),
+        "predicted_peak_mb": round(p["peak_memory_bytes"] / 2**20),
+        "measured_peak_mb": round(m["peak_memory_bytes"] / 2**20),
+    }
 
 
 def merge(path: Path, entries: list[dict]) -> list[dict]:
@@ -190,18 +211,25 @@ def render(entries: list[dict], meta: dict) -> str:
         "image by sorted name is test; scores are of the last checkpoint on the test database "
         "(pooled foreground Dice; bbbc039 also object F1 at IoU 0.5 of the watershed instances).",
         "",
-        "| dataset | seed | plan (downscale, patch, batch, width, steps) | planning s | predicted train s | "
-        "measured train s | error | predicted peak MiB | measured peak MiB | fg Dice | object F1 | "
-        "target | load at plan / during (min, mean, max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "*predicted train s*: the plan's total for `max_steps`; *measured*: the wall time of "
+        "`train()` (the plan is made before it, in the same process and budget). A run that "
+        "other jobs slowed stops at `max_minutes` with fewer steps: *error for the steps done* "
+        "compares the measured time with the plan's prediction for the steps it did.",
+        "",
+        "| dataset | seed | plan (downscale, patch, batch, width) | steps done / planned | "
+        "planning s | predicted train s | measured train s | error | error for the steps done | "
+        "predicted peak MiB | measured peak MiB | fg Dice | object F1 | target | "
+        "load at plan / during (min, mean, max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         f1 = "-" if e["object_f1"] is None else f"{e['object_f1']:.4f}"
         lines.append(
             f"| {e['dataset']} | {e['seed']} | {e['downscale']:g}, {e['patch']}, {e['batch']}, "
-            f"{e['width']}, {e['steps']}/{e['max_steps']} | {e['planning_s']:.0f} | "
+            f"{e['width']} | {e['steps']} / {e['max_steps']} | {e['planning_s']:.0f} | "
             f"{e['predicted_train_s']:.0f} | {e['measured_train_s']:.0f} | "
-            f"{e['time_error_pct']:+.0f} % | {e['predicted_peak_mb']} | {e['measured_peak_mb']} | "
+            f"{e['time_error_pct']:+.0f} % | {e['step_error_pct']:+.0f} % | "
+            f"{e['predicted_peak_mb']} | {e['measured_peak_mb']} | "
             f"{e['fg_dice']:.4f} | {f1} | {e['target']}: {'met' if e['met'] else 'MISSED'} | "
             f"{e['load_at_plan']} / {', '.join(map(str, e['load_during']))} |"
         )
@@ -218,7 +246,19 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", default="off", help="off stands for a CPU without bf16")
     parser.add_argument("--work", default="benchmarks/work/plan", help="databases, runs and logs")
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument(
+        "--render-only", action="store_true", help="recompute the table from the runs' plan.json"
+    )
     args = parser.parse_args(argv)
+    results = Path(args.results)
+    if args.render_only:
+        saved = json.loads((results / "plan.json").read_text())
+        for e in saved["entries"]:
+            e.setdefault("run", str(Path(args.work) / "runs" / f"{e['dataset']}-seed{e['seed']}"))
+            e.update(timing(json.loads((Path(e["run"]) / "plan.json").read_text())))
+        (results / "plan.json").write_text(json.dumps(saved, indent=1) + "\n")
+        (results / "plan.md").write_text(render(saved["entries"], saved["meta"]))
+        return 0
     entries = [
         run_one(name, int(seed), args)
         for name in args.datasets.split(",")
@@ -233,7 +273,6 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     merged = merge(results / "plan.json", entries)
     (results / "plan.json").write_text(
