@@ -282,6 +282,13 @@ class Planner:
 
     def search(self) -> dict:
         """Rules 1-3 of the module docstring; the chosen candidate's schedule."""
+        load = self.machine.facts.get("load_1min")
+        if not self.gpu and load is not None and load > self.cores:
+            self.notes.append(
+                f"other jobs keep this CPU busy (1-minute load {load:g} on {self.cores} cores): "
+                "the measurements, and this plan, assume they go on; if they stop, the run "
+                "ends early, if they grow, at max_minutes with fewer steps"
+            )
         fov = self.field_of_view()
         widths = (32, 64) if self.gpu else (16, 32)
         patch, _ = self.patch_at(fov, 1.0)
