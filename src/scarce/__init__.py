@@ -49,6 +49,8 @@ _EXPORTS = {
     "instances_from_prediction": "scarce.segment.predict",
     "evaluate_arrays": "scarce.segment.evaluate",
     "evaluate_folders": "scarce.segment.evaluate",
+    "plan_run": "scarce.segment.plan",
+    "learning_curve": "scarce.segment.curve",
     "run_demo": "scarce.demo",
 }
 

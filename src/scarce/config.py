@@ -61,6 +61,8 @@ class DataConfig:
     ignore_label: int | None = None  # mask value that marks unlabelled pixels (skipped)
     starvation_ms: float = 50.0  # a batch wait above this logs "Input queue starvation", ms
     test_tile_size: int = 512  # test images larger than this are evaluated in tiles, pixels
+    downscale: float = 1.0  # shrink images by this factor for training, evaluation and
+    # prediction (2 = half the pixels per side); recorded in checkpoints, undone at predict
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads per process; 0 = torch default
+    grad_accumulation: int = 1  # micro-batches per step (batch split, global batch kept)
     plot_test_images: int = 4  # test examples drawn in plots/step_XXXXX.png
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -219,6 +222,8 @@ class EngineConfig:
         check_choices(self)
         if self.test_every_n_steps < 1:
             raise ConfigError("test_every_n_steps must be >= 1")
+        if self.grad_accumulation < 1:
+            raise ConfigError(f"grad_accumulation = {self.grad_accumulation} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -254,6 +259,11 @@ def _check_segmentation(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.patch_size = {cfg.data.patch_size} is too small (>= 8)")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size = {cfg.data.batch_size} must be >= 1")
+    if cfg.data.batch_size < cfg.grad_accumulation or not 0.1 <= cfg.data.downscale <= 16:
+        raise ConfigError(
+            f"data.batch_size = {cfg.data.batch_size} must be >= grad_accumulation = "
+            f"{cfg.grad_accumulation}, and data.downscale = {cfg.data.downscale} in [0.1, 16]"
+        )
     if not 0.0 <= cfg.predict.overlap < 1.0:
         raise ConfigError(f"predict.overlap = {cfg.predict.overlap} must be in [0, 1)")
 

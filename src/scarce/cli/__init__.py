@@ -1,13 +1,13 @@
 """``scarce`` command line: a thin face over the public functions a notebook user calls.
 
 Segmentation verbs (:mod:`scarce.cli.segment`): ingest, inspect, train, predict, evaluate,
-export, demo, benchmark-readers. Alignment verbs (:mod:`scarce.cli.align`): ingest-stack,
-align-train, align, align-evaluate. For both: history. Errors that are the user's
-(:class:`scarce.errors.ScarceError`: bad input, missing files, bad config, no such device, a
-full disk) print one line naming the problem and exit 2 (3 when another DDP rank died);
-anything else is a bug in Scarce and keeps its traceback. A training run stopped by SIGTERM,
-SIGINT or SIGUSR1 saves ``last.pt`` and exits 75 (:data:`scarce.lifecycle.EXIT_STOPPED`);
-an interrupted command that saved nothing exits 130.
+export, demo, benchmark-readers; planning (:mod:`scarce.cli.plan`): plan, learning-curve.
+Alignment verbs (:mod:`scarce.cli.align`): ingest-stack, align-train, align, align-evaluate.
+For both: history. Errors that are the user's (:class:`scarce.errors.ScarceError`: bad input,
+missing files, bad config, no such device, a full disk) print one line naming the problem and
+exit 2 (3 when another DDP rank died); anything else is a bug in Scarce and keeps its
+traceback. A training run stopped by SIGTERM, SIGINT or SIGUSR1 saves ``last.pt`` and exits
+75 (:data:`scarce.lifecycle.EXIT_STOPPED`); an interrupted command that saved nothing exits 130.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from scarce.cli import align, segment
+from scarce.cli import align, plan, segment
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
     segment.add_verbs(sub)
+    plan.add_verbs(sub)
     align.add_verbs(sub)
     parser.add_argument(
         "--max-pixels",
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {**segment.COMMANDS, **align.COMMANDS, "history": cmd_history}
+COMMANDS = {**segment.COMMANDS, **plan.COMMANDS, **align.COMMANDS, "history": cmd_history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,8 +88,8 @@ def config_keys(cls: type) -> dict[str, object]:
     return out
 
 
-def run_config(args, cls: type):
-    """The config of a training verb: ``--config``, then its flags, then every ``--set``.
+def run_config(args, cls: type, base=None):
+    """The config of a training verb: ``--config`` (or ``base``), then its flags, then ``--set``.
 
     Raises
     ------
@@ -98,7 +98,7 @@ def run_config(args, cls: type):
     """
     from scarce.config import ConfigError, load_config, override
 
-    cfg = load_config(args.config, cls)
+    cfg = base if base is not None else load_config(args.config, cls)
     keys = config_keys(cls)
     values = {k: v for k, v in vars(args).items() if k in keys and v is not None}
     for item in args.set:

@@ -5,6 +5,7 @@ benchmark-readers. Each parses its flags, calls one library function and prints 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from scarce.cli.common import (
@@ -12,7 +13,6 @@ from scarce.cli.common import (
     db_paths,
     finish_run,
     relaunch_under_torchrun,
-    run_config,
 )
 
 
@@ -73,7 +73,11 @@ def _add_predict(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--format", choices=("tif", "png"), default="tif")
-    p.add_argument("--pixel-size-um", type=float, help="pixel size recorded in the outputs")
+    p.add_argument(
+        "--pixel-size-um",
+        type=float,
+        help="pixel size recorded in the outputs (default: the checkpoint's)",
+    )
     p.add_argument(
         "--dask-scheduler", metavar="ADDRESS", help="run on this dask.distributed scheduler"
     )
@@ -141,19 +145,24 @@ def cmd_train(args) -> int:
     code = relaunch_under_torchrun(args)
     if code is not None:
         return code
+    from scarce.cli.plan import record_plan, train_config
     from scarce.config import TrainConfig
     from scarce.segment.task import train
 
     train_db, test_db = db_paths(args)
+    cfg, plan = train_config(args, TrainConfig)
+    start = time.perf_counter()
     summary = train(
         train_db,
         test_db,
         args.out,
-        run_config(args, TrainConfig),
+        cfg,
         resume=args.resume,
         init_from=args.init_from,
         overwrite=args.overwrite,
     )
+    if plan is not None:
+        record_plan(plan, args.out, summary, time.perf_counter() - start)
     return finish_run(args, summary)
 
 

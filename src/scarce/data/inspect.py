@@ -13,7 +13,9 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from scarce.data.store import open_env, read_metadata
+import numpy as np
+
+from scarce.data.store import SampleStore, open_env, read_metadata
 from scarce.errors import StoreError
 
 
@@ -155,3 +157,25 @@ def format_inspection(info: dict) -> str:
 def _name(names, index) -> str:
     index = int(index)
     return f" ({names[index]})" if names and 0 <= index < len(names) else ""
+
+
+def sample_images(db_path: str | os.PathLike, limit: int = 100):
+    """Up to ``limit`` evenly spaced raw images of a database (in index order).
+
+    Parameters
+    ----------
+    db_path : path-like
+        LMDB directory.
+    limit : int
+        Most images yielded.
+
+    Yields
+    ------
+    ndarray, shape (C, H, W)
+        The stored image (its stored dtype), a copy.
+    """
+    with SampleStore(db_path) as store:
+        count = len(store)
+        picks = np.unique(np.linspace(0, count - 1, min(count, limit)).round().astype(int))
+        for index in picks:
+            yield store[int(index)].image

@@ -21,9 +21,14 @@ import csv
 import io
 import json
 import logging
+import math
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from scarce import atomic
 from scarce.config import config_from_dict
@@ -229,3 +234,69 @@ def open_run(run_dir, cfg, *, resume: bool = False, overwrite: bool = False):
             f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it"
         )
     return cfg, None
+
+
+class StepProgress:
+    """Progress of training steps: a tqdm bar on a terminal, else a log line every ``every``
+    steps; the mean training loss of those steps goes to TensorBoard (``train/loss``).
+
+    Parameters
+    ----------
+    log : RunLog or None
+        The run's log; ``None`` on ranks other than 0 (they report nothing).
+    max_steps, initial, every : int
+        Steps in all, the step training starts from (a resume), the reporting interval.
+    samples_per_step : int
+        Samples per optimiser step over all ranks (for the samples/s rate).
+    """
+
+    def __init__(self, log, *, max_steps: int, initial: int, every: int, samples_per_step: int):
+        self.log, self.max_steps, self.every = log, max_steps, every
+        self.initial, self.samples_per_step = initial, samples_per_step
+        self.start = time.perf_counter()
+        self.bar = None
+        if log is not None and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, losses: Sequence[float], wait_fraction: float) -> None:
+        """After step ``step`` (1-based count): report every ``every`` steps.
+
+        ``losses`` are the training losses since the last evaluation; ``wait_fraction`` the
+        share of time spent waiting for batches (0..1).
+        """
+        if self.log is None or step % self.every:
+            return
+        rate = self.samples_per_step * step / max(time.perf_counter() - self.start, 1e-9)
+        loss = float(np.mean(losses[-self.every :])) if losses else math.nan
+        wait = 100 * wait_fraction
+        self.log.scalar("train/loss", loss, step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}", wait=f"{wait:.0f}%")
+        else:
+            logger.info(
+                "step %d/%d loss %.4f, %.1f samples/s, data wait %.0f%%",
+                *(step, self.max_steps, loss, rate, wait),
+            )
+
+    def close(self) -> None:
+        """Close the bar, if any."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stop_reason_text(reason: str, cfg) -> str:
+    """Words for a run's ``stop_reason`` (``summary.json``), with the limit it reached.
+
+    ``cfg`` is the run's config (``max_steps``, ``max_minutes``); unknown reasons (a task's
+    own, e.g. an aligner that collapsed) are returned as they are.
+    """
+    known = {
+        "max_steps": f"reached max_steps = {cfg.max_steps}",
+        "max_minutes": f"time budget of {cfg.max_minutes} minutes used",
+        "early_stopping": "early stopping",
+        "signal": "stopped by a signal; resume with --resume",
+    }
+    return known.get(reason, reason)

@@ -7,11 +7,14 @@ task needs: the optimiser and learning-rate schedule, mixed precision, DDP, the 
 checkpoints and exact resume, early stopping, the time budget and progress.
 
 Each step draws a batch from the task's readers, computes the task's loss (under bf16 or fp16
-autocast when asked), clips gradients and steps AdamW. Every ``test_every_n_steps`` steps the
-task evaluates, ``last.pt`` is saved and, if the test loss improved, ``best.pt``. Early
-stopping, ``max_steps``, ``max_minutes`` or the task itself (e.g. an aligner that collapsed)
-end the run with a final evaluation and a log line that says why. Under ``torchrun`` the model
-is wrapped in DistributedDataParallel; only rank 0 logs and writes.
+autocast when asked) on ``grad_accumulation`` micro-batches, clips gradients and steps AdamW. A
+CUDA out-of-memory error in the first ``OOM_FALLBACK_STEPS`` steps halves the micro-batch
+(doubling ``grad_accumulation``, so the global batch and the data stay the same), is logged once
+and recorded in ``summary.json`` (``oom_fallback``), and training continues. Every
+``test_every_n_steps`` steps the task evaluates, ``last.pt`` is saved and, if the test loss
+improved, ``best.pt``. Early stopping, ``max_steps``, ``max_minutes`` or the task itself (e.g.
+an aligner that collapsed) end the run with a final evaluation and a log line that says why.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel; only rank 0 logs and writes.
 
 SIGTERM, SIGINT or SIGUSR1 (:class:`scarce.lifecycle.GracefulStop`) end the run after the
 current step without an evaluation: ``last.pt`` is saved and ``summary.json`` says
@@ -29,11 +32,12 @@ torch-em ``DefaultTrainer.fit`` (train, validate, save best/latest, early stop);
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +48,10 @@ from scarce import atomic
 from scarce.config import config_to_dict, save_config
 from scarce.data.monitor import StarvationMonitor
 from scarce.engine import distributed
+from scarce.engine.accumulate import fallback_event, split_batch
 from scarce.engine.checkpoint import load_matching_weights, save_checkpoint, sweep_checkpoints
-from scarce.engine.runlog import RunLog
+from scarce.engine.probe import PeakMemory
+from scarce.engine.runlog import RunLog, StepProgress, stop_reason_text
 from scarce.engine.schedule import learning_rate
 from scarce.engine.task import Evaluation, Runtime, Task
 from scarce.lifecycle import GracefulStop
@@ -108,13 +114,15 @@ class Trainer:
         self.runtime = Runtime(dist, amp, cfg.channels_last)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.step, self.plateau_scale, self.bad_evals = 0, 1.0, 0
+        self.oom_fallback: dict | None = None
+        self.memory = PeakMemory(dist.device)
         self.best = {"test_loss": math.inf, "step": None, self.task.headline: None}
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
-        forward = self.model
+        forward = self.ddp = self.model
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
-            forward = DistributedDataParallel(
+            forward = self.ddp = DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=self.task.partial_forward
             )
         self.forward = torch.compile(forward) if cfg.compile else forward
@@ -170,8 +178,15 @@ class Trainer:
         stream = self.task.train_batches(self.runtime.dist.rank, start_batch=self.step)
         batches = StarvationMonitor(stream, threshold_ms=cfg.data.starvation_ms, logger=logger)
         self._log_start()
+        self.memory.reset()
         train_losses, last_eval, reason = [], None, "max_steps"
-        bar = self._progress_bar()
+        progress = StepProgress(
+            self.log if self.runtime.dist.is_main else None,
+            max_steps=cfg.max_steps,
+            initial=self.step,
+            every=cfg.log_every_n_steps,
+            samples_per_step=self.task.samples_per_batch * self.runtime.dist.world_size,
+        )
         stream_of = iter(batches)
         try:
             while self.step < cfg.max_steps:
@@ -180,7 +195,7 @@ class Trainer:
                     break  # before asking the readers for a batch it would not use
                 train_losses.append(self.train_step(next(stream_of)))
                 self.step += 1
-                self._report_step(bar, train_losses, batches, start)
+                progress.update(self.step, train_losses, batches.wait_fraction(reset=False))
                 if self.step % cfg.test_every_n_steps == 0:
                     last_eval, stop = self.evaluate_and_save(train_losses, batches)
                     train_losses = []
@@ -189,8 +204,7 @@ class Trainer:
                         break
         finally:
             stream.close()
-            if bar is not None:
-                bar.close()
+            progress.close()
         if reason == "signal":
             self._save_on_signal()
             last_eval = None
@@ -221,20 +235,63 @@ class Trainer:
         )
 
     def train_step(self, batch: dict) -> float:
-        """One optimiser step on ``batch``; returns the (local) training loss."""
+        """One optimiser step on ``batch``; returns the (local) training loss.
+
+        Raises
+        ------
+        torch.OutOfMemoryError
+            When memory runs out after the first ``OOM_FALLBACK_STEPS`` steps, with micro-batches
+            of one sample, or under DDP (ranks must agree on the micro-batches).
+        """
+        while True:
+            try:
+                return self._optimizer_step(batch)
+            except torch.OutOfMemoryError:
+                if not self._halve_micro_batch(batch):
+                    raise
+
+    def _optimizer_step(self, batch: dict) -> float:
         lr = learning_rate(self.step, self.cfg, self.plateau_scale) * self.task.lr_factor(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = self.task.loss(self.forward, batch, self.runtime, self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        parts = split_batch(batch, self.cfg.grad_accumulation)
+        total, n = 0.0, sum(size for size, _ in parts)
+        for i, (size, part) in enumerate(parts):
+            last = i == len(parts) - 1
+            no_sync = getattr(self.ddp, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = self.task.loss(self.forward, part, self.runtime, self.step) * (size / n)
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return total
+
+    def _halve_micro_batch(self, batch: dict) -> bool:
+        """After an out-of-memory error: double ``grad_accumulation`` if allowed; say so once."""
+        event = fallback_event(
+            split_batch(batch, 1)[0][0],
+            self.cfg.grad_accumulation,
+            self.step,
+            distributed=self.runtime.dist.distributed,
+            first=self.oom_fallback is None,
+        )
+        if event is None:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cfg = replace(self.cfg, grad_accumulation=event["grad_accumulation"])
+        self.task.cfg = self.cfg
+        self.oom_fallback = event
+        if self.runtime.dist.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        return True
 
     # ------------------------------------------------------------------------ evaluation
     def evaluate_and_save(self, train_losses: list[float], batches) -> tuple[dict, str | None]:
@@ -350,31 +407,6 @@ class Trainer:
             " (amp: auto)" if self.cfg.amp == "auto" else "",
         )
 
-    def _progress_bar(self):
-        if not self.runtime.dist.is_main or not sys.stderr.isatty():
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
-
-    def _report_step(self, bar, losses, batches, start) -> None:
-        n = self.cfg.log_every_n_steps
-        if not self.runtime.dist.is_main or self.step % n:
-            return
-        samples = self.task.samples_per_batch * self.runtime.dist.world_size * self.step
-        rate = samples / max(time.perf_counter() - start, 1e-9)
-        loss = float(np.mean(losses[-n:])) if losses else math.nan
-        wait = 100 * batches.wait_fraction(reset=False)
-        self.log.scalar("train/loss", loss, self.step)
-        if bar is not None:
-            bar.n = self.step
-            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.1f}", wait=f"{wait:.0f}%")
-        else:
-            logger.info(
-                "step %d/%d loss %.4f, %.1f samples/s, data wait %.0f%%",
-                *(self.step, self.cfg.max_steps, loss, rate, wait),
-            )
-
     def _finish(self, reason: str, last_eval: dict, wall: float) -> dict:
         headline = self.task.headline
         summary = {
@@ -391,28 +423,20 @@ class Trainer:
             "last_eval": last_eval,
             "world_size": self.runtime.dist.world_size,
             "amp": self.runtime.amp,
+            "peak_memory_bytes": self.memory.peak(),
+            "oom_fallback": self.oom_fallback,
         }
         if self.runtime.dist.is_main:
             logger.info(
                 "Run ended at step %d (%s) after %.0f s; best test loss %.4f at step %s;"
                 " checkpoints in %s",
-                *(self.step, _why(reason, self.cfg), wall, self.best["test_loss"]),
+                *(self.step, stop_reason_text(reason, self.cfg), wall, self.best["test_loss"]),
                 *(self.best["step"], self.run_dir / "checkpoints"),
             )
             self.log.summary(summary)
             self.log.close()
         distributed.cleanup()
         return summary
-
-
-def _why(reason: str, cfg) -> str:
-    known = {
-        "max_steps": f"reached max_steps = {cfg.max_steps}",
-        "max_minutes": f"time budget of {cfg.max_minutes} minutes used",
-        "early_stopping": "early stopping",
-        "signal": "stopped by a signal; resume with --resume",
-    }
-    return known.get(reason, reason)
 
 
 def _fmt(x) -> str:

@@ -235,7 +235,8 @@ def export_bioimageio(
     Raises
     ------
     scarce.errors.InputError
-        Missing extras, no or too small test image, unknown licence.
+        Missing extras, no or too small test image, unknown licence, a model trained on
+        downscaled images (``data.downscale``).
     RuntimeError
         If the written package fails ``bioimageio.core.test_model``.
     """
@@ -245,6 +246,12 @@ def export_bioimageio(
     out = Path(out)
     model, ckpt = load_model(model_path, "cpu")
     meta, target = export_metadata(model, ckpt), target_of(ckpt)
+    if (meta["scale"] or {}).get("downscale", 1) != 1:
+        raise InputError(
+            f"{model_path}: trained on images shrunk {meta['scale']['downscale']}x "
+            "(data.downscale); bioimage.io preprocessing has no resize step, so the package "
+            "would be wrong: export it as TorchScript/ONNX (its .json names the factor)"
+        )
     multiple, depth = int(model.size_multiple), context_depth(model)
     smallest = -(-(2 * depth + multiple) // multiple) * multiple
     image_path, image = _test_image(ckpt, test_image)

@@ -167,7 +167,8 @@ def probabilities(
     Raises
     ------
     scarce.errors.InputError
-        If the channel count is not the model's.
+        If the channel count is not the model's, or the model was trained on downscaled
+        images (``data.downscale``; not supported block-wise).
     """
     import dask.array as da
 
@@ -177,6 +178,13 @@ def probabilities(
         raise InputError(
             f"image has shape {tuple(image.shape)} (C, H, W) but the model takes "
             f"{channels}-channel images"
+        )
+    downscale = (ckpt["extras"].get("scale") or {}).get("downscale", 1)
+    if downscale != 1:
+        raise InputError(
+            f"{model_path}: trained on images shrunk {downscale}x (data.downscale); block-wise "
+            "prediction does not shrink blocks yet: predict the image as a file (scarce "
+            "predict IMAGE.tif) or train without data.downscale"
         )
     multiple, depth = int(model.size_multiple), context_depth(model)
     tile = -(-int(tile_size) // multiple) * multiple

@@ -33,7 +33,8 @@ def export_metadata(model, ckpt: dict) -> dict:
     dict
         ``in_channels``, ``num_classes``, ``normalization`` (apply it before the network:
         :func:`scarce.data.normalize.normalize`), ``class_names``, ``target`` (rule),
-        ``mask_kind``, ``ignore_label``, ``input`` and ``output`` (layouts).
+        ``mask_kind``, ``ignore_label``, ``scale`` (the ``downscale`` factor and pixel size
+        the network sees, see :mod:`scarce.segment.scale`), ``input`` and ``output`` (layouts).
     """
     target = target_of(ckpt)
     return {
@@ -44,6 +45,7 @@ def export_metadata(model, ckpt: dict) -> dict:
         "target": target.rule,
         "mask_kind": target.mask_kind,
         "ignore_label": target.ignore_label,
+        "scale": ckpt["extras"].get("scale"),  # shrink inputs by scale["downscale"] first
         "input": INPUT_LAYOUT,
         "output": OUTPUT_LAYOUT,
     }

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from scarce import atomic
 from scarce.config import PredictConfig
+from scarce.data.datasetyaml import read_dataset_metadata
 from scarce.data.drift import warn_if_unusual
 from scarce.data.normalize import normalize
 from scarce.engine.checkpoint import load_model
@@ -37,6 +38,7 @@ from scarce.io import (
     write_float_image,
     write_label_image,
 )
+from scarce.segment.scale import downscale_image, relative_factor, upsample_logits
 from scarce.segment.task import target_of
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ def predict_image(
     device=None,
     progress: bool = False,
     name: str = "image",
+    pixel_size_um: float | None = None,
 ) -> torch.Tensor:
     """Class probabilities of one raw image: normalise, sliding window, softmax (+ TTA).
 
@@ -110,6 +113,10 @@ def predict_image(
     images' (``ckpt["extras"]["input_statistics"]``,
     :func:`scarce.data.drift.warn_if_unusual`): one logged warning naming ``name`` and the
     statistics far outside the training range.
+
+    A model trained on downscaled images (``data.downscale``, recorded in the checkpoint's
+    ``extras["scale"]``) gets the image shrunk the same way (to its pixel size when both
+    pixel sizes are known) and its logits are enlarged back (:mod:`scarce.segment.scale`).
 
     Parameters
     ----------
@@ -129,6 +136,8 @@ def predict_image(
         Progress bar over tiles for big images.
     name : str
         What the warning calls the image (e.g. its path).
+    pixel_size_um : float, optional
+        The image's pixel size, µm (brings it to the model's pixel size).
 
     Returns
     -------
@@ -158,16 +167,24 @@ def predict_image(
         ckpt, tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
     )
     tta = kwargs.pop("tta")
+    scale = ckpt["extras"].get("scale") or {}
+    factor = relative_factor(scale.get("pixel_size_um"), pixel_size_um, scale.get("downscale", 1))
     x = np.ascontiguousarray(normalize(image, ckpt["extras"]["normalization"]))
     warn_if_unusual(x, ckpt["extras"].get("input_statistics"), name)
-    x = torch.from_numpy(x)
+    x = downscale_image(x, factor)
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # (C, h, w)
     kwargs.update(device=device, progress=progress)
+
+    def probabilities(t: torch.Tensor, k: int = 0) -> torch.Tensor:  # (C, h, w) -> (K, H, W)
+        logits = sliding_window_logits(model, t.contiguous(), **kwargs)
+        full = image.shape[1:] if k % 2 == 0 else image.shape[:0:-1]  # turned by k quarters
+        return torch.softmax(upsample_logits(logits, full), dim=0)
+
     if not tta:
-        return torch.softmax(sliding_window_logits(model, x, **kwargs), dim=0)
+        return probabilities(x)
     probs = 0.0
     for k, flip in itertools.product(range(4), (False, True)):
-        logits = sliding_window_logits(model, _dihedral(x, k, flip).contiguous(), **kwargs)
-        probs += _undo_dihedral(torch.softmax(logits, dim=0), k, flip)
+        probs += _undo_dihedral(probabilities(_dihedral(x, k, flip), k), k, flip)
     return probs / 8
 
 
@@ -346,8 +363,9 @@ def predict_files(
     progress : bool
         Progress bars over images (and tiles of big images); off when not on a terminal.
     pixel_size_um : float, optional
-        Micrometres per pixel recorded in the TIFF outputs (ImageJ/OME metadata); default:
-        the training data's ``pixel_size_um`` from ``dataset.yaml``, if any.
+        The images' pixel size, µm: brings them to the model's pixel size (see
+        :func:`predict_image`) and is recorded in the TIFF outputs (ImageJ/OME metadata);
+        default ``pixel_size_um`` of ``dataset.yaml`` beside them, else the training data's.
 
     Returns
     -------
@@ -375,9 +393,11 @@ def predict_files(
     out = _make_out_dir(out_dir)
     model, ckpt = load_model(model_path, resolve_device(device))
     _check_all(files, ckpt)
-    options = dict(
-        tile_size=tile_size, overlap=overlap, blend=blend, tta=tta, batch_size=batch_size
-    )
+    meta_file = files[0].parent / "dataset.yaml"
+    if pixel_size_um is None and meta_file.is_file():
+        pixel_size_um = read_dataset_metadata(meta_file)[0]["pixel_size_um"]
+    options = dict(tile_size=tile_size, overlap=overlap, blend=blend, tta=tta)
+    options.update(batch_size=batch_size, pixel_size_um=pixel_size_um)
     results = []
     for file in tqdm(files, desc="images", unit="image", disable=None if progress else True):
         start = time.perf_counter()

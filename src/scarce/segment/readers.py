@@ -31,9 +31,10 @@ from torch.utils.data import get_worker_info
 
 from scarce.config import TrainConfig
 from scarce.data.augment import augment_patch
+from scarce.data.inspect import sample_images
 from scarce.data.monitor import measure_batches
 from scarce.data.normalize import normalization_params, normalization_spec, normalize
-from scarce.data.store import SampleStore, open_env, read_metadata, read_record
+from scarce.data.store import open_env, read_metadata, read_record
 from scarce.data.workers import (
     TrainBatches,
     batch_generator,
@@ -41,11 +42,13 @@ from scarce.data.workers import (
     resolve_reader_count,
 )
 from scarce.errors import InputError
+from scarce.segment.scale import downscale_image, downscale_labels, resized_shape
 from scarce.segment.targets import TargetSpec, border_weight_map, resolve_target
 
 log = logging.getLogger(__name__)
 
 _INDEX_CACHE_BYTES = 256 << 20  # per-worker budget for cached class-pixel indices
+_SCALED_CACHE_BYTES = 512 << 20  # per-worker budget for downscaled samples (data.downscale)
 
 
 def _inside_centre(size: int, patch: int, rng: np.random.Generator) -> int:
@@ -72,7 +75,8 @@ class _BatchMaker:
         self.target = target
         self.mask_kind = meta["mask_kind"]
         self.channels = int(meta["channels"])
-        self.shapes = [tuple(s["shape"]) for s in meta["samples"]]
+        self.factor = float(cfg.data.downscale)
+        self.shapes = [resized_shape(tuple(s["shape"]), self.factor) for s in meta["samples"]]
         self.weights = cfg.loss.border_weights and self.mask_kind == "instance"
         # targets cross the process boundary in the smallest dtype (fresh shared memory costs
         # page faults per byte); TrainBatches widens them to int64 in the consumer
@@ -89,6 +93,8 @@ class _BatchMaker:
         self._norm_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._index_cache: dict[tuple[int, int], np.ndarray] = {}
         self._index_bytes = 0
+        self._scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._scaled_bytes = 0
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -133,24 +139,51 @@ class _BatchMaker:
             params = self._norm_cache[index] = normalization_params(image, self.norm_spec)
         return params
 
-    def _draw(self, rng: np.random.Generator, txn) -> tuple[int, tuple[float, float], object]:
-        """Choose a sample and a patch centre ``(y, x)`` in pixels; return the decoded sample."""
+    def _arrays(self, index: int, txn) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``(C, H, W)`` and mask ``(H, W)`` of sample ``index`` at the run's scale.
+
+        Without ``data.downscale`` these are views on the LMDB buffer (valid inside ``txn``);
+        with it, images shrunk by area and masks by nearest neighbour, cached in this worker
+        within ``_SCALED_CACHE_BYTES``.
+        """
+        cached = self._scaled.get(index)
+        if cached is not None:
+            return cached
+        sample = read_record(txn, index, self.db_path)
+        if self.factor == 1:
+            return sample.image, sample.mask
+        self._params(index, sample.image)  # normalise with full-resolution statistics, as tests do
+        arrays = (
+            downscale_image(sample.image, self.factor),
+            downscale_labels(sample.mask, self.factor),
+        )
+        size = arrays[0].nbytes + arrays[1].nbytes
+        if self._scaled_bytes + size <= _SCALED_CACHE_BYTES:
+            self._scaled[index] = arrays
+            self._scaled_bytes += size
+        return arrays
+
+    def _draw(self, rng: np.random.Generator, txn) -> tuple[int, tuple[float, float], tuple]:
+        """Choose a sample and a patch centre ``(y, x)`` in pixels; return its arrays."""
         if self.cfg.data.balance_classes and self.classes:
             k = int(rng.integers(len(self.classes)))
             index = int(self.samples_with[k][rng.integers(len(self.samples_with[k]))])
-            sample = read_record(txn, index, self.db_path)
-            pixels = self._class_pixels(index, self.classes[k], sample.mask)
+            image, mask = self._arrays(index, txn)
+            pixels = self._class_pixels(index, self.classes[k], mask)
             if len(pixels) == 0:
+                if self.factor != 1:  # the class vanished when the mask was shrunk
+                    y, x = (_inside_centre(n, self.cfg.data.patch_size, rng) for n in mask.shape)
+                    return index, (float(y), float(x)), (image, mask)
                 raise ValueError(
-                    f"{self.db_path}: sample {sample.name} has no pixel of class "
+                    f"{self.db_path}: sample {index} has no pixel of class "
                     f"{self.classes[k]} although the metadata lists it; re-ingest"
                 )
-            y, x = divmod(int(pixels[rng.integers(len(pixels))]), sample.mask.shape[1])
+            y, x = divmod(int(pixels[rng.integers(len(pixels))]), mask.shape[1])
         else:
             index = int(rng.integers(len(self.shapes)))
-            sample = read_record(txn, index, self.db_path)
+            image, mask = self._arrays(index, txn)
             y, x = (_inside_centre(n, self.cfg.data.patch_size, rng) for n in self.shapes[index])
-        return index, (float(y), float(x)), sample
+        return index, (float(y), float(x)), (image, mask)
 
     def batch(self, b: int) -> dict[str, torch.Tensor]:
         """Batch ``b``: ``image`` (N, C, P, P) float32, ``target`` (N, P, P) int64, [``weight``]."""
@@ -168,11 +201,11 @@ class _BatchMaker:
         views = {key: value.numpy() for key, value in out.items()}
         with self._txn() as txn:
             for i in range(n):
-                index, centre, sample = self._draw(rng, txn)
-                offset, scale = self._params(index, sample.image)
+                index, centre, (source, source_mask) = self._draw(rng, txn)
+                offset, scale = self._params(index, source)
                 image, mask = augment_patch(
-                    sample.image,
-                    sample.mask,
+                    source,
+                    source_mask,
                     centre,
                     p,  # or crop
                     self.cfg.augment,
@@ -332,28 +365,6 @@ def benchmark_readers(
     return {**result, "reader_count": count, "patch_size": cfg.data.patch_size}
 
 
-def sample_images(db_path: str | os.PathLike, limit: int = 100):
-    """Up to ``limit`` evenly spaced raw images of a database (in index order).
-
-    Parameters
-    ----------
-    db_path : path-like
-        LMDB directory.
-    limit : int
-        Most images yielded.
-
-    Yields
-    ------
-    ndarray, shape (C, H, W)
-        The stored image (its stored dtype), a copy.
-    """
-    with SampleStore(db_path) as store:
-        count = len(store)
-        picks = np.unique(np.linspace(0, count - 1, min(count, limit)).round().astype(int))
-        for index in picks:
-            yield store[int(index)].image
-
-
 def normalization_spec_for(db_path: str | os.PathLike, cfg: TrainConfig) -> dict:
     """The run's normalisation spec from ``cfg.data`` and the training database.
 
@@ -425,5 +436,4 @@ __all__ = [
     "iter_test_images",
     "make_train_loader",
     "normalization_spec_for",
-    "sample_images",
 ]

@@ -19,6 +19,7 @@ import torch
 from scarce import atomic
 from scarce.config import TrainConfig
 from scarce.data.drift import training_statistics
+from scarce.data.inspect import sample_images
 from scarce.data.normalize import normalize
 from scarce.data.store import SampleStore, read_metadata
 from scarce.engine import distributed
@@ -34,8 +35,8 @@ from scarce.segment.readers import (
     iter_test_images,
     make_train_loader,
     normalization_spec_for,
-    sample_images,
 )
+from scarce.segment.scale import downscale_image, relative_factor, upsample_logits
 from scarce.segment.targets import TargetSpec, resolve_target
 
 logger = logging.getLogger("scarce")
@@ -63,6 +64,10 @@ class SegmentationTask:
         Intensity statistics of up to :data:`STATISTICS_SAMPLES` normalised training images
         (evenly spaced), from :func:`scarce.data.drift.training_statistics`; prediction
         warns about images far outside them.
+    scale : dict
+        ``downscale`` (``data.downscale``) and ``pixel_size_um``: the size of the pixels the
+        network sees (the training database's ``pixel_size_um`` times ``downscale``, µm;
+        ``None`` when unknown). Test images are shrunk to it (:mod:`scarce.segment.scale`).
 
     Raises
     ------
@@ -88,6 +93,11 @@ class SegmentationTask:
         )
         self.norm_spec = normalization_spec_for(self.train_db, self.cfg)
         self.input_statistics = self._input_statistics()
+        train_px = self.metadata.get("pixel_size_um")
+        model_px = train_px * data.downscale if train_px else None
+        self.scale = {"downscale": data.downscale, "pixel_size_um": model_px}
+        test_px = read_metadata(self.test_db).get("pixel_size_um") if self.test_db else None
+        self.test_factor = relative_factor(model_px, test_px, data.downscale)
         names = self.target.class_names
         self.columns = (*(f"iou_{n}" for n in names), *(f"dice_{n}" for n in names), "mean_dice")
         self.samples_per_batch = data.batch_size
@@ -124,6 +134,7 @@ class SegmentationTask:
         return (
             f"{self.train_db}: {t.num_classes} classes {list(t.class_names)}, target {t.rule}, "
             f"batch {d.batch_size}, patch {d.patch_size}"
+            + (f", images downscaled by {d.downscale:g}" if d.downscale != 1 else "")
         )
 
     def train_batches(self, rank: int, start_batch: int):
@@ -175,12 +186,13 @@ class SegmentationTask:
             with runtime.autocast():
                 logits = sliding_window_logits(
                     model,
-                    image,
+                    downscale_image(image, self.test_factor),  # (C, h, w) at the run's scale
                     tile_size=self.cfg.data.test_tile_size,
                     overlap=self.cfg.predict.overlap,
                     batch_size=self.cfg.data.batch_size,
                     device=dev,
-                )  # (K, H, W)
+                )  # (K, h, w)
+            logits = upsample_logits(logits, image.shape[1:])  # (K, H, W)
             t = torch.as_tensor(target)
             loss = self.loss_fn.to(dev)(logits[None].to(dev).float(), t[None].to(dev))
             loss_sum += torch.tensor([float(loss), 1.0], dtype=torch.float64)
@@ -202,16 +214,18 @@ class SegmentationTask:
 
     def checkpoint_extras(self) -> dict:
         """``normalization``, ``target`` (:meth:`TargetSpec.to_dict`), ``dataset`` (what
-        ``dataset.yaml`` said, the source folder, the test images) and ``input_statistics``.
+        ``dataset.yaml`` said, the source folder, the test images), ``input_statistics`` and
+        ``scale``.
 
         Read by predict and export; ``input_statistics`` feeds the predict-time check of
-        :func:`scarce.data.drift.unusual_statistics`.
+        :func:`scarce.data.drift.unusual_statistics`, ``scale`` the downscaling of inputs.
         """
         return {
             "normalization": self.norm_spec,
             "target": self.target.to_dict(),
             "dataset": dataset_record(self.metadata, self.test_db),
             "input_statistics": self.input_statistics,
+            "scale": self.scale,
         }
 
     def plot(self, plots_dir: Path, step: int, examples: list) -> Path | None:
