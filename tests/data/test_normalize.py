@@ -186,6 +186,28 @@ def test_robust_keeps_a_real_empty_field_dark():
     assert robust.std() < 0.05
 
 
+def test_robust_puts_an_empty_fields_background_near_zero():
+    image = bbbc039_field(empty=True)
+    spec = robust_spec()
+    assert spec["floor_location"] == "blend"
+    low = normalize(image, {**spec, "floor_location": "low"})  # offset = p1
+    blend = normalize(image, spec)
+    full = normalize(bbbc039_field(empty=False), spec)
+    background = np.median(full)  # where a nucleus field's background lies
+    # with p1 as the location the empty field's background sits well above a nucleus
+    # field's (uneven illumination spreads p1..median); blended, it lands beside it
+    assert np.median(low) > background + 0.05
+    assert abs(np.median(blend) - background) < 0.03
+    np.testing.assert_allclose(np.std(blend), np.std(low), rtol=1e-6)  # same scale
+    # the location follows the floor continuously: unfloored fields are untouched
+    fields = [bbbc039_field(False, i) for i in range(6, 9)]
+    for f in fields:
+        np.testing.assert_array_equal(
+            normalization_params(f, spec)[0],
+            normalization_params(f, {**spec, "floor_location": "low"})[0],
+        )
+
+
 @pytest.mark.parametrize("empty", [False, True])
 def test_robust_is_invariant_to_gain_offset_and_bit_depth(empty):
     image = bbbc039_field(empty)  # uint16, 12-bit camera values

@@ -85,10 +85,7 @@ def test_an_empty_field_stays_empty(nuclei_model):
         for label, other in {"as recorded": image, **reencoded(image)}.items():
             probs = predict_image(model, other, ckpt, device="cpu")
             objects = instances_from_prediction(probs, "boundary", min_object_size=min_size)
-            # this tiny fixture model keeps one bright speck of debris in one field (97 px, in
-            # every encoding); what must not happen is noise stretched into objects
-            area = np.mean(objects > 0)
-            assert objects.max() <= 2 and area < 1e-3, f"{name} {label}: {area:.2%} painted"
+            assert objects.max() == 0, f"{name} {label}: {objects.max()} false nuclei"
     # the noise floor is what keeps it empty: plain per-image percentiles stretch the noise
     plain = {**ckpt, "extras": {**ckpt["extras"]}}
     plain["extras"]["normalization"] = {**ckpt["extras"]["normalization"], "mode": "percentile"}
