@@ -94,7 +94,8 @@ def preprocessing(spec: dict, channels: int) -> list:
     list
         ``ensure_dtype(float32)``, then one of ``fixed_zero_mean_unit_variance`` (dataset
         mean/std per channel), ``zero_mean_unit_variance`` (per image and channel over y, x),
-        ``scale_range`` (per image and channel, percentiles ``[lo, hi]``).
+        ``scale_range`` (per image and channel, percentiles ``[lo, hi]``; also for
+        ``robust``, whose noise floor has no bioimage.io operator: logged).
     """
     v = _spec()
     steps = [v.EnsureDtypeDescr(kwargs=v.EnsureDtypeKwargs(dtype="float32"))]
@@ -113,6 +114,13 @@ def preprocessing(spec: dict, channels: int) -> list:
         kwargs = v.ZeroMeanUnitVarianceKwargs(axes=space, eps=1e-6)
         steps.append(v.ZeroMeanUnitVarianceDescr(kwargs=kwargs))
     else:
+        if spec["mode"] == "robust":  # no bioimage.io operator for the noise floor
+            logger.warning(
+                "robust normalisation is exported as scale_range (percentiles %s): the same "
+                "wherever an image's range exceeds the noise floor; dim or empty fields are "
+                "stretched by other tools where Scarce keeps them dark",
+                spec["percentiles"],
+            )
         lo, hi = (float(p) for p in spec["percentiles"])
         kwargs = v.ScaleRangeKwargs(axes=space, min_percentile=lo, max_percentile=hi, eps=1e-6)
         steps.append(v.ScaleRangeDescr(kwargs=kwargs))
