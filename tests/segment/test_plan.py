@@ -218,3 +218,12 @@ def test_real_machine_plan_trains_as_written(nist_db, tmp_path):
     cfg = override(load_config(config), {"max_steps": 3, "test_every_n_steps": 3})
     summary = train(nist_db / "train.lmdb", nist_db / "test.lmdb", tmp_path / "run", cfg)
     assert summary["steps"] == 3 and summary["peak_memory_bytes"] > 0
+
+
+def test_the_real_machine_measures_a_recipe_with_robust_normalisation(disks_db):
+    from scarce.segment.machine import LocalMachine
+
+    cfg = load_config("nuclei-instances")  # instance masks are planned with this recipe
+    assert cfg.data.normalization == "robust"
+    machine = LocalMachine(disks_db / "train.lmdb", cfg, "cpu")
+    assert machine.norm_spec["noise_floor"][0] > 0  # fixed from the training images

@@ -19,13 +19,12 @@ import torch
 
 from scarce.config import TrainConfig
 from scarce.data.monitor import measure_batches
-from scarce.data.normalize import normalization_spec
 from scarce.data.store import read_metadata
 from scarce.engine.distributed import resolve_device
 from scarce.engine.probe import PeakMemory, current_rss, machine_facts, time_calls
 from scarce.models import build_model
 from scarce.segment.losses import SegmentationLoss
-from scarce.segment.readers import make_train_loader
+from scarce.segment.readers import make_train_loader, normalization_spec_for
 from scarce.segment.targets import resolve_target
 
 
@@ -139,7 +138,7 @@ class LocalMachine:
             boundary_width=cfg.data.boundary_width,
             ignore_label=cfg.data.ignore_label,
         )
-        self.norm_spec = normalization_spec(cfg.data.normalization, cfg.data.percentiles, meta)
+        self.norm_spec = normalization_spec_for(train_db, cfg)  # robust: floor from the images
         self.warmup, self.repeats, self.reader_seconds = warmup, repeats, reader_seconds
         self.base_bytes = current_rss() if self.device.type != "cuda" else 0
         self.memory = PeakMemory(self.device)
