@@ -17,7 +17,12 @@ every slice against its truth (in the reference slice's frame) with and without 
 (``--vote 3``), the drift (error at the last slice) with and without drift decay, and the
 largest difference between fields computed by 2 worker processes and by one.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/align_defects.py [--minutes 8]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/align_defects.py [--minutes 8] \
+        [--plain RUN --finetune-steps 300]
+
+With ``--plain RUN --finetune-steps N`` the three defect aligners start from ``RUN`` (an aligner
+trained on clean sections) and are fine-tuned on the damaged stack for N steps, as one would
+in practice; otherwise each is trained from scratch for ``--minutes``.
 
 Writes ``benchmarks/results/align_defects.json`` and ``align_defects.md``.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,6 +69,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def train_detector(work: Path, minutes: float) -> tuple[Path, dict]:
     """Train the defect detector on synthetic defects of isbi2012/unlabeled; test IoU."""
     data = work / "defects_data"
+    shutil.rmtree(data, ignore_errors=True)  # this benchmark's own folder from an earlier run
     made = make_defect_dataset(DATA / "unlabeled", data, per_slice=3, seed=0)
     split = every_nth_split(made["images"])
     ingest(made["images"], made["masks"], data / "db", split=split, progress=False)
@@ -104,12 +111,22 @@ def damaged_stack(work: Path, detector: Path) -> dict:
     return paths
 
 
-def train_aligner(work: Path, name: str, stack, masks, minutes: float, base: AlignConfig) -> Path:
+def train_aligner(
+    work: Path, name: str, stack, masks, minutes: float, base: AlignConfig, init_from=None, steps=0
+) -> Path:
+    """Train an aligner on ``stack`` (with ``masks``): from scratch for ``minutes``, or, with
+    ``init_from`` and ``steps``, fine-tuned from that run for ``steps`` steps (the levels
+    reopened coarse to fine in three equal stages)."""
     db = work / f"db_{name}"
     ingest_stack(stack, db, test_slices="26:30", masks=masks, overwrite=True)
-    cfg = override(base, {"max_minutes": minutes})
+    if init_from is not None and steps:
+        settings = {"max_steps": steps, "max_minutes": None, "test_every_n_steps": steps}
+        settings["stage.stage_steps"] = max(1, steps // 3)
+        cfg = override(base, settings)
+    else:
+        cfg = override(base, {"max_minutes": minutes})
     run = work / f"aligner_{name}"
-    align_train(db / "train.lmdb", db / "test.lmdb", run, cfg, overwrite=True)
+    align_train(db / "train.lmdb", db / "test.lmdb", run, cfg, overwrite=True, init_from=init_from)
     return run
 
 
@@ -267,6 +284,12 @@ def main() -> None:
     parser.add_argument("--plain", help="an aligner run never trained on defects (align.py's)")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "align_defects"))
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="with --plain: fine-tune the defect aligners from it for this many steps",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     work = Path(args.work)
@@ -274,10 +297,10 @@ def main() -> None:
     detector, iou = train_detector(work, args.minutes)
     paths = damaged_stack(work, detector)
     base = load_config("align-em", AlignConfig)
+    tune = {"init_from": args.plain, "steps": args.finetune_steps} if args.plain else {}
     runs = {
-        "nomask": train_aligner(work, "nomask", paths["stack"], None, args.minutes, base),
-        "model": train_aligner(work, "model", paths["stack"], paths["model"], args.minutes, base),
-        "true": train_aligner(work, "true", paths["stack"], paths["true"], args.minutes, base),
+        name: train_aligner(work, name, paths["stack"], masks, args.minutes, base, **tune)
+        for name, masks in (("nomask", None), ("model", paths["model"]), ("true", paths["true"]))
     }
     runs["plain"] = (
         Path(args.plain)
