@@ -82,7 +82,7 @@ def train_detector(work: Path, minutes: float) -> tuple[Path, dict]:
         for stem in split["test"]:
             link = test / sub / f"{stem}.tif"
             if not link.exists():
-                link.symlink_to(Path(made[sub]) / f"{stem}.tif")
+                link.symlink_to((Path(made[sub]) / f"{stem}.tif").resolve())
     predict_files(run, test / "images", test / "pred", progress=False)
     metrics = evaluate_folders(test / "pred", test / "masks", num_classes=4)
     names = ("normal", "crack", "fold", "missing")
