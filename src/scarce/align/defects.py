@@ -233,28 +233,20 @@ def make_defect_dataset(stack, out_dir, *, per_slice: int = 4, seed: int = 0) ->
         If the disk is full or read-only; nothing is left under ``out_dir`` (the dataset is
         written to a temporary folder beside it and renamed when whole).
     """
-    import shutil
-
     import tifffile
     import yaml
 
-    from scarce import atomic
     from scarce.align.stack import open_stack
-    from scarce.errors import OutputExistsError
+    from scarce.data.install import install_folder
 
     final = Path(out_dir)
-    if final.exists():
-        raise OutputExistsError(f"{final} exists; choose another folder or remove it")
     (st,) = open_stack(stack)[:1]
     rng = np.random.default_rng(seed)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    atomic.sweep_stale(final.parent, [final.name])  # what a killed run left
-    out = atomic.temp_path(final)  # built beside its final name, renamed when whole
-    try:
-        (out / "images").mkdir(parents=True)
+    counts = np.zeros(len(CLASSES), np.int64)
+    samples = 0
+    with install_folder(final) as out:  # built beside its final name, renamed when whole
+        (out / "images").mkdir()
         (out / "masks").mkdir()
-        counts = np.zeros(len(CLASSES), np.int64)
-        samples = 0
         for z in range(len(st)):
             image = st.slice(z).astype(np.float32)
             for copy in range(per_slice + 1):
@@ -277,11 +269,6 @@ def make_defect_dataset(stack, out_dir, *, per_slice: int = 4, seed: int = 0) ->
             "description": f"synthetic defects on {st.source}",
         }
         (out / "images" / "dataset.yaml").write_text(yaml.safe_dump(meta))
-        out.rename(final)
-    except OSError as exc:
-        raise atomic.write_error(final, exc) from exc
-    finally:
-        shutil.rmtree(out, ignore_errors=True)  # gone after the rename; otherwise partial
     return {
         "images": str(final / "images"),
         "masks": str(final / "masks"),

@@ -19,16 +19,14 @@ https://ngff.openmicroscopy.org (0.4: multiscales, axes, coordinateTransformatio
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scarce import atomic
+from scarce.data.install import install_folder
 from scarce.errors import ImageFileError, InputError
 from scarce.io import to_chw
 
@@ -184,25 +182,15 @@ def _axes_args(ndim: int, pixel_size_um: float | None) -> dict:
     return {"axes": names, "scale": scale, "axes_units": units}
 
 
-@contextlib.contextmanager
 def staged(out: str | os.PathLike):
-    """Write a Zarr group atomically: yield a temporary name beside ``out``, then rename it.
+    """Write a Zarr group atomically: a context yielding an empty temporary folder beside
+    ``out``, renamed over ``out`` when the block ends (:func:`scarce.data.install.install_folder`
+    with ``overwrite=True``).
 
     On success an older ``out`` is replaced; on any exception the temporary group is removed
     and ``out`` is left as it was.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.sweep_stale(out.parent, [out.name])  # what a killed writer left
-    tmp = atomic.temp_path(out)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    return install_folder(out, overwrite=True)
 
 
 def write_image(group, image, *, pixel_size_um=None, chunks: int = 1024, compute=True) -> list:
