@@ -68,6 +68,7 @@ class FieldNetConfig:
     match_channels: int = 0  # encodings projected to this many channels for the cost volume
     coarse_affine: bool = False  # the coarsest level fits one robust affine motion, no more
     refine: bool = True  # each level's CNN adds a learned correction to its smoothed match
+    finest_iterations: int = 1  # matching passes at the finest level (shrink smoothing bias)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class AlignConfig(EngineConfig):
             )
         if not 0 <= m.input_level <= m.finest_level < m.levels:
             problems.append(f"need 0 <= model.input_level <= model.finest_level < {m.levels}")
+        if m.finest_iterations < 1:
+            problems.append(f"model.finest_iterations must be >= 1, got {m.finest_iterations}")
         if d.batch_size < 1 or self.stage.stage_steps < 1:
             problems.append("data.batch_size and stage.stage_steps must be >= 1")
         if problems:

@@ -107,6 +107,7 @@ class AlignmentTask:
             match_channels=m.match_channels,
             coarse_affine=m.coarse_affine,
             refine=m.refine,
+            finest_iterations=m.finest_iterations,
         )
         self.model.open_levels = 1  # stage 0; loss() opens the rest as training goes on
         return self.model
