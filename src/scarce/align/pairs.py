@@ -31,18 +31,20 @@ from scarce.models.field import warp
 
 
 class PairField(torch.nn.Module):
-    """A field network as a 2-channel image model for the sliding window: ``(N, 2, H, W)``
-    ``[source, target]`` in, the field ``(N, 2, H, W)`` out."""
+    """A field network as an image model for the sliding window: ``(N, 2, H, W)``
+    ``[source, target]`` (or ``(N, 4, H, W)`` ``[source, target, source usable, target
+    usable]``) in, the field ``(N, 2, H, W)`` out."""
 
-    in_channels = 2
-
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, with_valid: bool = False):
         super().__init__()
         self.net = net
+        self.in_channels = 4 if with_valid else 2
         self.size_multiple, self.halo = net.size_multiple, net.halo
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
-        return self.net.field(pair[:, :1], pair[:, 1:])
+        if self.in_channels == 4:
+            return self.net.field(pair[:, :1], pair[:, 1:2], pair[:, 2:3], pair[:, 3:4])
+        return self.net.field(pair[:, :1], pair[:, 1:2])
 
 
 def normalise(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -52,24 +54,38 @@ def normalise(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid, (image - mean) / std, 0.0).astype(np.float32)
 
 
-def network_field(net, source, target, *, tile_size: int, device) -> torch.Tensor:
+def network_field(
+    net, source, target, *, tile_size: int, device, valid_s=None, valid_t=None
+) -> torch.Tensor:
     """The network's field ``(1, 2, H, W)`` for ``(H, W)`` float32 slices (tiled if large).
 
     Slices are padded by reflection to a multiple of ``net.size_multiple`` and the field is
     cropped back; slices with a side above ``tile_size`` go through the engine's sliding
-    window (fields of overlapping tiles are blended).
+    window (fields of overlapping tiles are blended). ``valid_s``, ``valid_t`` ``(H, W)``
+    (optional, together): 1 where the slice holds usable tissue, 0 on defects and missing
+    data; the network neither matches there nor averages its matches across them
+    (:meth:`scarce.models.fieldnet.FieldNet.forward`).
     """
     h, w = source.shape
     m = net.size_multiple
+    planes = [source, target]
+    if valid_s is not None and valid_t is not None:
+        planes += [np.asarray(valid_s, np.float32), np.asarray(valid_t, np.float32)]
     if max(h, w) <= tile_size:
         pad = ((0, -h % m), (0, -w % m))
-        s = torch.from_numpy(np.pad(source, pad, mode="reflect"))[None, None].to(device)
-        t = torch.from_numpy(np.pad(target, pad, mode="reflect"))[None, None].to(device)
+        x = [
+            torch.from_numpy(np.pad(a, pad, mode="reflect"))[None, None].to(device) for a in planes
+        ]
         with torch.no_grad():
-            return net.field(s, t)[..., :h, :w].float().cpu()
-    pair = torch.from_numpy(np.stack([source, target]))
+            return net.field(*x)[..., :h, :w].float().cpu()
+    stack = torch.from_numpy(np.stack(planes))
     field = sliding_window_logits(
-        PairField(net), pair, tile_size=tile_size, overlap=0.5, batch_size=1, device=device
+        PairField(net, with_valid=len(planes) == 4),
+        stack,
+        tile_size=tile_size,
+        overlap=0.5,
+        batch_size=1,
+        device=device,
     )
     return field[None]
 
@@ -172,7 +188,17 @@ def pair_job(net, job: dict, *, tile_size: int, device, settings: FineTune):
     """The (fine-tuned) field ``(1, 2, H, W)`` of one pair ``job`` (source/target arrays, valid
     and masks) and the seconds it took."""
     start = time.perf_counter()
-    field = network_field(net, job["source"], job["target"], tile_size=tile_size, device=device)
+    usable = {}
+    if any(job.get(k) is not None for k in ("mask_s", "mask_t", "valid_s", "valid_t")):
+        for side in ("s", "t"):  # tissue that is there and not a defect
+            valid, mask = job.get(f"valid_{side}"), job.get(f"mask_{side}")
+            ok = np.ones(job["source"].shape, bool) if valid is None else np.asarray(valid) > 0
+            usable[f"valid_{side}"] = ok if mask is None else ok & (np.asarray(mask) == 0)
+        if all(v.all() for v in usable.values()):
+            usable = {}  # nothing to exclude: the plain (faster) path
+    field = network_field(
+        net, job["source"], job["target"], tile_size=tile_size, device=device, **usable
+    )
     if settings.steps:
         tensors = {
             k: torch.from_numpy(np.asarray(v, np.float32))[None, None]

@@ -29,7 +29,7 @@ import itertools
 
 import torch
 
-from scarce.models.fieldnet import gaussian_smooth
+from scarce.models.matching import gaussian_smooth
 
 
 def _blur(field: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -29,6 +29,14 @@ from torch import nn
 
 from scarce.errors import InputError
 from scarce.models.field import compose, upsample, warp
+from scarce.models.matching import (
+    correlation,
+    expected_offset,
+    gaussian_smooth,
+    region_smooth,
+    regions_of,
+    robust_affine,
+)
 
 SLOPE = 0.1  # LeakyReLU negative slope
 
@@ -60,139 +68,6 @@ def _aligner(in_channels: int, widths: tuple[int, ...], kernel: int) -> nn.Seque
     nn.init.zeros_(last.weight)  # identity field at the start of training
     nn.init.zeros_(last.bias)
     return nn.Sequential(*layers, last)
-
-
-def correlation(source: torch.Tensor, target: torch.Tensor, radius: int) -> torch.Tensor:
-    """Cost volume: the cosine similarity of each target feature vector with the source
-    feature vectors at every offset ``(dy, dx)`` in ``[-radius, radius]**2``.
-
-    Parameters
-    ----------
-    source, target : Tensor, shape (N, C, H, W)
-    radius : int
-        Largest offset, pixels of this level.
-
-    Returns
-    -------
-    Tensor, shape (N, (2 radius + 1)**2, H, W)
-        Channel ``(dy + r) * (2r + 1) + (dx + r)`` holds the similarity with the source at
-        ``(y + dy, x + dx)`` (zero outside the image).
-
-    References
-    ----------
-    D. Sun, X. Yang, M.-Y. Liu, J. Kautz, "PWC-Net: CNNs for Optical Flow Using Pyramid,
-    Warping, and Cost Volume", CVPR 2018, arXiv:1709.02371.
-    """
-    h, w = source.shape[-2:]
-    k = 2 * radius + 1
-    s = torch.nn.functional.normalize(source, dim=1)
-    t = torch.nn.functional.normalize(target, dim=1)
-    padded = torch.nn.functional.pad(s, (radius,) * 4)
-    # one offset row at a time: (N, C, H, W, k) windows along x, contracted over C; 2.5x
-    # faster on a CPU than unfolding all k*k offsets at once (no (N, C, k*k, H, W) copy)
-    rows = [
-        torch.einsum("nchwk,nchw->nkhw", padded[:, :, i : i + h].unfold(3, k, 1), t)
-        for i in range(k)
-    ]
-    return torch.cat(rows, 1)  # (N, k*k, H, W)
-
-
-def soft_argmax(cost: torch.Tensor, radius: int, temperature: torch.Tensor) -> torch.Tensor:
-    """Expected offset under ``softmax(temperature * cost)`` over the cost volume's offsets.
-
-    Parameters
-    ----------
-    cost : Tensor, shape (N, (2r+1)**2, H, W)
-        From :func:`correlation`.
-    radius : int
-    temperature : Tensor, scalar
-        Sharpness (a learned parameter).
-
-    Returns
-    -------
-    Tensor, shape (N, 2, H, W)
-        ``(dy, dx)`` in pixels of the level: where the source matches the target best.
-    """
-    return expected_offset(torch.softmax(temperature * cost, dim=1), radius)
-
-
-def expected_offset(weights: torch.Tensor, radius: int) -> torch.Tensor:
-    """``(dy, dx)`` ``(N, 2, H, W)`` averaged over the cost volume's offsets with ``weights``
-    ``(N, (2r+1)**2, H, W)`` (summing to 1 over the channels), pixels of the level."""
-    k = 2 * radius + 1
-    offsets = torch.arange(-radius, radius + 1, dtype=weights.dtype, device=weights.device)
-    dy = offsets.repeat_interleave(k).view(1, k * k, 1, 1)
-    dx = offsets.repeat(k).view(1, k * k, 1, 1)
-    return torch.cat([(weights * dy).sum(1, keepdim=True), (weights * dx).sum(1, keepdim=True)], 1)
-
-
-def gaussian_smooth(field: torch.Tensor, weight: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Normalised convolution: ``G * (w f) / G * w`` with a Gaussian ``G`` of std ``sigma``.
-
-    Averages a noisy per-pixel estimate ``field`` ``(N, 2, H, W)`` over its neighbourhood,
-    trusting each pixel by ``weight`` ``(N, 1, H, W)`` (e.g. how peaked its match is);
-    borders are handled by the normalisation (zero padding in both convolutions).
-
-    References
-    ----------
-    H. Knutsson, C.-F. Westin, "Normalized and differential convolution", CVPR 1993.
-    """
-    radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel_y, kernel_x = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
-
-    def blur(a: torch.Tensor) -> torch.Tensor:
-        c = a.shape[1]
-        a = torch.nn.functional.conv2d(
-            a, kernel_y.expand(c, 1, -1, 1), padding=(radius, 0), groups=c
-        )
-        return torch.nn.functional.conv2d(
-            a, kernel_x.expand(c, 1, 1, -1), padding=(0, radius), groups=c
-        )
-
-    return blur(field * weight) / blur(weight).clamp_min(1e-6)
-
-
-def robust_affine(
-    field: torch.Tensor, weight: torch.Tensor, *, scale: float = 2.0, iterations: int = 3
-) -> torch.Tensor:
-    """The affine field that best explains a noisy field: weighted least squares, reweighted.
-
-    Fits ``D(p) = A [y, x, 1]`` to ``field`` ``(N, 2, H, W)`` with weights ``weight``
-    ``(N, 1, H, W)``, then ``iterations`` times down-weights each pixel by
-    ``1 / (1 + (r / scale)**2)`` (Cauchy), ``r`` its residual in pixels, and refits: matches on
-    look-alike structures far from the consensus stop pulling the fit.
-
-    Returns
-    -------
-    Tensor, shape (N, 2, H, W)
-        The affine field on the same grid.
-
-    References
-    ----------
-    P. W. Holland, R. E. Welsch, "Robust regression using iteratively reweighted
-    least-squares", Communications in Statistics 6 (1977), doi:10.1080/03610927708827533.
-    """
-    n, _, h, w = field.shape
-    yy, xx = torch.meshgrid(
-        torch.linspace(-1, 1, h, device=field.device, dtype=field.dtype),
-        torch.linspace(-1, 1, w, device=field.device, dtype=field.dtype),
-        indexing="ij",
-    )
-    basis = torch.stack([yy, xx, torch.ones_like(yy)], -1).reshape(1, h * w, 3)  # (1, P, 3)
-    target = field.reshape(n, 2, h * w).transpose(1, 2)  # (N, P, 2)
-    w_ = weight.reshape(n, h * w, 1).clamp_min(0)
-    eye = 1e-4 * torch.eye(3, device=field.device, dtype=field.dtype)
-    for step in range(iterations + 1):
-        xtw = (basis * w_).transpose(1, 2)  # (N, 3, P)
-        coef = torch.linalg.solve(xtw @ basis + eye, xtw @ target)  # (N, 3, 2)
-        fitted = basis @ coef  # (N, P, 2)
-        if step < iterations:
-            residual = torch.linalg.vector_norm(target - fitted, dim=2, keepdim=True)
-            w_ = weight.reshape(n, h * w, 1) / (1 + (residual.detach() / scale) ** 2)
-    return fitted.transpose(1, 2).reshape(n, 2, h, w)
 
 
 class FieldNet(nn.Module):
@@ -368,8 +243,21 @@ class FieldNet(nn.Module):
             out.append(x)
         return out
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Fields per computed level, coarse to fine (see the module docstring)."""
+    def forward(
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        source_valid: torch.Tensor | None = None,
+        target_valid: torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Fields per computed level, coarse to fine (see the module docstring).
+
+        ``source_valid``, ``target_valid`` ``(N, 1, H, W)`` (optional, together): 1 where a
+        slice holds usable tissue, 0 on defects (cracks, folds) and missing data. Matches there
+        get no weight, and each level's matches are averaged only within the connected
+        regions the defects leave (:func:`~scarce.models.matching.region_smooth`), so a crack's
+        two sides move apart instead of being averaged together.
+        """
         if source.shape != target.shape or source.ndim != 4:
             raise InputError(
                 f"source {tuple(source.shape)} and target {tuple(target.shape)} must both be "
@@ -386,6 +274,9 @@ class FieldNet(nn.Module):
         both = torch.cat([source, target]).contiguous(memory_format=torch.channels_last)
         encodings = [e.chunk(2) if e is not None else (None, None) for e in self.encode(both)]
         enc_s, enc_t = [e[0] for e in encodings], [e[1] for e in encodings]
+        if (source_valid is None) != (target_valid is None):
+            raise InputError("give both source_valid and target_valid, or neither")
+        masked = source_valid is not None
         top = self.levels - 1
         stop = max(self.finest_level, self.levels - self.open_levels)
         field = source.new_zeros(source.shape[0], 2, *enc_s[top].shape[-2:])
@@ -404,12 +295,24 @@ class FieldNet(nn.Module):
                 weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
                 matched = expected_offset(weights, self.radius)  # the soft-argmax
                 confidence = weights.amax(1, keepdim=True)
+                if masked:  # usable where both hold tissue (min-pooled: a defect anywhere)
+                    f = 2**level
+                    vs, vt = (
+                        -torch.nn.functional.max_pool2d(-v.float(), f) if f > 1 else v
+                        for v in (source_valid, target_valid)
+                    )
+                    usable = vt * warp(vs, field)  # the source's pulled onto the target grid
+                    confidence = confidence * usable
                 if self.coarse_affine and level == top:
                     field = compose(robust_affine(matched, confidence), field)
                     fields[level] = field
                     continue
                 sigma = max(1.0, self.smoothing / 2**level)
-                matched = gaussian_smooth(matched, confidence, sigma)
+                if masked:
+                    regions = regions_of(usable, min_size=int(sigma**2))
+                    matched = region_smooth(matched, confidence, sigma, regions)
+                else:
+                    matched = gaussian_smooth(matched, confidence, sigma)
             residual = matched
             if self.refine or not self.radius:
                 residual = residual + self.aligners[level](torch.cat(parts, dim=1)).float()
@@ -417,9 +320,16 @@ class FieldNet(nn.Module):
             fields[level] = field
         return fields
 
-    def field(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The finest field at the input's resolution: ``(N, 2, H, W)`` pixels."""
-        fields = self.forward(source, target)
+    def field(
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        source_valid: torch.Tensor | None = None,
+        target_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The finest field at the input's resolution: ``(N, 2, H, W)`` pixels (usable-pixel
+        maps as in :meth:`forward`)."""
+        fields = self.forward(source, target, source_valid, target_valid)
         level = min(fields)
         return upsample(fields[level], 2**level) if level else fields[level]
 
@@ -438,11 +348,4 @@ def fieldnet_receptive_field(levels: int, kernel_size: int, hidden_layers: int) 
     return encoder + aligner + 1
 
 
-__all__ = [
-    "FieldNet",
-    "robust_affine",
-    "correlation",
-    "fieldnet_receptive_field",
-    "gaussian_smooth",
-    "soft_argmax",
-]
+__all__ = ["FieldNet", "fieldnet_receptive_field"]
