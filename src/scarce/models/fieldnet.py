@@ -90,11 +90,11 @@ class FieldNet(nn.Module):
         The finest level with an aligner: the field is predicted down to 1/2**finest_level
         of the input and upsampled from there (cheaper; fields are smooth).
     correlation_radius : int
-        Each aligner also reads the cost volume (:func:`correlation`) of the warped source
-        and the target encodings over offsets up to this many pixels of its level (0: none),
-        and its residual starts from the cost volume's best match (:func:`soft_argmax`),
-        smoothed (:func:`gaussian_smooth`, weighted by how peaked each match is). Explicit
-        matching makes large displacements far quicker to learn (PWC-Net).
+        Each aligner also reads the cost volume of the warped source and the target
+        encodings over offsets up to this many pixels of its level (0: none), and its
+        residual starts from the cost volume's best match (soft-argmax), smoothed (weighted
+        by how peaked each match is); see :mod:`scarce.models.matching`. Explicit matching
+        makes large displacements far quicker to learn (PWC-Net).
     smoothing : float
         Standard deviation of that smoothing in full-resolution pixels (at least 1 pixel of
         each level).
@@ -112,8 +112,8 @@ class FieldNet(nn.Module):
         on ISBI 2012 the learned corrections over-warped (they chase content that differs
         between sections, which the similarity loss rewards), see benchmarks/results/align.md.
     coarse_affine : bool
-        The coarsest level's residual is the robust affine fit (:func:`robust_affine`) of its
-        matches, nothing local: between real sections look-alike structures (cell profiles)
+        The coarsest level's residual is the robust (IRLS) affine fit of its matches,
+        nothing local: between real sections look-alike structures (cell profiles)
         make coarse local matches ambiguous, while the bulk motion (shift, rotation, scale,
         shear) is well determined by the whole field of view. Finer levels add the local part.
     finest_iterations : int
