@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from scarce.align.pairs import network_field
+from scarce.align.pairs import PairField, network_field
+from scarce.errors import InputError
 from scarce.io import read_image
 from scarce.models.field import translation, warp
 from scarce.models.fieldnet import FieldNet
@@ -24,6 +26,17 @@ def test_tiled_fields_match_the_whole_slice_and_find_a_known_shift(shared_data):
     usable = np.ones(image.shape, bool)
     usable[100:130, 40:90] = False  # a hole of missing data in the source
     inner = (slice(None), slice(None), slice(16, -16), slice(16, -16))
+    plain = network_field(net, source, image, tile_size=1024, device="cpu")
+    masked = network_field(
+        net, source, image, tile_size=1024, device="cpu", valid_s=~usable, valid_t=usable
+    )
+    assert float((masked - plain).abs().max()) > 0.5  # the maps do reach the network
+    four = PairField(net, with_valid=True)
+    x = torch.from_numpy(np.stack([source, image, ~usable, usable]).astype("float32"))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(four(x), net.field(*x[:, :, None].unbind(1)))
+    with pytest.raises(InputError, match="both"):
+        network_field(net, source, image, tile_size=1024, device="cpu", valid_s=usable)
     for maps in ({}, {"valid_s": usable, "valid_t": np.ones_like(usable)}):
         whole = network_field(net, source, image, tile_size=1024, device="cpu", **maps)
         tiled = network_field(net, source, image, tile_size=128, device="cpu", **maps)

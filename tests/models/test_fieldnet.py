@@ -131,21 +131,24 @@ def test_more_finest_passes_shrink_the_error_on_a_smoothly_deformed_em_slice(sha
     bump = torch.exp(-((yy - 0.2) ** 2 + (xx + 0.1) ** 2) / 0.3)
     truth = torch.stack([2.0 * xx + 3.0 * bump + 1.0, -2.0 * yy + 2.0 * bump])[None]
     source = warp(target, truth)  # the known deformation u that made the source
-    errors = []
-    for passes in (1, 3):
-        torch.manual_seed(0)
-        net = FieldNet(
-            levels=3,
-            finest_level=1,
-            correlation_radius=2,
-            smoothing=16.0,
-            refine=False,
-            finest_iterations=passes,
-        ).eval()
-        with torch.no_grad():
-            field = net.field(source, target)
-        errors.append(float(composition_error(field, truth)[0, 16:-16, 16:-16].mean()))
-    assert errors[1] < 0.8 * errors[0], errors
+    ratios = []
+    for seed in range(5):  # random encoders: judge the mean over several
+        errors = []
+        for passes in (1, 3):
+            torch.manual_seed(seed)
+            net = FieldNet(
+                levels=3,
+                finest_level=1,
+                correlation_radius=2,
+                smoothing=16.0,
+                refine=False,
+                finest_iterations=passes,
+            ).eval()
+            with torch.no_grad():
+                field = net.field(source, target)
+            errors.append(float(composition_error(field, truth)[0, 16:-16, 16:-16].mean()))
+        ratios.append(errors[1] / errors[0])
+    assert sum(ratios) / len(ratios) < 0.9 and max(ratios) < 1.0, ratios
     with pytest.raises(InputError, match="finest_iterations"):
         FieldNet(levels=3, finest_iterations=0)
 
@@ -167,15 +170,24 @@ def test_a_crack_mask_keeps_the_two_sides_apart(shared_data):
     defect = torch.from_numpy((damage.mask > 0).astype("float32"))[None, None]
     keep = torch.nn.functional.max_pool2d(defect, 9, 1, 4)[0, 0] == 0  # 4 px from the crack
     keep[:16], keep[-16:], keep[:, :16], keep[:, -16:] = False, False, False, False
-    errors = []
-    for masks in (None, (usable, torch.ones_like(usable))):
-        torch.manual_seed(0)
-        net = FieldNet(levels=3, correlation_radius=3, smoothing=24.0, refine=False).eval()
-        with torch.no_grad():
-            field = net.field(source, target, *(masks or ()))
-        errors.append(
-            float(composition_error(field, torch.from_numpy(damage.field)[None])[0][keep].mean())
-        )
-    assert errors[1] < 0.6 * errors[0], errors
+    ratios = []
+    for seed in range(5):  # random encoders: judge the mean over several
+        errors = []
+        for masks in (None, (usable, torch.ones_like(usable))):
+            torch.manual_seed(seed)
+            net = FieldNet(levels=3, correlation_radius=3, smoothing=24.0, refine=False).eval()
+            with torch.no_grad():
+                field = net.field(source, target, *(masks or ()))
+            truth = torch.from_numpy(damage.field)[None]
+            errors.append(float(composition_error(field, truth)[0][keep].mean()))
+        ratios.append(errors[1] / errors[0])
+    assert sum(ratios) / len(ratios) < 0.8 and max(ratios) < 1.0, ratios
     with pytest.raises(InputError, match="both"):
         net.field(source, target, usable)
+    with pytest.raises(InputError, match="must be"):
+        net.field(source, target, usable[0], usable[0])  # (1, H, W): no channel axis
+    no_cost_volume = FieldNet(levels=3, encoder_widths=(4, 4, 4), aligner_widths=(4,))
+    with pytest.raises(InputError, match="cost volume"):
+        no_cost_volume.field(source, target, usable, usable)
+    double = net.field(source, target, usable.double(), torch.ones_like(usable).double())
+    assert double.dtype == torch.float32 and torch.isfinite(double).all()

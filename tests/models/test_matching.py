@@ -41,3 +41,23 @@ def test_smoothing_within_regions_keeps_a_tear_sharp():
     blurred = gaussian_smooth(field, weight, 4.0)
     assert (blurred - field)[:, 1, inside].abs().max() > 3.0  # plain smoothing drags both sides
     assert np.isfinite(sharp.numpy()).all()
+
+
+def test_smoothing_on_region_boxes_equals_smoothing_on_the_whole_image():
+    """Many small regions (scattered holes and seams): the bounding-box shortcut gives the
+    numbers of smoothing each region over the whole image."""
+    torch.manual_seed(3)
+    valid = (torch.rand(1, 1, 48, 56) > 0.04).float()
+    valid[0, 0, :, 20] = 0  # a straight seam
+    valid[0, 0, 30, :] = 0  # and a crossing one: at least four regions
+    regions = regions_of(valid, min_size=3)
+    assert len(torch.unique(regions)) >= 5
+    field, weight = torch.randn(1, 2, 48, 56), torch.rand(1, 1, 48, 56) * valid
+    fast = region_smooth(field, weight, 3.0, regions)
+    slow = gaussian_smooth(field, weight, 3.0)
+    for label in torch.unique(regions).tolist():
+        if label:
+            inside = (regions == label)[:, None].float()
+            whole = gaussian_smooth(field, weight * inside, 3.0)
+            slow = torch.where(inside > 0, whole, slow)
+    torch.testing.assert_close(fast, slow)

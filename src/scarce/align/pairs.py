@@ -27,6 +27,7 @@ from scarce.align.defects import defect_weights
 from scarce.align.losses import masked_mse, smoothness
 from scarce.engine.checkpoint import load_model
 from scarce.engine.tiling import sliding_window_logits
+from scarce.errors import InputError
 from scarce.models.field import warp
 
 
@@ -69,7 +70,9 @@ def network_field(
     h, w = source.shape
     m = net.size_multiple
     planes = [source, target]
-    if valid_s is not None and valid_t is not None:
+    if (valid_s is None) != (valid_t is None):
+        raise InputError("network_field: give both valid_s and valid_t, or neither")
+    if valid_s is not None:
         planes += [np.asarray(valid_s, np.float32), np.asarray(valid_t, np.float32)]
     if max(h, w) <= tile_size:
         pad = ((0, -h % m), (0, -w % m))
@@ -186,7 +189,12 @@ def loss_weights(field, valid_s, valid_t, settings: FineTune, mask_s=None, mask_
 
 def pair_job(net, job: dict, *, tile_size: int, device, settings: FineTune):
     """The (fine-tuned) field ``(1, 2, H, W)`` of one pair ``job`` (source/target arrays, valid
-    and masks) and the seconds it took."""
+    and masks) and the seconds it took.
+
+    Where either slice has missing data (``valid_*`` False) or a defect (``mask_*`` > 0), the
+    network gets usable-tissue maps (no matching there, no averaging across it); otherwise
+    the plain path runs.
+    """
     start = time.perf_counter()
     usable = {}
     if any(job.get(k) is not None for k in ("mask_s", "mask_t", "valid_s", "valid_t")):

@@ -252,11 +252,21 @@ class FieldNet(nn.Module):
     ) -> dict[int, torch.Tensor]:
         """Fields per computed level, coarse to fine (see the module docstring).
 
-        ``source_valid``, ``target_valid`` ``(N, 1, H, W)`` (optional, together): 1 where a
-        slice holds usable tissue, 0 on defects (cracks, folds) and missing data. Matches there
-        get no weight, and each level's matches are averaged only within the connected
-        regions the defects leave (:func:`~scarce.models.matching.region_smooth`), so a crack's
-        two sides move apart instead of being averaged together.
+        ``source_valid``, ``target_valid`` ``(N, 1, H, W)`` (optional, together; any real
+        dtype): 1 where a slice holds usable tissue, 0 on defects (cracks, folds) and missing
+        data. Per level they are averaged over each cell (the usable fraction); matches are
+        weighted by the usable fraction of the target cell times that of the source cell it
+        pulls from, and averaged only within the connected regions of cells more than half
+        usable (:func:`~scarce.models.matching.region_smooth`), so a crack's two sides move
+        apart instead of being averaged together.
+
+        Raises
+        ------
+        InputError
+            For slices of different shapes or not ``(N, C, H, W)``, sizes that are not a
+            multiple of :attr:`size_multiple`, only one usable-tissue map, maps not
+            ``(N, 1, H, W)`` on the slices' device, or maps without a cost volume
+            (``correlation_radius == 0``: nothing to weight).
         """
         if source.shape != target.shape or source.ndim != 4:
             raise InputError(
@@ -269,14 +279,24 @@ class FieldNet(nn.Module):
                 f"FieldNet input {h}x{w} is not a multiple of {self.size_multiple} "
                 "(2 ** (levels - 1)); pad or crop the slices"
             )
+        if (source_valid is None) != (target_valid is None):
+            raise InputError("give both source_valid and target_valid, or neither")
+        masked = source_valid is not None
+        if masked:
+            for name, v in (("source_valid", source_valid), ("target_valid", target_valid)):
+                if v.shape != (source.shape[0], 1, h, w) or v.device != source.device:
+                    raise InputError(
+                        f"{name} {tuple(v.shape)} on {v.device} must be "
+                        f"{(source.shape[0], 1, h, w)} on {source.device}, like the slices"
+                    )
+            if not self.radius:
+                raise InputError("usable-tissue maps need a cost volume (correlation_radius > 0)")
+            source_valid, target_valid = source_valid.float(), target_valid.float()
         # source and target in one batch, channels-last: the 2-core CPU inference of a
         # 512 x 512 pair takes 0.7 x the time (same numbers); see benchmarks/results/align.md
         both = torch.cat([source, target]).contiguous(memory_format=torch.channels_last)
         encodings = [e.chunk(2) if e is not None else (None, None) for e in self.encode(both)]
         enc_s, enc_t = [e[0] for e in encodings], [e[1] for e in encodings]
-        if (source_valid is None) != (target_valid is None):
-            raise InputError("give both source_valid and target_valid, or neither")
-        masked = source_valid is not None
         top = self.levels - 1
         stop = max(self.finest_level, self.levels - self.open_levels)
         field = source.new_zeros(source.shape[0], 2, *enc_s[top].shape[-2:])
@@ -295,13 +315,13 @@ class FieldNet(nn.Module):
                 weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
                 matched = expected_offset(weights, self.radius)  # the soft-argmax
                 confidence = weights.amax(1, keepdim=True)
-                if masked:  # usable where both hold tissue (min-pooled: a defect anywhere)
+                if masked:  # the usable fraction of each cell, both slices
                     f = 2**level
                     vs, vt = (
-                        -torch.nn.functional.max_pool2d(-v.float(), f) if f > 1 else v
+                        torch.nn.functional.avg_pool2d(v, f) if f > 1 else v
                         for v in (source_valid, target_valid)
                     )
-                    usable = vt * warp(vs, field)  # the source's pulled onto the target grid
+                    usable = vt * warp(vs, field.detach())  # the source's pulled onto the target
                     confidence = confidence * usable
                 if self.coarse_affine and level == top:
                     field = compose(robust_affine(matched, confidence), field)
