@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from scarce.models.matching import gaussian_smooth, region_smooth, regions_of
+from scarce.models.matching import fill_specks, gaussian_smooth, region_smooth, regions_of
 
 
 def _seam_valid(h: int = 32, w: int = 40) -> torch.Tensor:
@@ -61,3 +61,14 @@ def test_smoothing_on_region_boxes_equals_smoothing_on_the_whole_image():
             whole = gaussian_smooth(field, weight * inside, 3.0)
             slow = torch.where(inside > 0, whole, slow)
     torch.testing.assert_close(fast, slow)
+
+
+def test_specks_of_missing_pixels_are_filled_and_defects_kept():
+    valid = torch.ones(1, 1, 40, 40)
+    valid[0, 0, 3, 5] = valid[0, 0, 10, 30] = 0  # single pixels
+    valid[0, 0, 20, 20:22] = valid[0, 0, 21, 22] = 0  # a 3-pixel diagonal speck
+    valid[0, 0, 30:35, 5:10] = 0  # a 25-pixel hole: a defect
+    filled = fill_specks(valid, 16)
+    assert filled.dtype == torch.float32 and filled.shape == valid.shape
+    assert filled[0, 0, :28].eq(1).all()  # every speck gone
+    assert filled[0, 0, 30:35, 5:10].eq(0).all() and filled.sum() == 40 * 40 - 25

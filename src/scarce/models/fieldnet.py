@@ -32,6 +32,7 @@ from scarce.models.field import compose, upsample, warp
 from scarce.models.matching import (
     correlation,
     expected_offset,
+    fill_specks,
     gaussian_smooth,
     region_smooth,
     regions_of,
@@ -254,11 +255,13 @@ class FieldNet(nn.Module):
 
         ``source_valid``, ``target_valid`` ``(N, 1, H, W)`` (optional, together; any real
         dtype): 1 where a slice holds usable tissue, 0 on defects (cracks, folds) and missing
-        data. Per level they are averaged over each cell (the usable fraction); matches are
-        weighted by the usable fraction of the target cell times that of the source cell it
-        pulls from, and averaged only within the connected regions of cells more than half
-        usable (:func:`~scarce.models.matching.region_smooth`), so a crack's two sides move
-        apart instead of being averaged together.
+        data. A cell of a coarser level is usable if none of its pixels is a defect, specks
+        of fewer than 16 unusable pixels ignored (:func:`~scarce.models.matching.fill_specks`:
+        scattered pixels that equal the missing-data value are not a defect). Matches are
+        weighted by the target cell's usability times that of the source cell it pulls from,
+        and averaged only within the connected regions of usable cells
+        (:func:`~scarce.models.matching.region_smooth`), so a crack's two sides move apart
+        instead of being averaged together.
 
         Raises
         ------
@@ -292,6 +295,9 @@ class FieldNet(nn.Module):
             if not self.radius:
                 raise InputError("usable-tissue maps need a cost volume (correlation_radius > 0)")
             source_valid, target_valid = source_valid.float(), target_valid.float()
+            # coarser levels ignore specks of a few unusable pixels; any larger defect
+            # marks every cell it touches (min-pooling), so a crack always cuts a level
+            coarse_valid = [fill_specks(v, 16) for v in (source_valid, target_valid)]
         # source and target in one batch, channels-last: the 2-core CPU inference of a
         # 512 x 512 pair takes 0.7 x the time (same numbers); see benchmarks/results/align.md
         both = torch.cat([source, target]).contiguous(memory_format=torch.channels_last)
@@ -315,11 +321,11 @@ class FieldNet(nn.Module):
                 weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
                 matched = expected_offset(weights, self.radius)  # the soft-argmax
                 confidence = weights.amax(1, keepdim=True)
-                if masked:  # the usable fraction of each cell, both slices
+                if masked:  # usable cells: no defect pixel in them
                     f = 2**level
                     vs, vt = (
-                        torch.nn.functional.avg_pool2d(v, f) if f > 1 else v
-                        for v in (source_valid, target_valid)
+                        -torch.nn.functional.max_pool2d(-c, f) if f > 1 else v
+                        for v, c in zip((source_valid, target_valid), coarse_valid)
                     )
                     usable = vt * warp(vs, field.detach())  # the source's pulled onto the target
                     confidence = confidence * usable

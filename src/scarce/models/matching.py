@@ -178,6 +178,33 @@ def regions_of(valid: torch.Tensor, min_size: int = 1) -> torch.Tensor:
     return torch.from_numpy(out).to(valid.device)
 
 
+def fill_specks(valid: torch.Tensor, max_size: int) -> torch.Tensor:
+    """``valid`` with every unusable speck (a 8-connected group of fewer than ``max_size``
+    pixels, e.g. scattered pixels that happen to equal the missing-data value) marked usable.
+
+    Parameters
+    ----------
+    valid : Tensor, shape (N, 1, H, W)
+        1 usable, 0 a defect or missing data.
+    max_size : int
+        Pixels.
+
+    Returns
+    -------
+    Tensor, shape (N, 1, H, W), float32, on ``valid``'s device (labelled with
+    ``scipy.ndimage.label`` on the CPU).
+    """
+    bad = (valid[:, 0] <= 0.5).cpu().numpy()
+    out = valid.float().clone()
+    for n, image in enumerate(bad):
+        labels, count = ndi.label(image, structure=np.ones((3, 3)))
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        small = np.flatnonzero(sizes < max_size)
+        specks = np.isin(labels, small[small > 0])
+        out[n, 0][torch.from_numpy(specks).to(valid.device)] = 1.0
+    return out
+
+
 def region_smooth(
     field: torch.Tensor, weight: torch.Tensor, sigma: float, regions: torch.Tensor
 ) -> torch.Tensor:
@@ -227,6 +254,7 @@ def region_smooth(
 __all__ = [
     "correlation",
     "expected_offset",
+    "fill_specks",
     "gaussian_smooth",
     "region_smooth",
     "regions_of",
