@@ -13,14 +13,20 @@ from scarce.models.field import translation, warp
 from scarce.models.fieldnet import FieldNet
 
 
+def _shifted_crop(shared_data, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ISBI slice crop (z-scored, float32) and the same crop moved by (2, -3) px: the field
+    aligning the moved one onto it is (-2, 3) everywhere."""
+    image = read_image(shared_data / "isbi2012" / "images" / "05.png")[0, :height, :width]
+    image = ((image - image.mean()) / image.std()).astype("float32")
+    moved = warp(torch.from_numpy(image)[None, None], translation(2.0, -3.0, height, width))
+    return moved[0, 0].numpy(), image
+
+
 def test_tiled_fields_match_the_whole_slice_and_find_a_known_shift(shared_data):
     """A 256 x 320 ISBI crop moved by (2, -3) px, aligned in 128 px tiles and whole: the tiles'
     blended field equals the whole slice's to a small fraction of a pixel and both find the
     shift; also with a usable-tissue map (the 4-channel sliding-window path)."""
-    image = read_image(shared_data / "isbi2012" / "images" / "05.png")[0, :256, :320]
-    image = ((image - image.mean()) / image.std()).astype("float32")
-    source = warp(torch.from_numpy(image)[None, None], translation(2.0, -3.0, 256, 320))
-    source = source[0, 0].numpy()
+    source, image = _shifted_crop(shared_data, 256, 320)
     torch.manual_seed(0)
     net = FieldNet(levels=3, correlation_radius=3, smoothing=16.0, refine=False).eval()
     usable = np.ones(image.shape, bool)
@@ -50,10 +56,7 @@ def test_tiled_fields_match_the_whole_slice_and_find_a_known_shift(shared_data):
 def test_scattered_missing_pixels_barely_move_the_field(shared_data):
     """0.5 % of the pixels equal the missing-data value by chance (not a defect): the field
     with those pixels excluded stays within a tenth of a pixel of the field without them."""
-    image = read_image(shared_data / "isbi2012" / "images" / "05.png")[0, :256, :256]
-    image = ((image - image.mean()) / image.std()).astype("float32")
-    source = warp(torch.from_numpy(image)[None, None], translation(2.0, -3.0, 256, 256))
-    source = source[0, 0].numpy()
+    source, image = _shifted_crop(shared_data, 256, 256)
     torch.manual_seed(0)
     net = FieldNet(levels=4, finest_level=1, correlation_radius=3, smoothing=16.0, refine=False)
     rng = np.random.default_rng(0)

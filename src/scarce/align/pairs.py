@@ -197,13 +197,12 @@ def pair_job(net, job: dict, *, tile_size: int, device, settings: FineTune):
     """
     start = time.perf_counter()
     usable = {}
-    if any(job.get(k) is not None for k in ("mask_s", "mask_t", "valid_s", "valid_t")):
-        for side in ("s", "t"):  # tissue that is there and not a defect
-            valid, mask = job.get(f"valid_{side}"), job.get(f"mask_{side}")
-            ok = np.ones(job["source"].shape, bool) if valid is None else np.asarray(valid) > 0
-            usable[f"valid_{side}"] = ok if mask is None else ok & (np.asarray(mask) == 0)
-        if all(v.all() for v in usable.values()):
-            usable = {}  # nothing to exclude: the plain (faster) path
+    for side in ("s", "t"):  # tissue that is there and not a defect
+        valid, mask = job.get(f"valid_{side}"), job.get(f"mask_{side}")
+        ok = np.ones(job["source"].shape, bool) if valid is None else np.asarray(valid) > 0
+        usable[f"valid_{side}"] = ok if mask is None else ok & (np.asarray(mask) == 0)
+    if all(v.all() for v in usable.values()):
+        usable = {}  # nothing to exclude: the plain (faster) path
     field = network_field(
         net, job["source"], job["target"], tile_size=tile_size, device=device, **usable
     )

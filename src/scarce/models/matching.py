@@ -149,6 +149,13 @@ def robust_affine(
     return fitted.transpose(1, 2).reshape(n, 2, h, w)
 
 
+def _components(image: np.ndarray, structure=None) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of a 2D bool array: labels ``(H, W)`` int (0 = background) and
+    each label's pixel count (``sizes[labels]`` is the size of a pixel's component)."""
+    labels, count = ndi.label(image, structure=structure)
+    return labels, np.bincount(labels.ravel(), minlength=count + 1)
+
+
 def regions_of(valid: torch.Tensor, min_size: int = 1) -> torch.Tensor:
     """Connected regions of usable pixels: where a crack or fold cuts a section, its two sides.
 
@@ -170,11 +177,8 @@ def regions_of(valid: torch.Tensor, min_size: int = 1) -> torch.Tensor:
     usable = (valid[:, 0] > 0.5).cpu().numpy()
     out = np.zeros(usable.shape, np.int64)
     for n, image in enumerate(usable):
-        labels, count = ndi.label(image)
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        keep = np.flatnonzero(sizes >= min_size)
-        keep = keep[keep > 0]
-        out[n] = np.where(np.isin(labels, keep), labels, 0)
+        labels, sizes = _components(image)
+        out[n] = np.where(sizes[labels] >= min_size, labels, 0)
     return torch.from_numpy(out).to(valid.device)
 
 
@@ -197,10 +201,8 @@ def fill_specks(valid: torch.Tensor, max_size: int) -> torch.Tensor:
     bad = (valid[:, 0] <= 0.5).cpu().numpy()
     out = valid.float().clone()
     for n, image in enumerate(bad):
-        labels, count = ndi.label(image, structure=np.ones((3, 3)))
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        small = np.flatnonzero(sizes < max_size)
-        specks = np.isin(labels, small[small > 0])
+        labels, sizes = _components(image, np.ones((3, 3)))
+        specks = (labels > 0) & (sizes[labels] < max_size)
         out[n, 0][torch.from_numpy(specks).to(valid.device)] = 1.0
     return out
 
