@@ -16,6 +16,11 @@ Everything here is fixed before any model is scored (no parameter was chosen on 
 - **dev empty fields**: 128 x 128 windows of bbbc039 *training* images that hold no nucleus
   pixel within 8 px (one per image that has one), for choosing settings without the test
   split's empty fields.
+- **dev emptied dsb2018**: the dsb2018 dev images with their nuclei replaced by background
+  (:func:`scarce.data.empty.empty_field`, seeded per image; images under 20 % background are
+  left out): empty fields from other microscopes, which no training image resembles (the
+  dev empty fields above come from the training images, which ``augment.empty_field_p``
+  empties during training).
 - **Otsu + distance-transform watershed**, the classical floor: Gaussian smoothing
   (sigma 1 px), Otsu threshold, holes filled, objects < 20 px removed, markers at maxima of
   the distance transform at least 7 px apart (about half a bbbc039 nucleus radius), watershed
@@ -35,6 +40,7 @@ from skimage.morphology import remove_small_objects
 from skimage.segmentation import relabel_sequential, watershed
 from skimage.transform import resize
 
+from scarce.data.empty import empty_field
 from scarce.io import list_image_files, read_image
 
 NOISE_FRACTION = 0.02  # added noise std, fraction of the image's p1..p99.8 range
@@ -134,6 +140,16 @@ def dev_empty_fields(pairs: list) -> list:
             y, x = free[len(free) // 2]
             crop = np.ascontiguousarray(image[:, y : y + s, x : x + s])
             out.append((f"{stem}_empty", crop, np.zeros((s, s), dtype=np.int32)))
+    return out
+
+
+def emptied_fields(pairs: list, seed: int = 0) -> list:
+    """``pairs`` with every nucleus replaced by background, truth all 0 (see the module)."""
+    out = []
+    for i, (stem, image, truth) in enumerate(pairs):
+        empty = empty_field(image, truth > 0, np.random.default_rng([seed, i]))
+        if empty is not None:
+            out.append((f"{stem}_emptied", empty, np.zeros_like(truth)))
     return out
 
 

@@ -69,8 +69,7 @@ class DataConfig:
 class AugmentConfig:
     """Augmentation: one random draw per sample, the same geometry for image and mask.
 
-    Defaults in brackets in the issue come from the NIST system this replaces.
-    """
+    Defaults in brackets in the issue come from the NIST system this replaces."""
 
     enabled: bool = True  # master switch (--no-augment turns it off)
     interpolation: str = "linear"  # image resampling: linear | cubic (mask: always nearest)
@@ -106,6 +105,7 @@ class AugmentConfig:
     cutout_noise: bool = False  # SEAMLeSS noise cutouts (region replaced by noise)
     cutout_p: float = 0.3  # probability of each enabled cutout kind
     cutout_max_fraction: float = 0.25  # max cutout side as a fraction of the patch side
+    empty_field_p: float = 0.0  # probability a patch is a synthetic empty field (data/empty.py)
 
     def __post_init__(self) -> None:
         _check_augment(self)

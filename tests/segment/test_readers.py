@@ -28,7 +28,12 @@ from scarce.data.store import (
 )
 from scarce.data.workers import resolve_reader_count
 from scarce.io import list_image_files
-from scarce.segment.readers import benchmark_readers, iter_test_images, make_train_loader
+from scarce.segment.readers import (
+    benchmark_readers,
+    iter_test_images,
+    make_train_loader,
+    normalization_spec_for,
+)
 from tests.shared import SHARED_DATA
 
 DATA = SHARED_DATA
@@ -349,3 +354,28 @@ def test_uniform_centres_keep_the_patch_inside_the_image():
             assert (start >= 0).all() and (start + patch <= size).all()
         else:
             assert (start <= 0).all() and (start + patch >= size).all()
+
+
+def test_empty_fields_are_background_patches_normalised_on_their_own(bbbc_lmdb):
+    """``augment.empty_field_p``: objects removed, target all background, the noise floor holds."""
+    cfg = small_cfg(target="boundary", normalization="robust", patch_size=128, balance_classes=True)
+    spec = normalization_spec_for(bbbc_lmdb, cfg)
+
+    def batches(p: float) -> list[dict]:
+        run = replace(cfg, augment=AugmentConfig(empty_field_p=p))
+        with make_train_loader(bbbc_lmdb, run, norm_spec=spec) as it:
+            return [next(it) for _ in range(3)]
+
+    plain, emptied, mixed = batches(0.0), batches(1.0), batches(0.5)
+    assert all(b["target"].any() for b in plain)  # class balancing puts nuclei in the patches
+    for batch in emptied:
+        assert not batch["target"].any()
+        # a field of noise and debris, scaled by the floor: near 0 and nothing as bright as
+        # a nucleus (about 1 after normalisation)
+        for patch in batch["image"]:
+            assert abs(patch.median().item()) < 0.1 and patch.quantile(0.99).item() < 0.5
+    fg = [bool(t.any()) for b in mixed for t in b["target"]]
+    assert 0 < sum(fg) < len(fg)
+    off = replace(cfg, augment=AugmentConfig(enabled=False, empty_field_p=1.0))
+    with make_train_loader(bbbc_lmdb, off, norm_spec=spec) as it:
+        assert next(it)["target"].any()  # --no-augment turns empty fields off too

@@ -31,6 +31,7 @@ from torch.utils.data import get_worker_info
 
 from scarce.config import TrainConfig
 from scarce.data.augment import augment_patch
+from scarce.data.empty import empty_crop
 from scarce.data.inspect import sample_images
 from scarce.data.monitor import measure_batches
 from scarce.data.normalize import normalization_params, normalization_spec, normalize
@@ -76,6 +77,7 @@ class _BatchMaker:
         self.mask_kind = meta["mask_kind"]
         self.channels = int(meta["channels"])
         self.factor = float(cfg.data.downscale)
+        self.empty_p = cfg.augment.empty_field_p if cfg.augment.enabled else 0.0
         self.shapes = [resized_shape(tuple(s["shape"]), self.factor) for s in meta["samples"]]
         self.weights = cfg.loss.border_weights and self.mask_kind == "instance"
         # targets cross the process boundary in the smallest dtype (fresh shared memory costs
@@ -203,6 +205,10 @@ class _BatchMaker:
             for i in range(n):
                 index, centre, (source, source_mask) = self._draw(rng, txn)
                 offset, scale = self._params(index, source)
+                if self.empty_p and rng.random() < self.empty_p:  # normalised on its own
+                    if (crop := empty_crop(source, source_mask, centre, 2 * p, rng)) is not None:
+                        source, source_mask, centre = crop
+                        offset, scale = normalization_params(source, self.norm_spec)
                 image, mask = augment_patch(
                     source,
                     source_mask,
