@@ -5,7 +5,8 @@ fork server) each open the LMDB environment read-only and build whole batches: p
 (uniformly or class-balanced), pick a patch centre, cut and augment the patch straight from
 the zero-copy LMDB views (:func:`scarce.data.augment.augment_patch`), normalise it with per-sample
 parameters cached in the worker, and turn the mask into a class map with the run's
-:class:`~scarce.segment.targets.TargetSpec`.
+:class:`~scarce.segment.targets.TargetSpec`. With ``augment.empty_field_p`` a patch is instead
+a synthetic empty field (:func:`scarce.data.empty.empty_crop`) normalised on its own.
 
 Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
 its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
