@@ -10,9 +10,9 @@ from scarce.models import build_model
 from scarce.models.fieldnet import FieldNet, fieldnet_receptive_field
 from scarce.models.matching import (
     correlation,
+    expected_offset,
     gaussian_smooth,
     robust_affine,
-    soft_argmax,
 )
 
 
@@ -22,7 +22,8 @@ def test_cost_volume_and_soft_argmax_find_a_known_shift():
     target = torch.roll(source, shifts=(-1, 2), dims=(2, 3))  # target(y, x) = source(y+1, x-2)
     cost = correlation(source, target, 3)
     assert cost.shape == (1, 49, 40, 40)
-    found = soft_argmax(cost, 3, torch.tensor(50.0))[0, :, 8:-8, 8:-8].mean(dim=(1, 2))
+    soft_argmax = expected_offset(torch.softmax(50.0 * cost, dim=1), 3)
+    found = soft_argmax[0, :, 8:-8, 8:-8].mean(dim=(1, 2))
     torch.testing.assert_close(found, torch.tensor([1.0, -2.0]), atol=0.01, rtol=0)
 
 

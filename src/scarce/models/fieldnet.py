@@ -294,10 +294,6 @@ class FieldNet(nn.Module):
                     )
             if not self.radius:
                 raise InputError("usable-tissue maps need a cost volume (correlation_radius > 0)")
-            source_valid, target_valid = source_valid.float(), target_valid.float()
-            # coarser levels ignore specks of a few unusable pixels; any larger defect
-            # marks every cell it touches (min-pooling), so a crack always cuts a level
-            coarse_valid = [fill_specks(v, 16) for v in (source_valid, target_valid)]
         # source and target in one batch, channels-last: the 2-core CPU inference of a
         # 512 x 512 pair takes 0.7 x the time (same numbers); see benchmarks/results/align.md
         both = torch.cat([source, target]).contiguous(memory_format=torch.channels_last)
@@ -308,6 +304,18 @@ class FieldNet(nn.Module):
         field = source.new_zeros(source.shape[0], 2, *enc_s[top].shape[-2:])
         fields: dict[int, torch.Tensor] = {}
         schedule = [*range(top, stop - 1, -1), *[stop] * (self.finest_iterations - 1)]
+        cells = {}  # level -> usable cells (N, 1, h, w) of source and target: no defect in them
+        if masked:
+            full = (source_valid.float(), target_valid.float())
+            # coarser levels ignore specks of a few unusable pixels; any larger defect
+            # marks every cell it touches (min-pooling), so a crack always cuts a level
+            coarse = [fill_specks(v, 16) for v in full]
+            for level in set(schedule):
+                f = 2**level
+                cells[level] = tuple(
+                    -torch.nn.functional.max_pool2d(-c, f) if f > 1 else v
+                    for v, c in zip(full, coarse)
+                )
         for i, level in enumerate(schedule):
             if i and level < schedule[i - 1]:
                 field = upsample(field)  # (N, 2, H/2**l, W/2**l), values x 2
@@ -321,12 +329,8 @@ class FieldNet(nn.Module):
                 weights = torch.softmax(self.temperature[level] * cost.float(), dim=1)
                 matched = expected_offset(weights, self.radius)  # the soft-argmax
                 confidence = weights.amax(1, keepdim=True)
-                if masked:  # usable cells: no defect pixel in them
-                    f = 2**level
-                    vs, vt = (
-                        -torch.nn.functional.max_pool2d(-c, f) if f > 1 else v
-                        for v, c in zip((source_valid, target_valid), coarse_valid)
-                    )
+                if masked:
+                    vs, vt = cells[level]
                     usable = vt * warp(vs, field.detach())  # the source's pulled onto the target
                     confidence = confidence * usable
                 if self.coarse_affine and level == top:

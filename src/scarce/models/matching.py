@@ -2,7 +2,7 @@
 
 Per pyramid level :class:`scarce.models.fieldnet.FieldNet` compares the warped source encoding
 with the target encoding at every offset within a radius (:func:`correlation`), turns the
-similarities into one offset per pixel (:func:`soft_argmax`), and averages those offsets over a
+similarities into one offset per pixel (the soft-argmax, :func:`expected_offset`), and averages those offsets over a
 neighbourhood, trusting peaked matches (:func:`gaussian_smooth`), or within the regions a defect
 mask leaves (:func:`region_smooth`, :func:`regions_of`), or fits one affine motion to them
 (:func:`robust_affine`). Fields are ``(N, 2, H, W)`` float32 in pixels of their level, channel
@@ -51,28 +51,12 @@ def correlation(source: torch.Tensor, target: torch.Tensor, radius: int) -> torc
     return torch.cat(rows, 1)  # (N, k*k, H, W)
 
 
-def soft_argmax(cost: torch.Tensor, radius: int, temperature: torch.Tensor) -> torch.Tensor:
-    """Expected offset under ``softmax(temperature * cost)`` over the cost volume's offsets.
-
-    Parameters
-    ----------
-    cost : Tensor, shape (N, (2r+1)**2, H, W)
-        From :func:`correlation`.
-    radius : int
-    temperature : Tensor, scalar
-        Sharpness (a learned parameter).
-
-    Returns
-    -------
-    Tensor, shape (N, 2, H, W)
-        ``(dy, dx)`` in pixels of the level: where the source matches the target best.
-    """
-    return expected_offset(torch.softmax(temperature * cost, dim=1), radius)
-
-
 def expected_offset(weights: torch.Tensor, radius: int) -> torch.Tensor:
     """``(dy, dx)`` ``(N, 2, H, W)`` averaged over the cost volume's offsets with ``weights``
-    ``(N, (2r+1)**2, H, W)`` (summing to 1 over the channels), pixels of the level."""
+    ``(N, (2r+1)**2, H, W)`` (summing to 1 over the channels), pixels of the level. With
+    ``weights = softmax(temperature * cost)`` this is the soft-argmax of the cost volume
+    (Kendall et al., "End-to-end learning of geometry and context for deep stereo
+    regression", ICCV 2017)."""
     k = 2 * radius + 1
     offsets = torch.arange(-radius, radius + 1, dtype=weights.dtype, device=weights.device)
     dy = offsets.repeat_interleave(k).view(1, k * k, 1, 1)
@@ -261,5 +245,4 @@ __all__ = [
     "region_smooth",
     "regions_of",
     "robust_affine",
-    "soft_argmax",
 ]
