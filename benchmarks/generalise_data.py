@@ -147,9 +147,7 @@ def emptied_fields(pairs: list, seed: int = 0) -> list:
     """``pairs`` with every nucleus replaced by background, truth all 0 (see the module)."""
     out = []
     for i, (stem, image, truth) in enumerate(pairs):
-        rng = np.random.default_rng([seed, i])
-        # the dev set as first built (8 px margin), so dev tables stay comparable
-        empty = empty_field(image, truth > 0, rng, margin=8, sigma=8.0)
+        empty = empty_field(image, truth > 0, np.random.default_rng([seed, i]))
         if empty is not None:
             out.append((f"{stem}_emptied", empty, np.zeros_like(truth)))
     return out

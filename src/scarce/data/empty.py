@@ -19,14 +19,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 #: Pixels within this distance of an object are replaced too (the object's blur skirt), pixels.
-#: On bbbc039's training fields the median intensity 8-10 px from a nucleus is still 1.5 noise
-#: sigmas above the far background (16-20 px: 0.9, 24-32 px: 0.3); with 8 px, that skirt set
-#: the fill level and every removed nucleus left a faint "ghost" labelled background (28
-#: blobs per emptied field against 11 with 16 px; nucleus-free regions of the same images
-#: hold about 17 per field of that area).
-DEFAULT_MARGIN = 16
+DEFAULT_MARGIN = 8
 #: Gaussian sigma of the local background estimate, pixels.
-DEFAULT_SIGMA = 16.0
+DEFAULT_SIGMA = 8.0
 #: A crop with a smaller fraction of background pixels is not emptied.
 MIN_BACKGROUND_FRACTION = 0.2
 

@@ -3,9 +3,10 @@
 Worker processes (a torch ``DataLoader`` over an ``IterableDataset``, forked from a clean
 fork server) each open the LMDB environment read-only and build whole batches: pick a sample
 (uniformly or class-balanced), pick a patch centre, cut and augment the patch straight from
-the zero-copy LMDB views (:func:`scarce.data.augment.augment_patch`), normalise it with cached
-per-sample parameters and derive the class map (:class:`~scarce.segment.targets.TargetSpec`);
-or, with ``augment.empty_field_p``, make a synthetic empty field (:mod:`scarce.data.empty`).
+the zero-copy LMDB views (:func:`scarce.data.augment.augment_patch`), normalise it with per-sample
+parameters cached in the worker, and turn the mask into a class map with the run's
+:class:`~scarce.segment.targets.TargetSpec`. With ``augment.empty_field_p`` a patch is instead
+a synthetic empty field (:func:`scarce.data.empty.empty_crop`) normalised on its own.
 
 Batch ``b`` is drawn from its own generator, ``SeedSequence(seed, spawn_key=(rank, b))``, so
 its content depends only on the seed, the DDP rank, ``b`` and the config: never on the number
@@ -203,19 +204,21 @@ class _BatchMaker:
         views = {key: value.numpy() for key, value in out.items()}
         with self._txn() as txn:
             for i in range(n):
-                index, centre, source = self._draw(rng, txn)  # source: (image, mask)
-                offset, scale = self._params(index, source[0])
+                index, centre, (source, source_mask) = self._draw(rng, txn)
+                offset, scale = self._params(index, source)
                 if self.empty_p and rng.random() < self.empty_p:  # normalised on its own
-                    for _ in range(8):  # a crop that is mostly objects is refused: draw again
-                        if (crop := empty_crop(*source, centre, 2 * p, rng)) is not None:
-                            *source, centre = crop
-                            offset, scale = normalization_params(source[0], self.norm_spec)
-                            break
-                        index, centre, source = self._draw(rng, txn)
-                    else:  # eight dense draws: a plain patch of the last one
-                        offset, scale = self._params(index, source[0])
+                    if (crop := empty_crop(source, source_mask, centre, 2 * p, rng)) is not None:
+                        source, source_mask, centre = crop
+                        offset, scale = normalization_params(source, self.norm_spec)
                 image, mask = augment_patch(
-                    *source, centre, p, self.cfg.augment, rng, offset=offset, scale=scale
+                    source,
+                    source_mask,
+                    centre,
+                    p,  # or crop
+                    self.cfg.augment,
+                    rng,
+                    offset=offset,
+                    scale=scale,
                 )
                 views["image"][i] = image
                 views["target"][i] = self.target.derive(mask)
