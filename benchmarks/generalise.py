@@ -135,7 +135,7 @@ def scarce_predictor(args, work: Path):
     """Train (or reuse) the Scarce run; return ``predict(image, name) -> instances``, info."""
     from scarce.data.ingest import ingest
     from scarce.engine.checkpoint import load_model
-    from scarce.segment.predict import instances_from_prediction, predict_image
+    from scarce.segment.predict import instance_options, instances_from_prediction, predict_image
     from scarce.segment.task import target_of, train
 
     bbbc = DATA / "bbbc039"
@@ -145,11 +145,16 @@ def scarce_predictor(args, work: Path):
         opts = dict(split=split, mask_kind="instance", overwrite=True, progress=False)
         ingest(bbbc / "images", bbbc / "masks", db, **opts)
     cfg = scarce_config("bbbc039", args, args.sets)
-    # the whole resolved config: a changed preset retrains instead of reusing a stale model
+    # the whole resolved config but `predict`, which training never reads (it is applied
+    # below): a changed preset retrains instead of reusing a stale model
     request = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    request.pop("predict")
     marker = work / "request.json"
     ckpt_path = work / "run" / "checkpoints" / "last.pt"
-    if not (ckpt_path.is_file() and marker.is_file() and json.loads(marker.read_text()) == request):
+    stored = json.loads(marker.read_text()) if marker.is_file() else None
+    if stored is not None:
+        stored.pop("predict", None)
+    if not (ckpt_path.is_file() and stored == request):
         start = time.perf_counter()
         summary = train(db / "train.lmdb", db / "test.lmdb", work / "run", cfg, overwrite=True)
         summary["benchmark_train_s"] = time.perf_counter() - start
@@ -160,12 +165,12 @@ def scarce_predictor(args, work: Path):
     spec = ckpt["extras"]["normalization"] = {**ckpt["extras"]["normalization"], **args.spec}
     if "floor_fraction" in args.spec:  # re-derive the floor from the training images' SNR
         spec["noise_floor"] = [spec["floor_fraction"] * v for v in spec["training_snr"]]
-    rule = target_of(ckpt).rule
-    min_size = ckpt["config"]["predict"]["min_object_size"]
+    ckpt["config"]["predict"] = dataclasses.asdict(cfg.predict)  # this run's, as trained or not
+    rule, options = target_of(ckpt).rule, instance_options(ckpt)
 
     def predict(image, name):
         probs = predict_image(model, image, ckpt, device="cpu", name=name)
-        return instances_from_prediction(probs, rule, min_object_size=min_size)
+        return instances_from_prediction(probs, rule, **options)
 
     return predict, {
         "train_wall_s": round(info["benchmark_train_s"], 1),

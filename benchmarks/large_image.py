@@ -33,7 +33,7 @@ from scarce.data import omezarr
 from scarce.engine.checkpoint import load_model
 from scarce.io import list_image_files, read_image
 from scarce.segment import blockwise
-from scarce.segment.predict import instances_from_prediction, predict_image
+from scarce.segment.predict import instance_options, instances_from_prediction, predict_image
 from scarce.segment.scaleout import predict_zarr
 from scarce.segment.task import target_of
 
@@ -111,8 +111,7 @@ def crop_check(model_path, image_path, out_group, centre, half, chunk, options) 
     same = classes[inner] == probs.argmax(0)[inner]
     result = {"crop": [lo + margin, hi - margin], "class_map_equal_fraction": float(same.mean())}
     labels = omezarr.open_labels(out_group, "instances")[lo:hi, lo:hi].compute()
-    min_size = ckpt["config"]["predict"]["min_object_size"]
-    local = instances_from_prediction(probs, target_of(ckpt).rule, min_object_size=min_size)
+    local = instances_from_prediction(probs, target_of(ckpt).rule, **instance_options(ckpt))
     # objects wholly inside the inner crop: one global id each, and no other object with it
     border = np.zeros(local.shape, bool)
     border[inner] = True

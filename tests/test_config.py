@@ -40,6 +40,7 @@ def test_unknown_key_names_the_file_and_valid_keys(tmp_path):
         ("model.norm", "layer"),
         ("augment.elastic", "3"),
         ("predict.overlap", "1.5"),
+        ("predict.min_object_score", "1.2"),
     ],
 )
 def test_bad_values_are_refused(key, value):

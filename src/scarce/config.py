@@ -2,14 +2,11 @@
 
 :class:`EngineConfig` holds what the training engine reads for any task (steps, time budget,
 evaluation interval, early stopping, mixed precision, device, optimiser); a task's config
-extends it with one dataclass per concern. :class:`TrainConfig` is segmentation's (data,
-augmentation, model, loss, prediction). Every field has a comment that says what it means and
-its unit. Unknown keys in a YAML file are errors (a typo must never silently fall back to a
-default). The allowed values of every choice live in :data:`CHOICES`, and only there. The
-resolved config is saved in the run folder and inside every checkpoint.
-
-Presets ship with the package (``scarce/configs/*.yaml``): ``load_config("default")`` and
-``--config default`` find them by name from an installed wheel as well as from a checkout.
+extends it with one dataclass per concern (:class:`TrainConfig` for segmentation). Every field
+has a comment with its meaning and unit. Unknown YAML keys are errors (a typo must never fall
+back to a default silently). The allowed values of every choice live only in :data:`CHOICES`.
+The resolved config is saved in the run folder and in every checkpoint. Presets ship with the
+package (``scarce/configs/*.yaml``), found by name: ``load_config("default")``, ``--config``.
 """
 
 from __future__ import annotations
@@ -192,6 +189,7 @@ class PredictConfig:
     tta: bool = False  # average over flips and 90-degree rotations
     batch_size: int = 4  # tiles per forward pass
     min_object_size: int = 16  # instances smaller than this are removed, pixels
+    min_object_score: float = 0.0  # instances whose mean foreground probability is below go
 
 
 @dataclass(frozen=True)
@@ -266,6 +264,8 @@ def _check_segmentation(cfg: TrainConfig) -> None:
         )
     if not 0.0 <= cfg.predict.overlap < 1.0:
         raise ConfigError(f"predict.overlap = {cfg.predict.overlap} must be in [0, 1)")
+    if not 0.0 <= cfg.predict.min_object_score <= 1.0:
+        raise ConfigError(f"predict.min_object_score {cfg.predict.min_object_score} not in [0, 1]")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

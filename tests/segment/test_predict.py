@@ -150,6 +150,28 @@ def test_watershed_splits_touching_discs_and_drops_small_objects():
         instances_from_prediction(fg, "boundary")
 
 
+def test_unsure_objects_are_dropped_by_their_mean_foreground_probability():
+    classes, truths = _discs()
+    rng = np.random.default_rng(1)
+    probs = np.full((3, *classes.shape), 0.1, np.float32)
+    np.put_along_axis(probs, classes[None], 0.8, axis=0)
+    probs += rng.uniform(0, 0.05, probs.shape).astype(np.float32)
+    # the network is unsure of the second disc: its class wins the argmax by a small margin
+    unsure = truths[1] & ~truths[0]
+    probs[:, unsure] = np.where(probs[:, unsure] > 0.5, 0.45, 0.3)
+    probs[0, unsure] = 0.4  # mean foreground probability there: 1 - 0.4 = 0.6
+    every = instances_from_prediction(probs, "boundary")
+    kept = instances_from_prediction(probs, "boundary", min_object_score=0.85)
+    assert every.max() == 2 and kept.max() == 1
+    assert kept[truths[0] & ~truths[1]].min() == 1 and kept[unsure].max() == 0
+    # a score at or under every object's keeps the same objects, sizes and scores combine
+    assert np.array_equal(instances_from_prediction(probs, "boundary", min_object_score=0.5), every)
+    both = instances_from_prediction(probs, "boundary", min_object_size=10**6, min_object_score=0.5)
+    assert both.max() == 0
+    with pytest.raises(ValueError, match="min_object_score"):
+        instances_from_prediction(probs, "boundary", min_object_score=1.5)
+
+
 def test_predict_files_on_isbi2012_writes_maps_probabilities_instances(tmp_path, shared_data):
     ckpt_path = write_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", tiny_unet())
     images = tmp_path / "images"

@@ -16,7 +16,7 @@ import pytest
 from scarce.demo import every_nth_split
 from scarce.engine.checkpoint import load_model
 from scarce.io import list_image_files, read_image, read_mask
-from scarce.segment.predict import instances_from_prediction, predict_image
+from scarce.segment.predict import instance_options, instances_from_prediction, predict_image
 from tests.shared import SHARED_DATA
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nuclei_tiny.pt"
@@ -80,11 +80,11 @@ def test_an_empty_field_stays_empty(nuclei_model):
     model, ckpt = nuclei_model
     fields = test_fields(empty=True)
     assert len(fields) == 2  # bbbc039's two empty fields are both in the test split
-    min_size = ckpt["config"]["predict"]["min_object_size"]
+    options = instance_options(ckpt)  # the model's min_object_size (and score, 0 here)
     for name, image in fields:
         for label, other in {"as recorded": image, **reencoded(image)}.items():
             probs = predict_image(model, other, ckpt, device="cpu")
-            objects = instances_from_prediction(probs, "boundary", min_object_size=min_size)
+            objects = instances_from_prediction(probs, "boundary", **options)
             assert objects.max() == 0, f"{name} {label}: {objects.max()} false nuclei"
     # the noise floor is what keeps it empty: plain per-image percentiles stretch the noise
     plain = {**ckpt, "extras": {**ckpt["extras"]}}

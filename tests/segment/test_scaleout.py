@@ -149,3 +149,36 @@ def test_the_network_runs_once_per_block(nist_run, mosaic, tmp_path, monkeypatch
             nist_run, mosaic / "mosaic.ome.zarr", tmp_path, chunk=256, tile_size=128, instances=True
         )
     assert sorted(calls) == [(0, i, j) for i in range(2) for j in range(3)]  # 512 x 768 image
+
+
+def test_block_wise_object_scores_match_whole_image_ones(shared_data, tmp_path):
+    """``predict.min_object_score`` drops the same nuclei from OME-Zarr as from a TIFF."""
+    from scarce.engine.checkpoint import load_checkpoint, save_checkpoint
+    from tests.segment.test_blockwise import same_objects
+    from tests.segment.test_robustness import FIXTURE, test_fields  # a small nuclei model
+
+    _, image = test_fields(empty=False)[0]  # a bbbc039 test field, 520 x 696
+    (tmp_path / "tif").mkdir()
+    tifffile.imwrite(tmp_path / "tif" / "field.tif", image[0])
+    with omezarr.staged(tmp_path / "field.ome.zarr") as group:
+        omezarr.write_image(group, image, chunks=256)
+
+    def predict(model, images, out, *flags):
+        args = ["--model", str(model), "--instances", *flags]
+        assert main(["predict", *args, "--images", str(images), "--out", str(out)]) == 0
+
+    predict(FIXTURE, tmp_path / "tif", tmp_path / "all", "--probabilities")
+    every = tifffile.imread(tmp_path / "all" / "field_instances.tif").astype(np.int64)
+    foreground = 1.0 - tifffile.imread(tmp_path / "all" / "field_prob.tif")[0]
+    scores = np.bincount(every.ravel(), foreground.ravel()) / np.bincount(every.ravel())
+    ckpt = load_checkpoint(FIXTURE)
+    ckpt["config"]["predict"]["min_object_score"] = float(np.median(scores[1:]))
+    model = save_checkpoint(tmp_path / "scored.pt", ckpt)
+    predict(model, tmp_path / "tif", tmp_path / "tif_out")
+    kept = tifffile.imread(tmp_path / "tif_out" / "field_instances.tif")
+    assert 10 < kept.max() < every.max()  # about half the nuclei go
+    # block-wise, without --probabilities: the object scores read them back all the same
+    predict(model, tmp_path / "field.ome.zarr", tmp_path / "zarr", "--chunk-size", "256")
+    group = zarr.open_group(str(tmp_path / "zarr" / "field.ome.zarr"), mode="r")
+    assert group["s0"].shape[0] == 3 and group["s0"].dtype == np.float32
+    assert same_objects(group["labels/instances/s0"][:], kept)

@@ -46,14 +46,13 @@ def _scarce_model(path: str):
 
 
 def _scarce_probabilities(path: Path, image: np.ndarray, tile_size: int | None):
-    from scarce.segment.predict import predict_image
+    from scarce.segment.predict import instance_options, predict_image
     from scarce.segment.task import target_of
 
     model, ckpt = _scarce_model(str(path))
     probs = predict_image(model, image, ckpt, tile_size=tile_size or None).numpy()
     target = target_of(ckpt)
-    min_size = ckpt.get("config", {}).get("predict", {}).get("min_object_size", 0)
-    return probs, target.rule, list(target.class_names), min_size
+    return probs, target.rule, list(target.class_names), instance_options(ckpt)
 
 
 def _bioimageio_probabilities(path: Path, image: np.ndarray):
@@ -71,7 +70,7 @@ def _bioimageio_probabilities(path: Path, image: np.ndarray):
     probs = np.asarray(sample.members[tensor_out].data)[0]
     names = [str(n) for n in descr.outputs[0].axes[1].channel_names]
     config = descr.config.model_dump().get("scarce") or {}
-    return probs, config.get("target", "semantic"), names, 0
+    return probs, config.get("target", "semantic"), names, {}
 
 
 def predict_layers(
@@ -110,9 +109,9 @@ def predict_layers(
         raise MissingInputError(f"{source}: no such model (checkpoint, run folder or .zip)")
     image = as_chw(data, rgb)
     if source.suffix.lower() in (".zip", ".yaml"):
-        probs, rule, names, min_size = _bioimageio_probabilities(source, image)
+        probs, rule, names, options = _bioimageio_probabilities(source, image)
     else:
-        probs, rule, names, min_size = _scarce_probabilities(source, image, tile_size)
+        probs, rule, names, options = _scarce_probabilities(source, image, tile_size)
     stem = source.stem
     layers = [
         (
@@ -123,7 +122,7 @@ def predict_layers(
         (probs, {"name": f"{stem} probabilities", "visible": False, "channel_axis": 0}, "image"),
     ]
     if instances:
-        labels = instances_from_prediction(probs, rule, min_object_size=min_size)
+        labels = instances_from_prediction(probs, rule, **options)
         layers.insert(1, (labels, {"name": f"{stem} instances"}, "labels"))
     return layers
 

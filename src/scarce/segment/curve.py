@@ -27,7 +27,7 @@ from scarce.engine.distributed import resolve_device
 from scarce.errors import InputError
 from scarce.segment.evaluate import evaluate_arrays
 from scarce.segment.plan import plan_run, write_plan
-from scarce.segment.predict import instances_from_prediction, predict_image
+from scarce.segment.predict import instance_options, instances_from_prediction, predict_image
 from scarce.segment.task import target_of, train
 
 logger = logging.getLogger("scarce")
@@ -82,7 +82,7 @@ def score_checkpoint(checkpoint, test_db, *, device="auto") -> dict:
             sample = store[i]
             probs = predict_image(model, sample.image, ckpt)
             pred = (
-                instances_from_prediction(probs, rule, min_object_size=_min_size(ckpt))
+                instances_from_prediction(probs, rule, **instance_options(ckpt))
                 if instances
                 else probs.argmax(0).numpy()
             )
@@ -97,10 +97,6 @@ def score_checkpoint(checkpoint, test_db, *, device="auto") -> dict:
     )
     f1 = metrics["objects"]["0.50"]["f1"] if instances else None
     return {"fg_dice": metrics["mean_dice"], "object_f1": f1, "test_images": len(pairs)}
-
-
-def _min_size(ckpt: dict) -> int:
-    return int(ckpt.get("config", {}).get("predict", {}).get("min_object_size", 0))
 
 
 def verdict(rows: list[dict], key: str) -> dict:

@@ -189,7 +189,7 @@ def predict_image(
 
 
 def instances_from_prediction(
-    probabilities, target: str, *, min_object_size: int = 0
+    probabilities, target: str, *, min_object_size: int = 0, min_object_score: float = 0.0
 ) -> np.ndarray:
     """Instance labels from class probabilities.
 
@@ -207,6 +207,12 @@ def instances_from_prediction(
         the nearest-in-flooding seed and touching objects stay apart.
     min_object_size : int
         Objects with fewer pixels than this are removed (set to 0), pixels.
+    min_object_score : float
+        Objects whose score, the mean over their pixels of the foreground probability
+        ``1 - p_background``, is below this are removed (0 keeps all; in [0, 1]). The
+        per-object confidence cut of detectors (Mask R-CNN's score threshold, StarDist's
+        ``prob_thresh``), on the network's own probabilities: faint debris that wins the
+        argmax by a small margin goes, confident nuclei stay.
 
     Returns
     -------
@@ -216,7 +222,8 @@ def instances_from_prediction(
     Raises
     ------
     ValueError
-        For a wrong shape, an unknown target, or a ``boundary`` target without 3 classes.
+        For a wrong shape, an unknown target, a ``boundary`` target without 3 classes, or
+        ``min_object_score`` outside [0, 1].
 
     References
     ----------
@@ -241,10 +248,22 @@ def instances_from_prediction(
         labels = watershed(1.0 - probs[1], markers=seeds, mask=classes != 0)
     else:
         labels, _ = ndi.label(classes > 0)
-    if min_object_size > 0:
+    if not 0.0 <= min_object_score <= 1.0:
+        raise ValueError(f"min_object_score must be in [0, 1], got {min_object_score}")
+    if min_object_size > 0 or min_object_score > 0:
         sizes = np.bincount(labels.ravel())
-        labels[sizes[labels] < min_object_size] = 0
+        score = np.bincount(labels.ravel(), weights=1.0 - probs[0].ravel()) / np.maximum(sizes, 1)
+        labels[(sizes[labels] < min_object_size) | (score[labels] < min_object_score)] = 0
     return relabel_sequential(labels.astype(np.int32))[0]
+
+
+def instance_options(ckpt: dict) -> dict:
+    """``min_object_size`` (pixels) and ``min_object_score`` of a checkpoint's predict config.
+
+    For :func:`instances_from_prediction`; a checkpoint from before a key existed gets the
+    :class:`~scarce.config.PredictConfig` default (0.0 for the score: nothing removed).
+    """
+    return _predict_options(ckpt, min_object_size=None, min_object_score=None)
 
 
 def _collect_images(images) -> list[Path]:
@@ -319,8 +338,8 @@ def _write_outputs(stem: Path, probs, fmt, probabilities, instances, ckpt, px) -
             write_float_image(f"{stem}_prob.tif", probs.numpy(), pixel_size_um=px)
         )
     if instances:
-        min_size = _predict_options(ckpt, min_object_size=None)["min_object_size"]
-        labels = instances_from_prediction(probs, target_of(ckpt).rule, min_object_size=min_size)
+        rule = target_of(ckpt).rule
+        labels = instances_from_prediction(probs, rule, **instance_options(ckpt))
         row["instances"] = str(write_label_image(f"{stem}_instances.tif", labels, pixel_size_um=px))
     return row
 

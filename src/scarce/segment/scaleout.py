@@ -32,6 +32,7 @@ from scarce.segment.predict import (
     _make_out_dir,
     _predict_options,
     check_channels,
+    instance_options,
     pixel_size_of,
     predict_files,
 )
@@ -49,13 +50,17 @@ def zarr_stem(path: Path) -> str:
     return path.stem
 
 
-def _write_instances(group: Path, model_path, rule: str, min_size: int, chunk: int, px):
-    """Second pass: instances from the written class map (and interior probabilities)."""
+def _write_instances(group: Path, model_path, rule: str, options: dict, chunk: int, px):
+    """Second pass: instances from the written class map (and probabilities)."""
     model, _ = blockwise.cached_model(str(model_path), "cpu", None)
     classes = open_labels(group, "class_map")
-    interior = open_image(group).array[1] if rule == "boundary" else None
+    stored = open_image(group).array  # probabilities when the rule or the score needs them
+    interior = stored[1] if rule == "boundary" else None
+    foreground = 1.0 - stored[0] if options["min_object_score"] > 0 else None
     depth = max(64, 2 * blockwise.context_depth(model))
-    labels, count = stitch.instances(classes, interior, rule, min_object_size=min_size, depth=depth)
+    labels, count = stitch.instances(
+        classes, interior, rule, depth=depth, foreground=foreground, **options
+    )
     write_labels(group, "instances", labels, pixel_size_um=px, chunks=chunk)
     return count
 
@@ -84,8 +89,9 @@ def predict_zarr(
     out_dir : path-like
         Created if missing; ``<stem>.ome.zarr`` is written atomically (temp, then rename).
     probabilities : bool
-        Store the probabilities ``(K, H, W)`` float32 as the group's image (always done for
-        ``boundary`` models with ``instances``, whose watershed reads them back).
+        Store the probabilities ``(K, H, W)`` float32 as the group's image (always done with
+        ``instances`` for ``boundary`` models, whose watershed reads them back, and when
+        ``predict.min_object_score`` > 0, whose object scores do).
     instances : bool
         Also write ``labels/instances`` (one id per object across blocks, uint32).
     chunk : int
@@ -126,7 +132,10 @@ def predict_zarr(
     probs = blockwise.probabilities(
         model_path, lazy.array, chunk=chunk, device=device, threads=threads, **opts
     )
-    keep = probabilities or (instances and rule == "boundary")
+    instance_opts = instance_options(ckpt)
+    keep = probabilities or (
+        instances and (rule == "boundary" or instance_opts["min_object_score"] > 0)
+    )
     count = None
     with staged(out) as group:
         # pass 1, the network: the group's image (probabilities or class map), once per pixel
@@ -137,8 +146,7 @@ def predict_zarr(
         classes = blockwise.class_map(stored) if keep else stored[0]
         write_labels(group, "class_map", classes, pixel_size_um=px, chunks=chunk)
         if instances:
-            min_size = _predict_options(ckpt, min_object_size=None)["min_object_size"]
-            count = _write_instances(group, model_path, rule, min_size, chunk, px)
+            count = _write_instances(group, model_path, rule, instance_opts, chunk, px)
     seconds = time.perf_counter() - start
     logger.info(
         "%s: %dx%d block-wise in %.1f s -> %s", image_path.name, *probs.shape[1:], seconds, out

@@ -93,8 +93,10 @@ def label_objects(classes, interior, rule: str, *, depth: int = 64):
     return labels, n
 
 
-def remove_small_objects(labels, n: int, min_object_size: int):
-    """Drop objects under ``min_object_size`` pixels and number the rest ``1..N`` (lazy).
+def remove_small_objects(
+    labels, n: int, min_object_size: int, foreground=None, min_object_score: float = 0.0
+):
+    """Drop small or unsure objects and number the rest ``1..N`` (lazy).
 
     Parameters
     ----------
@@ -104,6 +106,16 @@ def remove_small_objects(labels, n: int, min_object_size: int):
         Largest id.
     min_object_size : int
         Pixels; 0 keeps every object (ids are still made sequential).
+    foreground : dask.array.Array, shape (H, W), float, optional
+        ``1 - p_background``; needed when ``min_object_score`` > 0.
+    min_object_score : float
+        Objects whose mean ``foreground`` is below this go (as
+        :func:`scarce.segment.predict.instances_from_prediction`, same result).
+
+    Raises
+    ------
+    ValueError
+        ``min_object_score`` > 0 without ``foreground``.
 
     Returns
     -------
@@ -115,6 +127,12 @@ def remove_small_objects(labels, n: int, min_object_size: int):
 
     sizes = da.bincount(labels.ravel(), minlength=n + 1).compute()
     keep = sizes >= max(int(min_object_size), 1)
+    if min_object_score > 0:
+        if foreground is None:
+            raise ValueError("min_object_score needs the foreground probabilities")
+        weights = foreground.rechunk(labels.chunks).ravel()
+        total = da.bincount(labels.ravel(), weights=weights, minlength=n + 1).compute()
+        keep &= total / np.maximum(sizes, 1) >= min_object_score
     keep[0] = False
     lookup = np.zeros(n + 1, dtype=LABEL_DTYPE)
     lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=LABEL_DTYPE)
@@ -122,13 +140,22 @@ def remove_small_objects(labels, n: int, min_object_size: int):
     return relabelled, int(keep.sum())
 
 
-def instances(classes, interior, rule: str, *, min_object_size: int = 0, depth: int = 64):
+def instances(
+    classes,
+    interior,
+    rule: str,
+    *,
+    min_object_size: int = 0,
+    depth: int = 64,
+    foreground=None,
+    min_object_score: float = 0.0,
+):
     """Block-wise instances: :func:`label_objects`, then :func:`remove_small_objects`.
 
     Parameters and returns as those two: lazy ``(H, W)`` uint32 labels ``1..N`` and ``N``.
     """
     labels, n = label_objects(classes, interior, rule, depth=depth)
-    return remove_small_objects(labels, n, min_object_size)
+    return remove_small_objects(labels, n, min_object_size, foreground, min_object_score)
 
 
 __all__ = ["LABEL_DTYPE", "instances", "label_objects", "remove_small_objects"]
