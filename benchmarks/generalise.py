@@ -222,12 +222,18 @@ PREDICTORS = {"scarce": scarce_predictor, "monai": monai_predictor, "otsu": otsu
 
 
 def label_of(recipe: str, args) -> tuple[str, str]:
-    """``(label, work folder name)``: the recipe tagged with its non-default settings."""
-    tags = [f"{k}={v}" for k, v in args.sets.items()] if recipe == "scarce" else []
+    """``(label, work folder name)``: the recipe tagged with its non-default settings.
+
+    Settings that only change prediction (``--spec``, ``--set predict.*``) tag the label after
+    an ``@`` but not the folder, so they reuse the trained model.
+    """
+    sets = args.sets if recipe == "scarce" else {}
+    tags = [f"{k}={v}" for k, v in sets.items() if not k.startswith("predict.")]
     tags += [f"steps={args.steps}"] if args.steps != 300 and recipe != "otsu" else []
     tags += [f"seed={args.seed}"] if args.seed and recipe != "otsu" else []
     folder = recipe + (f"[{','.join(tags)}]" if tags else "")
     spec = [f"{k}={v}" for k, v in args.spec.items()] if recipe == "scarce" else []
+    spec += [f"{k}={v}" for k, v in sets.items() if k.startswith("predict.")]
     return folder + (f"@{','.join(spec)}" if spec else ""), folder
 
 
