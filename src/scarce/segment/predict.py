@@ -237,6 +237,8 @@ def instances_from_prediction(
         raise ValueError(f"probabilities must be (K, H, W) with K >= 2, got {probs.shape}")
     if target not in ("semantic", "class", "boundary"):
         raise ValueError(f"target must be semantic, class or boundary, got {target!r}")
+    if not 0.0 <= min_object_score <= 1.0:
+        raise ValueError(f"min_object_score must be in [0, 1], got {min_object_score}")
     classes = probs.argmax(0)
     if target == "boundary":
         if probs.shape[0] != 3:
@@ -248,8 +250,6 @@ def instances_from_prediction(
         labels = watershed(1.0 - probs[1], markers=seeds, mask=classes != 0)
     else:
         labels, _ = ndi.label(classes > 0)
-    if not 0.0 <= min_object_score <= 1.0:
-        raise ValueError(f"min_object_score must be in [0, 1], got {min_object_score}")
     if min_object_size > 0 or min_object_score > 0:
         sizes = np.bincount(labels.ravel())
         score = np.bincount(labels.ravel(), weights=1.0 - probs[0].ravel()) / np.maximum(sizes, 1)
