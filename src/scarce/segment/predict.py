@@ -252,8 +252,11 @@ def instances_from_prediction(
         labels, _ = ndi.label(classes > 0)
     if min_object_size > 0 or min_object_score > 0:
         sizes = np.bincount(labels.ravel())
-        score = np.bincount(labels.ravel(), weights=1.0 - probs[0].ravel()) / np.maximum(sizes, 1)
-        labels[(sizes[labels] < min_object_size) | (score[labels] < min_object_score)] = 0
+        drop = sizes < min_object_size
+        if min_object_score > 0:
+            foreground = np.bincount(labels.ravel(), weights=1.0 - probs[0].ravel())
+            drop |= foreground / np.maximum(sizes, 1) < min_object_score
+        labels[drop[labels]] = 0
     return relabel_sequential(labels.astype(np.int32))[0]
 
 

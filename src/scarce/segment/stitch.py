@@ -123,16 +123,19 @@ def remove_small_objects(
     count : int
         N, the number of objects kept.
     """
+    import dask
     import dask.array as da
 
-    sizes = da.bincount(labels.ravel(), minlength=n + 1).compute()
-    keep = sizes >= max(int(min_object_size), 1)
+    if min_object_score > 0 and foreground is None:
+        raise ValueError("min_object_score needs the foreground probabilities")
+    counts = [da.bincount(labels.ravel(), minlength=n + 1)]
     if min_object_score > 0:
-        if foreground is None:
-            raise ValueError("min_object_score needs the foreground probabilities")
         weights = foreground.rechunk(labels.chunks).ravel()
-        total = da.bincount(labels.ravel(), weights=weights, minlength=n + 1).compute()
-        keep &= total / np.maximum(sizes, 1) >= min_object_score
+        counts.append(da.bincount(labels.ravel(), weights=weights, minlength=n + 1))
+    sizes, *total = dask.compute(*counts)  # one pass over the labels (a watershed per block)
+    keep = sizes >= max(int(min_object_size), 1)
+    if total:
+        keep &= total[0] / np.maximum(sizes, 1) >= min_object_score
     keep[0] = False
     lookup = np.zeros(n + 1, dtype=LABEL_DTYPE)
     lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=LABEL_DTYPE)
